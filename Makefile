@@ -1,0 +1,57 @@
+# One entry point per stage; every stage reads the files of the one before (see README).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+FOLD   ?= all
+MODEL  ?=
+SET    ?=
+PRESET ?= small
+DATA   ?= input/synthetic
+
+SETS  := $(foreach s,$(SET),--set $(s))
+RUN   := $(PY) -m competition
+ARGS  := --config $(CONFIG) $(SETS)
+
+.PHONY: setup data folds train zoo pretrain infer leaderboard test all clean-runs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade-strategy only-if-needed -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(RUN) synth --preset $(PRESET) --out $(DATA) --if-missing
+
+folds: $(STAMP)
+	$(RUN) folds $(ARGS)
+
+train: $(STAMP)
+	$(RUN) train --fold $(FOLD) $(ARGS)
+
+zoo: $(STAMP)
+	$(RUN) zoo $(if $(MODEL),--model $(MODEL),) --fold $(FOLD) $(ARGS)
+
+pretrain: $(STAMP)
+	$(RUN) pretrain $(ARGS)
+
+infer: $(STAMP)
+	$(RUN) infer $(ARGS)
+
+leaderboard: $(STAMP)
+	$(RUN) leaderboard $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+all: data folds
+	$(RUN) train --fold all $(ARGS)
+	$(RUN) zoo --fold all $(ARGS)
+	$(RUN) infer $(ARGS)
+	$(RUN) leaderboard $(ARGS)
+
+clean-runs:
+	rm -rf runs

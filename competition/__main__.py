@@ -1,0 +1,5 @@
+import sys
+
+from competition.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""`python -m competition <command>`: parses arguments, loads the config, dispatches. Nothing else."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from competition.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="competition", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the synthetic competition dataset")
+    p.add_argument("--preset", choices=["tiny", "small", "full"], default="small")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-defect-rate", type=float, default=None)
+    p.add_argument("--real-like", action="store_true", help="harder variant: grayscale, varying sizes, JPEG, subtle")
+    p.add_argument("--if-missing", action="store_true", help="do nothing if OUT already holds this preset and seed")
+
+    p = sub.add_parser("check-data", help="validate a dataset and print a report")
+    p.add_argument("--data", required=True)
+    p.add_argument("--layout", default="competition")
+    p.add_argument("--category", default=None)
+
+    p = sub.add_parser("folds", help="write <paths.work>/folds.csv")
+    _add_config_args(p)
+
+    p = sub.add_parser("train", help="train the classifier on one fold or all")
+    _add_config_args(p)
+    p.add_argument("--fold", default="0", help="fold index or 'all'")
+    p.add_argument("--force", action="store_true", help="retrain a finished fold")
+
+    p = sub.add_parser("zoo", help="fit anomaly models and write their per-fold scores")
+    _add_config_args(p)
+    p.add_argument("--model", default=None, help="registry name; default: zoo.models from the config")
+    p.add_argument("--fold", default="all", help="fold index or 'all'")
+    p.add_argument("--force", action="store_true", help="refit a finished fold")
+    p.add_argument("--list", action="store_true", help="list the registry and exit")
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining of a backbone on the dataset's images")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="start again instead of resuming")
+
+    p = sub.add_parser("infer", help="stack the finished runs and write submission.csv")
+    _add_config_args(p)
+
+    p = sub.add_parser("leaderboard", help="compare every experiment by cross-validation")
+    _add_config_args(p)
+
+    p = sub.add_parser("score", help="score a submission against an answer key by macro-F1")
+    p.add_argument("--submission", required=True)
+    p.add_argument("--answers", required=True)
+    return parser
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from competition.data.synthetic import write_competition
+
+    out = Path(args.out)
+    if args.if_missing and (out / "synth.json").exists():
+        import json
+
+        meta = json.loads((out / "synth.json").read_text())
+        if meta.get("preset") == args.preset and meta.get("seed") == args.seed and \
+                bool(meta.get("real_like")) == args.real_like:
+            print(f"{out} already holds preset {args.preset} seed {args.seed}; nothing to do")
+            return 0
+    summary = write_competition(out, preset=args.preset, seed=args.seed,
+                                test_defect_rate=args.test_defect_rate, real_like=args.real_like)
+    print(summary)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "synth":
+            return _synth(args)
+        if args.command == "check-data":
+            from competition.data.check import run_check_data
+
+            return run_check_data(args.data, args.layout, args.category)
+        if args.command == "score":
+            from competition.leaderboard import score_main
+
+            return score_main(args.submission, args.answers)
+        if args.command == "zoo" and args.list:
+            from competition.zoo.registry import list_models
+
+            for name, description in list_models():
+                print(f"{name}\t{description}")
+            return 0
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "folds":
+            from competition.folds import run
+
+            run(cfg)
+        elif args.command == "train":
+            from competition.classifier.train import main as train_main
+
+            train_main(cfg, fold=args.fold, force=args.force)
+        elif args.command == "zoo":
+            from competition.zoo.runner import main as zoo_main
+
+            zoo_main(cfg, model=args.model, fold=args.fold, force=args.force)
+        elif args.command == "pretrain":
+            from competition.pretrain import main as pretrain_main
+
+            pretrain_main(cfg, force=args.force)
+        elif args.command == "infer":
+            from competition.ensemble.infer import main as infer_main
+
+            infer_main(cfg)
+        elif args.command == "leaderboard":
+            from competition.leaderboard import main as leaderboard_main
+
+            leaderboard_main(cfg)
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        # Expected user-facing failures: one clear line, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Typed configuration: YAML files with `_base_` inheritance and `--set dotted.key=value` overrides.
+
+Every key lives in a small dataclass below; loading validates names, types and allowed values and
+names the file (or `--set`) that set a wrong key. Sections belong to the stage that reads them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key, the source and what is allowed."""
+
+
+@dataclass
+class PathsConfig:
+    data: str = "input/synthetic"  # dataset root (competition layout unless data.layout says otherwise)
+    work: str = "runs"  # folds.csv and every run's outputs
+    submissions: str = "submissions"  # submission CSVs, leaderboard
+
+
+@dataclass
+class DataConfig:
+    layout: Literal["competition", "mvtec", "btad", "visa", "folder"] = "competition"
+    category: str | None = None  # object category for mvtec/btad/visa
+    skip_unreadable_train: bool = False  # drop unreadable training images with a warning (test: never)
+
+
+@dataclass
+class FoldsConfig:
+    n_splits: int = 5
+
+    def __post_init__(self) -> None:
+        if self.n_splits < 2:
+            raise ValueError(f"n_splits must be >= 2, got {self.n_splits}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "efficientnet_b0"  # any timm model name
+    pretrained: bool | str = False  # false, or a local weights file / folder holding <name>.*
+    image_size: int = 128
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.pretrained is True:
+            raise ValueError("pretrained: true would need a download; give false or a local weights path")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-2
+    warmup_epochs: float = 1.0
+    grad_clip: float = 5.0  # max grad norm; 0 disables
+    accumulate_steps: int = 1
+    pos_weight: float = 1.0  # BCE positive-class weight
+    label_smoothing: float = 0.0
+    patience: int = 0  # early stopping on macro-F1; 0 disables
+    num_workers: int = 0  # DataLoader workers; 0 = in the main process
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    amp: bool = True  # mixed precision, CUDA only
+    channels_last: bool = True  # CUDA only
+    tta: bool = False  # test-time flips for test.csv
+
+
+@dataclass
+class AugmentConfig:
+    # albumentations transforms by class name with their keyword arguments, applied in training only
+    train: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "VerticalFlip", "p": 0.5},
+        {"name": "RandomRotate90", "p": 0.5},
+        {"name": "RandomBrightnessContrast", "brightness_limit": 0.15, "contrast_limit": 0.15, "p": 0.5},
+        {"name": "GaussianBlur", "blur_limit": [3, 3], "p": 0.1},
+    ])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class OversampleConfig:
+    defect_ratio: float = 0.5  # defect:normal ratio per epoch inside the training folds (0 disables)
+    angle_step: int = 10  # rotation angles 0, step, 2*step, ... for the expanded defect copies
+    flips: bool = True
+    mode: Literal["online", "cached"] = "online"
+    synthetic_share: float = 0.0  # share of extra positives painted onto normal training images
+
+
+@dataclass
+class ZooConfig:
+    models: list[str] = field(default_factory=lambda: ["patchcore-resnet18", "padim-resnet18"])
+    backbone_weights: bool | str = False  # false or local weights (file or folder) for zoo backbones
+    image_size: int = 128
+    batch_size: int = 32
+    cache: bool = True  # on-disk feature cache shared by models over the same backbone
+    confidence: float | None = None  # fixed OK/NG threshold on the score; null = F1-optimal
+
+
+@dataclass
+class EnsembleConfig:
+    models: list[str] = field(default_factory=list)  # empty = every finished run of the experiment
+    method: Literal["logistic", "rank_blend", "sklearn"] = "logistic"
+    normalise: Literal["rank", "zscore"] = "rank"
+    estimator: str | None = None  # dotted sklearn class for method=sklearn
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PretrainConfig:
+    backbone: str | None = None  # timm name; null = model.name
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    temperature: float = 0.2
+    image_size: int = 96
+    projection_dim: int = 128
+    include_test: bool = True  # transductive use of unlabeled test images
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    oversample: OversampleConfig = field(default_factory=OversampleConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, override: dict, sources: dict[str, str], source: str, prefix: str = "") -> dict:
+    """Deep-merge `override` into `base`, remembering which source set each dotted key."""
+    out = dict(base)
+    for key, value in override.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
+            out[key] = _merge(out[key], value, sources, source, dotted + ".")
+        else:
+            out[key] = value
+            sources[dotted] = source
+            for sub in _dotted_keys(value, dotted + "."):
+                sources[sub] = source
+    return out
+
+
+def _dotted_keys(value: Any, prefix: str) -> list[str]:
+    if not isinstance(value, dict):
+        return []
+    keys = []
+    for k, v in value.items():
+        keys.append(prefix + str(k))
+        keys.extend(_dotted_keys(v, f"{prefix}{k}."))
+    return keys
+
+
+def _load_with_bases(path: Path, sources: dict[str, str], seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ chain loops back to itself")
+    data = _read_yaml(path)
+    base_name = data.pop("_base_", None)
+    merged: dict = {}
+    if base_name is not None:
+        if not isinstance(base_name, str):
+            raise ConfigError(f"{path}: _base_ must be a file name, got {base_name!r}")
+        merged = _load_with_bases(path.parent / base_name, sources, seen + (path,))
+    return _merge(merged, data, sources, str(path))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", yaml value): `false`, `3`, `[x, y]`, `null` keep their YAML types."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, sources: dict[str, str]) -> Any:
+    where = sources.get(key, "defaults")
+
+    def fail(msg: str) -> ConfigError:
+        return ConfigError(f"{key} (set in {where}): {msg}")
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, sources)
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise fail(f"{value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key, sources)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise fail(f"{value!r} is not {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail(f"expected a list, got {value!r}")
+        (item_tp,) = get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", sources) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail(f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is type(None):
+        if value is not None:
+            raise fail(f"expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail(f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail(f"expected a string, got {value!r}")
+        return value
+    raise fail(f"unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str, sources: dict[str, str]) -> Any:
+    where = sources.get(prefix, "defaults") if prefix else "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} (set in {where}): expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            dotted = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(
+                f"unknown key {dotted!r} (set in {sources.get(dotted, 'config')}); "
+                f"known keys{' of ' + prefix if prefix else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            dotted = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], dotted, sources)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        # A validation in __post_init__: name the key it mentions and the source that set it.
+        named = [n for n in names if n in str(exc)]
+        key = f"{prefix}.{named[0]}" if prefix and named else (named[0] if named else prefix or "config")
+        raise ConfigError(f"{key} (set in {sources.get(key, where)}): {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load `path` (default configs/default.yaml) with its `_base_` chain, then apply `--set` overrides."""
+    sources: dict[str, str] = {}
+    data = _load_with_bases(Path(path or DEFAULT_CONFIG), sources)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        data = _merge(data, _nest(key, value), sources, f"--set {text}")
+    return _build(Config, data, "", sources)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from a resolved dict (e.g. a run's config.yaml), validating it the same way."""
+    sources: dict[str, str] = {}
+    _merge({}, data, sources, "dict")
+    return _build(Config, data, "", sources)

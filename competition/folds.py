@@ -1,0 +1,138 @@
+"""The one fold assignment every model reuses, so out-of-fold predictions line up.
+
+`folds.csv` (`image_id,label,group,fold`) is stratified k-fold over the labeled training images,
+grouped when groups exist (scikit-learn's StratifiedGroupKFold). `folds.json` beside it records a
+fingerprint of the dataset; reading folds for a changed dataset stops instead of mixing silently.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from competition.artifacts import read_json, write_csv, write_json
+from competition.config import Config
+
+FOLD_COLUMNS = ["image_id", "label", "group", "fold"]
+
+
+class StaleFoldsError(RuntimeError):
+    """folds.csv was written for another dataset, fold count or seed."""
+
+
+def load_index(cfg: Config) -> pd.DataFrame:
+    """The dataset index (one row per image) for `paths.data` in the configured layout."""
+    from competition.data.layouts import read_dataset
+
+    return read_dataset(cfg.paths.data, cfg.data.layout, cfg.data.category, cfg.data.skip_unreadable_train)
+
+
+def labeled_train(index: pd.DataFrame) -> pd.DataFrame:
+    return index[(index["split"] == "train") & index["label"].notna()].reset_index(drop=True)
+
+
+def make_folds(train: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
+    """Assign a fold to each labeled training image; groups never straddle folds."""
+    labels = train["label"].astype(int).to_numpy()
+    n_pos = int(labels.sum())
+    if min(n_pos, len(labels) - n_pos) < n_splits:
+        raise ValueError(
+            f"{n_splits} folds need at least {n_splits} images of each class; found {n_pos} defect and "
+            f"{len(labels) - n_pos} normal. Lower folds.n_splits.")
+    groups = train["group"].astype(str).to_numpy()
+    grouped = len(set(groups)) < len(groups)
+    if grouped:
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splits = splitter.split(train, labels, groups)
+    else:
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        splits = splitter.split(train, labels)
+    fold = pd.Series(-1, index=train.index, dtype=int)
+    for k, (_, val_idx) in enumerate(splits):
+        fold.iloc[val_idx] = k
+    out = train[["image_id", "label", "group"]].copy()
+    out["label"] = out["label"].astype(int)
+    out["fold"] = fold.to_numpy()
+    return out[FOLD_COLUMNS]
+
+
+def dataset_fingerprint(train: pd.DataFrame) -> str:
+    """Hash of ids, labels, groups and file sizes: changes when the dataset does."""
+    sizes = [Path(p).stat().st_size if Path(p).exists() else -1 for p in train["path"]]
+    rows = sorted(zip(train["image_id"].astype(str), train["label"].astype(int), train["group"].astype(str), sizes))
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update("\t".join(map(str, row)).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def folds_paths(cfg: Config) -> tuple[Path, Path]:
+    work = Path(cfg.paths.work)
+    return work / "folds.csv", work / "folds.json"
+
+
+def write_folds(cfg: Config, index: pd.DataFrame | None = None) -> Path:
+    index = load_index(cfg) if index is None else index
+    train = labeled_train(index)
+    folds = make_folds(train, cfg.folds.n_splits, cfg.seed)
+    csv_path, meta_path = folds_paths(cfg)
+    write_csv(folds, csv_path)
+    write_json({
+        "data": str(cfg.paths.data),
+        "n_splits": cfg.folds.n_splits,
+        "seed": cfg.seed,
+        "n_images": len(folds),
+        "n_defect": int(folds["label"].sum()),
+        "fingerprint": dataset_fingerprint(train),
+    }, meta_path)
+    return csv_path
+
+
+def read_folds(cfg: Config, index: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The labeled training index with its `fold` column; stops if folds.csv is missing or stale."""
+    index = load_index(cfg) if index is None else index
+    train = labeled_train(index)
+    csv_path, meta_path = folds_paths(cfg)
+    if not csv_path.exists() or not meta_path.exists():
+        raise StaleFoldsError(f"{csv_path} not found: run `make folds` (python -m competition folds) first")
+    meta = read_json(meta_path)
+    problems = []
+    if meta.get("n_splits") != cfg.folds.n_splits:
+        problems.append(f"it has {meta.get('n_splits')} folds, the config asks for {cfg.folds.n_splits}")
+    if meta.get("seed") != cfg.seed:
+        problems.append(f"it was split with seed {meta.get('seed')}, the config has seed {cfg.seed}")
+    if meta.get("fingerprint") != dataset_fingerprint(train):
+        problems.append(f"the dataset at {cfg.paths.data} changed since it was written")
+    folds = pd.read_csv(csv_path, dtype={"image_id": str, "group": str})
+    if set(folds["image_id"]) != set(train["image_id"]):
+        problems.append("its image ids differ from the dataset's labeled training images")
+    if problems:
+        raise StaleFoldsError(f"{csv_path} is stale: {'; '.join(problems)}. Re-run `make folds` "
+                              "(every model must then be re-run on the new folds).")
+    merged = train.merge(folds[["image_id", "fold"]], on="image_id", how="left", validate="one_to_one")
+    merged["fold"] = merged["fold"].astype(int)
+    return merged
+
+
+def parse_fold_arg(fold: str | int, n_splits: int) -> list[int]:
+    """`all` -> every fold; `k` -> [k], checked against the fold count."""
+    if str(fold) == "all":
+        return list(range(n_splits))
+    try:
+        k = int(fold)
+    except ValueError:
+        raise ValueError(f"--fold must be an integer 0..{n_splits - 1} or 'all', got {fold!r}") from None
+    if not 0 <= k < n_splits:
+        raise ValueError(f"--fold {k} is out of range: folds.n_splits is {n_splits} (0..{n_splits - 1})")
+    return [k]
+
+
+def run(cfg: Config) -> Path:
+    csv_path = write_folds(cfg)
+    folds = pd.read_csv(csv_path)
+    counts = folds.groupby("fold")["label"].agg(["count", "sum"]).rename(columns={"count": "images", "sum": "defects"})
+    print(counts.to_string())
+    print(csv_path)
+    return csv_path

@@ -1,0 +1,46 @@
+"""Device, threads and seeds: the same code runs on a 2-core CPU and on CUDA (AMP, channels_last)."""
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but no CUDA device is available; use auto or cpu")
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def configure_threads(threads: int = 0) -> int:
+    """Use every core for intra-op work on CPU (0 = all); returns the count in force."""
+    n = threads if threads > 0 else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16/fp16 autocast on CUDA; a no-op context on CPU, where full precision is faster and exact."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def to_device_images(batch: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    batch = batch.to(device, non_blocking=True)
+    if device.type == "cuda" and channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
