@@ -44,8 +44,9 @@ infer: $(STAMP)
 leaderboard: $(STAMP)
 	$(RUN) leaderboard $(ARGS)
 
+# pytest exits 5 when it collects nothing; that is not a failure of the project.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 all: data folds
 	$(RUN) train --fold all $(ARGS)

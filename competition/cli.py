@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             leaderboard_main(cfg)
         return 0
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        # Expected user-facing failures: one clear line, no traceback.
+        # Expected user-facing failures: one clear line; COMPETITION_DEBUG=1 shows the traceback.
+        if os.environ.get("COMPETITION_DEBUG"):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
