@@ -1,0 +1,228 @@
+"""Write a whole synthetic competition: train normals, 30-odd defects with masks, a test set.
+
+The layout follows the original Kaggle competition (train/normal_images, train/defect_images,
+train/defect_masks, test/images, sample_submission.csv with ImageId,answer) plus the hidden
+answers.csv with a Public/Private split for a local leaderboard. Each image has its own random
+stream spawned from one SeedSequence, so the same seed gives the same bytes in every file.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from competition.artifacts import write_csv, write_json
+from competition.data.painters import DEFECT_KINDS, paint_defect
+from competition.data.textures import DATASET_FAMILIES, make_texture
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Counts and image geometry of one synthetic competition."""
+
+    n_normal: int
+    n_defect: int
+    n_test: int
+    image_size: int
+    test_defect_rate: float = 0.05
+    resized_fraction: float = 0.2  # share of images whose size differs from image_size ...
+    resize_range: float = 0.25  # ... by up to +-25% in height and width, independently
+    public_fraction: float = 0.3  # share of test rows scored on the public leaderboard
+
+
+PRESETS: dict[str, Preset] = {
+    # Seconds to write; >= 10 defects so each of five folds gets some, and a 10% test defect
+    # rate so the 40 test images hold defects in both the public and the private part.
+    "tiny": Preset(n_normal=60, n_defect=12, n_test=40, image_size=64, test_defect_rate=0.1),
+    # The default: small enough for 5-fold CNN training plus the anomaly zoo on 2 CPU cores.
+    "small": Preset(n_normal=400, n_defect=30, n_test=300, image_size=128),
+    # The original competition's counts.
+    "full": Preset(n_normal=6790, n_defect=30, n_test=9100, image_size=256),
+}
+
+# Severity 0 = obvious, 1 = subtle (see painters.paint_defect); real_like keeps the subtle end.
+_REAL_LIKE_MIN_SEVERITY = 0.6
+_OUTPUTS = ("train", "test", "answers.csv", "synth.json")
+
+
+def write_competition(out: str | Path, preset: str = "small", seed: int = 0,
+                      test_defect_rate: float | None = None, real_like: bool = False,
+                      progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write the dataset of `preset` under `out` and return the summary also saved as synth.json.
+
+    `test_defect_rate` overrides the preset's share of defective test images. `real_like` makes
+    the harder variant: grayscale, strongly varying sizes, subtle defects only, uneven lighting,
+    sensor noise and JPEG artefacts (images are still stored as PNG). synth.json is written last,
+    so its presence means the dataset is complete. An existing dataset under `out` raises
+    FileExistsError unless `overwrite`, which deletes it first.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    rate = spec.test_defect_rate if test_defect_rate is None else float(test_defect_rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"test_defect_rate must lie in [0, 1), got {rate}")
+    out = Path(out)
+    _prepare_output(out, overwrite)
+
+    plan_seq, normal_seq, defect_seq, test_seq = np.random.SeedSequence(seed).spawn(4)
+    plan = _plan_test_set(spec.n_test, rate, spec.public_fraction, np.random.default_rng(plan_seq))
+
+    dirs = {name: out / sub for name, sub in [("normal", "train/normal_images"), ("defect", "train/defect_images"),
+                                              ("mask", "train/defect_masks"), ("test", "test/images")]}
+    for folder in dirs.values():
+        folder.mkdir(parents=True, exist_ok=True)
+
+    total = spec.n_normal + spec.n_defect + spec.n_test
+    with tqdm(total=total, desc=f"synth {preset}", unit="img", disable=not progress) as bar:
+        for index, child in enumerate(normal_seq.spawn(spec.n_normal)):
+            image, _ = _render_image(np.random.default_rng(child), spec, real_like, defective=False)
+            _save_png(dirs["normal"] / f"normal_{index:05d}.png", image)
+            bar.update()
+        for index, child in enumerate(defect_seq.spawn(spec.n_defect)):
+            image, mask = _render_image(np.random.default_rng(child), spec, real_like, defective=True)
+            name = f"defect_{index:05d}.png"
+            _save_png(dirs["defect"] / name, image)
+            _save_png(dirs["mask"] / name, mask)
+            bar.update()
+        for index, child in enumerate(test_seq.spawn(spec.n_test)):
+            image, _ = _render_image(np.random.default_rng(child), spec, real_like,
+                                     defective=bool(plan["defective"][index]))
+            _save_png(dirs["test"] / f"test_{index:05d}.png", image)
+            bar.update()
+
+    order = plan["order"]
+    image_ids = [f"test_{index:05d}" for index in order]
+    write_csv(pd.DataFrame({"ImageId": image_ids, "answer": 0}), out / "test" / "sample_submission.csv")
+    answers = pd.DataFrame({
+        "ImageId": image_ids,
+        "answer": plan["defective"][order].astype(int),
+        "Usage": np.where(plan["public"][order], "Public", "Private"),
+    })
+    write_csv(answers, out / "answers.csv")
+
+    summary = {
+        "preset": preset,
+        "seed": int(seed),
+        "real_like": bool(real_like),
+        "test_defect_rate": rate,
+        "counts": {
+            "train_normal": spec.n_normal,
+            "train_defect": spec.n_defect,
+            "test": spec.n_test,
+            "test_defect": int(plan["defective"].sum()),
+            "test_public": int(plan["public"].sum()),
+            "test_public_defect": int((plan["public"] & plan["defective"]).sum()),
+        },
+        "preset_spec": asdict(spec),
+        "families": list(DATASET_FAMILIES),
+        "defect_kinds": list(DEFECT_KINDS),
+        "version": _package_version(),
+    }
+    write_json(summary, out / "synth.json")
+    return summary
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    existing = [out / name for name in _OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a dataset ({existing[0].name}); delete it or pass overwrite=True")
+    for path in existing:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _plan_test_set(n_test: int, rate: float, public_fraction: float,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Which test images are defective, the submission row order, and the Public/Private split.
+
+    With any defects at all there are at least two, and the split is stratified by label so
+    both leaderboards contain defects.
+    """
+    n_defect = int(round(n_test * rate))
+    if rate > 0 and n_test >= 2:
+        n_defect = max(n_defect, 2)
+    defective = np.zeros(n_test, bool)
+    defective[rng.choice(n_test, size=n_defect, replace=False)] = True
+    public = np.zeros(n_test, bool)
+    for label in (True, False):
+        members = np.flatnonzero(defective == label)
+        if len(members) == 0:
+            continue
+        n_public = int(round(public_fraction * len(members)))
+        if len(members) >= 2:
+            n_public = min(max(n_public, 1), len(members) - 1)
+        public[rng.choice(members, size=n_public, replace=False)] = True
+    return {"defective": defective, "public": public, "order": rng.permutation(n_test)}
+
+
+def _render_image(rng: np.random.Generator, spec: Preset, real_like: bool,
+                  defective: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """One image (and its mask if defective) from its own random stream."""
+    height, width = _draw_size(rng, spec, real_like)
+    # Families are mixed within the normal class on purpose: it makes "normal" multi-modal.
+    family = DATASET_FAMILIES[int(rng.integers(len(DATASET_FAMILIES)))]
+    image = make_texture(family, (height, width), rng)
+    if real_like:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    mask = None
+    if defective:
+        kind = DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
+        low = _REAL_LIKE_MIN_SEVERITY if real_like else 0.0
+        image, mask = paint_defect(image, kind, rng, severity=float(rng.uniform(low, 1.0)))
+    if real_like:
+        image = _camera_artefacts(image, rng)
+    return image, mask
+
+
+def _draw_size(rng: np.random.Generator, spec: Preset, real_like: bool) -> tuple[int, int]:
+    if real_like:
+        scale = rng.uniform(0.6, 1.4, size=2)
+    elif rng.random() < spec.resized_fraction:
+        scale = rng.uniform(1.0 - spec.resize_range, 1.0 + spec.resize_range, size=2)
+    else:
+        scale = np.ones(2)
+    height, width = (max(32, int(round(spec.image_size * s))) for s in scale)
+    return height, width
+
+
+def _camera_artefacts(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Uneven illumination (gradient + vignette), sensor noise, then a JPEG round-trip."""
+    height, width = grey.shape
+    ys = (np.arange(height, dtype=np.float32) / height - 0.5)[:, None]
+    xs = (np.arange(width, dtype=np.float32) / width - 0.5)[None, :]
+    angle = rng.uniform(0, 2 * np.pi)
+    gradient = rng.uniform(0.1, 0.4) * (np.cos(angle) * xs + np.sin(angle) * ys)
+    vignette = rng.uniform(0.0, 0.5) * (xs ** 2 + ys ** 2)
+    lit = grey.astype(np.float32) * (1.0 + gradient - vignette)
+    noisy = lit + rng.normal(0.0, rng.uniform(1.5, 5.0), size=lit.shape)
+    image = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(rng.integers(60, 91)))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("L"))
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    # PIL writes no timestamp or other varying chunk into PNGs, so equal arrays give equal bytes.
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("competition")
+    except metadata.PackageNotFoundError:
+        return "unknown"
