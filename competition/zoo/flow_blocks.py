@@ -1,0 +1,173 @@
+"""Invertible building blocks shared by the zoo's normalizing flows (FastFlow, CFlow, U-Flow).
+
+`AllInOneCoupling` follows FrEIA's AllInOneBlock (Ardizzone et al., the block all three papers
+use): a soft-clamped affine coupling whose subnet sees the first half of the channels (plus an
+optional condition), then a learned per-channel global affine (ActNorm-like), then a fixed random
+channel permutation (hard) or rotation (soft). Written here so the zoo needs no FrEIA dependency.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+SubnetConstructor = Callable[[int, int], nn.Module]
+GlobalAffineType = Literal["SOFTPLUS", "SIGMOID", "EXP"]
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class AllInOneCoupling(nn.Module):
+    """One flow step on tensors shaped (batch, channels, *spatial); spatial may be empty.
+
+    forward(x, cond) -> (y, log|det J|) per sample; `inverse` undoes it exactly (up to float error).
+    The subnet gets `channels - channels // 2 + cond_channels` channels and must return
+    `2 * (channels // 2)` (log-scale and shift for the second half), same spatial shape.
+    """
+
+    def __init__(self, channels: int, subnet_constructor: SubnetConstructor, *, cond_channels: int = 0,
+                 affine_clamping: float = 2.0, global_affine_init: float = 1.0,
+                 global_affine_type: GlobalAffineType = "SOFTPLUS", permute_soft: bool = False,
+                 seed: int | None = None):
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"AllInOneCoupling needs at least 2 channels to split, got {channels}")
+        self.channels = channels
+        self.split_first = channels - channels // 2
+        self.split_second = channels // 2
+        self.cond_channels = cond_channels
+        self.clamp = float(affine_clamping)
+        self.global_affine_type = global_affine_type
+        self.subnet = subnet_constructor(self.split_first + cond_channels, 2 * self.split_second)
+
+        # Global scale parameterised so that activation(init value) == global_affine_init.
+        if global_affine_type == "SOFTPLUS":
+            raw = 2.0 * math.log(math.exp(0.5 * 10.0 * global_affine_init) - 1.0)
+        elif global_affine_type == "SIGMOID":
+            raw = 2.0 - math.log(10.0 / global_affine_init - 1.0)
+        elif global_affine_type == "EXP":
+            raw = math.log(global_affine_init)
+        else:
+            raise ValueError(f"global_affine_type {global_affine_type!r}: use SOFTPLUS, SIGMOID or EXP")
+        self.global_scale = nn.Parameter(torch.full((channels,), float(raw)))
+        self.global_offset = nn.Parameter(torch.zeros(channels))
+
+        # Fixed mixing between blocks: a permutation matrix, or a random rotation (|det| = 1 either way).
+        rng = np.random.default_rng(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+        if permute_soft:
+            from scipy.stats import special_ortho_group
+
+            w = special_ortho_group.rvs(channels, random_state=rng)
+        else:
+            w = np.eye(channels)[rng.permutation(channels)]
+        # Stored in float32, a rotation is orthogonal to ~1e-7 only: its |det| and inverse are that close to exact.
+        self.register_buffer("w_perm", torch.as_tensor(w, dtype=torch.float32))
+
+    # ---------------------------------------------------------------- pieces
+
+    def _scale(self) -> torch.Tensor:
+        s = self.global_scale
+        if self.global_affine_type == "SOFTPLUS":
+            return 0.1 * F.softplus(s, beta=0.5)
+        if self.global_affine_type == "SIGMOID":
+            return 10.0 * torch.sigmoid(s - 2.0)
+        return torch.exp(s)
+
+    @staticmethod
+    def _channelwise(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+    @staticmethod
+    def _mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # y[:, i] = sum_j w[i, j] x[:, j], for any number of trailing spatial dims.
+        return torch.einsum("ij,bj...->bi...", w, x)
+
+    def _subnet_out(self, x1: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cond_channels:
+            if cond is None:
+                raise ValueError(f"this coupling block expects a condition with {self.cond_channels} channels")
+            x1 = torch.cat([x1, cond], dim=1)
+        a = self.subnet(x1) * 0.1
+        log_scale = self.clamp * torch.tanh(a[:, : self.split_second])
+        return log_scale, a[:, self.split_second:]
+
+    # ---------------------------------------------------------------- directions
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = torch.split(x, [self.split_first, self.split_second], dim=1)
+        log_scale, shift = self._subnet_out(x1, cond)
+        y = torch.cat([x1, x2 * torch.exp(log_scale) + shift], dim=1)
+        log_det = log_scale.flatten(1).sum(1)
+        scale = self._scale()
+        y = y * self._channelwise(scale, y) + self._channelwise(self.global_offset, y)
+        positions = y[0, 0].numel()  # spatial size (1 for vectors)
+        log_det = log_det + positions * torch.log(scale).sum()
+        return self._mix(y, self.w_perm), log_det
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x with forward(x) == (y, log_det); returns (x, -log_det)."""
+        y = self._mix(y, self.w_perm.T)
+        scale = self._scale()
+        y = (y - self._channelwise(self.global_offset, y)) / self._channelwise(scale, y)
+        positions = y[0, 0].numel()
+        y1, y2 = torch.split(y, [self.split_first, self.split_second], dim=1)
+        log_scale, shift = self._subnet_out(y1, cond)
+        x = torch.cat([y1, (y2 - shift) * torch.exp(-log_scale)], dim=1)
+        log_det = -log_scale.flatten(1).sum(1) - positions * torch.log(scale).sum()
+        return x, log_det
+
+
+class SequenceFlow(nn.Module):
+    """A chain of coupling blocks sharing one optional condition; log-dets add up."""
+
+    def __init__(self, blocks: Sequence[AllInOneCoupling]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        log_det = x.new_zeros(x.shape[0])
+        for block in self.blocks:
+            x, ld = block(x, cond)
+            log_det = log_det + ld
+        return x, log_det
+
+    def inverse(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        log_det = z.new_zeros(z.shape[0])
+        for block in reversed(self.blocks):
+            z, ld = block.inverse(z, cond)
+            log_det = log_det + ld
+        return z, log_det
+
+
+# ---------------------------------------------------------------- subnets
+
+def conv_subnet(kernel_size: int, hidden_ratio: float = 1.0) -> SubnetConstructor:
+    """conv-ReLU-conv with 'same' zero padding (FastFlow's and U-Flow's coupling subnet)."""
+    def build(in_channels: int, out_channels: int) -> nn.Module:
+        hidden = max(int(in_channels * hidden_ratio), 1)
+        return nn.Sequential(
+            nn.Conv2d(in_channels, hidden, kernel_size, padding="same"),
+            nn.ReLU(),
+            nn.Conv2d(hidden, out_channels, kernel_size, padding="same"),
+        )
+    return build
+
+
+def fc_subnet(hidden_ratio: float = 2.0) -> SubnetConstructor:
+    """Linear-ReLU-Linear (CFlow's subnet: hidden width twice the input)."""
+    def build(in_channels: int, out_channels: int) -> nn.Module:
+        hidden = max(int(in_channels * hidden_ratio), 1)
+        return nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, out_channels))
+    return build
+
+
+# ---------------------------------------------------------------- likelihoods
+
+def gaussian_log_likelihood(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+    """log p(x) = log N(z; 0, I) + log|det J| per sample, z shaped (batch, ...)."""
+    d = z[0].numel()
+    return -0.5 * (z.flatten(1) ** 2).sum(1) - 0.5 * d * LOG_2PI + log_det
