@@ -245,3 +245,12 @@ def test_truncated_mask_raises(tmp_path):
     cut = _truncated_copy(tmp_path / "mask.png", tmp_path / "cut_mask.png")
     with pytest.raises(ImageReadError, match="cut_mask.png"):
         read_mask(cut)
+
+
+def test_png_exif_orientation_agrees_between_size_and_decode(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    path = tmp_path / "rotated.png"
+    Image.fromarray(np.zeros((10, 20, 3), dtype=np.uint8)).save(path, exif=exif.tobytes())
+    assert image_size(path) == (20, 10)
+    assert read_image(path).shape == (20, 10, 3)
