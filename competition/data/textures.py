@@ -173,8 +173,9 @@ def _fabric(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     else:
         warp_on_top = (np.floor(ix / 2) + np.floor(iy / 2)) % 2 == 0
     # Thread cross-section: bright in the middle, dark gap between threads.
-    across_warp = np.sqrt(np.sin(np.pi * fx))
-    across_weft = np.sqrt(np.sin(np.pi * fy))
+    # sin(pi * f) can round to a hair below zero at f = 0; clamp before the square root.
+    across_warp = np.sqrt(np.maximum(np.sin(np.pi * fx), 0.0))
+    across_weft = np.sqrt(np.maximum(np.sin(np.pi * fy), 0.0))
     along_warp = 0.75 + 0.25 * np.sin(np.pi * fy)
     along_weft = 0.75 + 0.25 * np.sin(np.pi * fx)
     warp = across_warp * along_warp
