@@ -106,6 +106,18 @@ class ZooConfig:
     batch_size: int = 32
     cache: bool = True  # on-disk feature cache shared by models over the same backbone
     confidence: float | None = None  # fixed OK/NG threshold on the score; null = F1-optimal
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per registry name: hyperparameter overrides
+    min_real_defects: int = 5  # a fold with fewer real defects is also judged on painted ones
+    painted_per_fold: int = 40  # painted defects (on held-out normals) for that judgement
+    validation_share: float = 0.1  # training normals held out for trained models' validation
+    gallery_size: int = 12  # highest-scoring test images drawn with their anomaly maps
+
+    def __post_init__(self) -> None:
+        for name, params in self.params.items():
+            if not isinstance(params, dict):
+                raise ValueError(f"params: zoo.params.{name} must be a mapping of hyperparameters, got {params!r}")
+        if not 0.0 < self.validation_share < 1.0:
+            raise ValueError(f"validation_share must be in (0, 1), got {self.validation_share}")
 
 
 @dataclass

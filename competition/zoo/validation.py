@@ -1,0 +1,50 @@
+"""Artificial defects for judging zoo models where real ones are scarce, without touching held-out data.
+
+`painted_copies` paints one random defect (the foundation's painters: drawn defects, CutPaste,
+DRAEM Perlin anomalies) onto each of some normal images. `split_validation` gives trained models
+their validation signal inside the training folds: a held-out slice of the training normals, the
+same images with painted defects, and the real defects of the training folds.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from competition.zoo.base import ImageSet, ValidationSet
+
+
+def painted_copies(images: ImageSet, indices, seed: int, prefix: str = "painted") -> tuple[ImageSet, list[np.ndarray]]:
+    """One painted defect per image of `indices`; returns the painted images and their masks."""
+    from competition.data.painters import random_anomaly
+
+    rng = np.random.default_rng(seed)
+    painted, masks, ids = [], [], []
+    for i in indices:
+        image, mask = random_anomaly(images.read(int(i)), rng)
+        painted.append(np.ascontiguousarray(image, dtype=np.uint8))
+        masks.append(mask)
+        ids.append(f"{prefix}:{images.ids[int(i)]}")
+    return ImageSet(painted, ids), masks
+
+
+def split_validation(normals: ImageSet, defects: ImageSet | None, share: float, seed: int,
+                     defect_masks: list[np.ndarray | None] | None = None) -> tuple[ImageSet, ValidationSet]:
+    """(normals to fit on, validation set): `share` of the normals held out, with painted copies of them.
+
+    The real `defects` (training folds only) join the validation set as they are.
+    """
+    n = len(normals)
+    n_held = min(max(1, int(round(share * n))), n - 1) if n > 1 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    held, kept = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
+    held_set = normals.subset(held)
+    painted, painted_masks = painted_copies(held_set, range(len(held_set)), seed + 1)
+    images = held_set + painted
+    labels = [0] * len(held_set) + [1] * len(painted)
+    kinds = ["normal"] * len(held_set) + ["painted"] * len(painted)
+    masks: list[np.ndarray | None] = [None] * len(held_set) + list(painted_masks)
+    if defects is not None and len(defects):
+        images = images + defects
+        labels += [1] * len(defects)
+        kinds += ["real"] * len(defects)
+        masks += list(defect_masks) if defect_masks is not None else [None] * len(defects)
+    return normals.subset(kept), ValidationSet(images, np.asarray(labels, dtype=int), kinds, masks)
