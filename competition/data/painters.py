@@ -183,6 +183,8 @@ def _mask_to_uint8(mask: np.ndarray) -> np.ndarray:
 def _match_channels(rgb: np.ndarray, channels: int) -> np.ndarray:
     if rgb.shape[2] == channels:
         return rgb
+    if channels == 3 and rgb.shape[2] == 4:
+        return np.ascontiguousarray(rgb[..., :3])
     grey = rgb[..., :3].mean(axis=2, keepdims=True) if rgb.shape[2] >= 3 else rgb[..., :1]
     return np.repeat(grey, channels, axis=2).astype(rgb.dtype)
 

@@ -218,7 +218,8 @@ def _camera_artefacts(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _save_png(path: Path, array: np.ndarray) -> None:
     # PIL writes no timestamp or other varying chunk into PNGs, so equal arrays give equal bytes.
-    Image.fromarray(array).save(path, format="PNG")
+    # Textures are noisy: zlib level 1 is ~4x faster than the default 6 for ~2% larger files.
+    Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
 def _package_version() -> str:
