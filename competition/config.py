@@ -132,13 +132,50 @@ class EnsembleConfig:
 @dataclass
 class PretrainConfig:
     backbone: str | None = None  # timm name; null = model.name
+    init_weights: bool | str = False  # start from local weights (file or folder) instead of random init
     epochs: int = 5
-    batch_size: int = 64
-    lr: float = 1.0e-3
-    temperature: float = 0.2
-    image_size: int = 96
+    batch_size: int = 64  # images per step; each gives two views
+    lr: float = 1.0e-3  # AdamW peak learning rate
+    weight_decay: float = 1.0e-4
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay
+    temperature: float = 0.2  # NT-Xent temperature
+    image_size: int = 96  # side of each augmented view
+    hold_size: int = 256  # images are decoded once and held with their shorter side at most this
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
     projection_dim: int = 128
+    projection_hidden_dim: int = 512
+    # weighted sum of objectives; each entry: name (ntxent) + weight + that objective's own options
+    objectives: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "ntxent", "weight": 1.0}])
+    # albumentations applied to each view after the random resized crop (class name + kwargs)
+    augment: list[dict[str, Any]] = field(default_factory=lambda: [
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "VerticalFlip", "p": 0.5},
+        {"name": "RandomRotate90", "p": 0.75},
+        {"name": "RandomBrightnessContrast", "brightness_limit": 0.4, "contrast_limit": 0.4, "p": 0.8},
+        {"name": "RandomGamma", "gamma_limit": [70, 150], "p": 0.5},
+        {"name": "ColorJitter", "brightness": 0.0, "contrast": 0.0, "saturation": 0.4, "hue": 0.05, "p": 0.5},
+        {"name": "GaussianBlur", "blur_limit": [3, 5], "p": 0.3},
+        {"name": "GaussNoise", "std_range": [0.01, 0.05], "p": 0.3},
+    ])
     include_test: bool = True  # transductive use of unlabeled test images
+    monitor_images: int = 32  # held-out normals scored clean and painted each epoch
+    monitor_reference: int = 256  # other normals forming the k-NN reference (at most)
+    monitor_k: int = 1  # neighbours averaged in the k-NN distance
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (NT-Xent contrasts images in a batch), got {self.batch_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.init_weights is True:
+            raise ValueError("init_weights: true would need a download; give false or a local weights path")
+        if self.monitor_images < 2 or self.monitor_k < 1:
+            raise ValueError(f"monitor_images must be >= 2 and monitor_k >= 1, got "
+                             f"{self.monitor_images} and {self.monitor_k}")
 
 
 @dataclass

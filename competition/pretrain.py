@@ -1,0 +1,497 @@
+"""Self-supervised pretraining: a timm backbone learns from the competition's own images.
+
+Without downloadable weights every backbone starts from random init, which leaves both the
+classifier and the anomaly zoo near chance on real data. SimCLR (Chen et al., ICML 2020) needs no
+labels: two augmented views of each image are pulled together and pushed away from the other
+images' views (NT-Xent). Every image of the dataset takes part (training normals, training
+defects and, by default, the unlabeled test images).
+
+Output: `<paths.work>/pretrain/<backbone>.safetensors`, the backbone built with `num_classes=0`,
+which `model.pretrained` (classifier, head re-initialised) and `zoo.backbone_weights`
+(`features_only` extractor) load as any local weights; the folder `<paths.work>/pretrain` works
+too. Beside it, `<paths.work>/pretrain/<backbone>/` holds last.pt (resume), history.csv,
+curves.png, config.yaml and summary.json.
+
+Monitor (no labels needed): each epoch, held-out normal training images and the same images with
+painted defects are scored by the k-NN distance of their pooled backbone features to the other
+normals' features; the AUROC separating the two says whether the features see defects.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from competition.artifacts import load_checkpoint, read_json, save_figure, write_csv, write_json, write_yaml
+from competition.config import Config, PretrainConfig
+from competition.metrics import auroc
+from competition.runtime import autocast, configure_threads, seed_everything, select_device, to_device_images
+from competition.training import load_training_state, save_training_state, warmup_cosine_schedule
+from competition.weights import load_local_weights, write_state_dict
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- where the outputs go
+
+def pretrain_dir(work: str | Path) -> Path:
+    """`<paths.work>/pretrain`: a weights folder holding `<backbone>.safetensors`."""
+    return Path(work) / "pretrain"
+
+
+def pretrained_weights_path(work: str | Path, backbone: str) -> Path:
+    """Where `competition pretrain` writes (and the zoo's ssl entries look for) a backbone's weights."""
+    return pretrain_dir(work) / f"{backbone}.safetensors"
+
+
+def backbone_name(cfg: Config) -> str:
+    return cfg.pretrain.backbone or cfg.model.name
+
+
+# ---------------------------------------------------------------- images and views
+
+def hold_image(image: np.ndarray, hold_size: int) -> np.ndarray:
+    """Shrink (never enlarge) so the shorter side is at most `hold_size`: crops come from this copy."""
+    import cv2
+
+    height, width = image.shape[:2]
+    short = min(height, width)
+    if short <= hold_size:
+        return image
+    scale = hold_size / short
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def load_held_images(paths: list[str], hold_size: int, progress: bool = True) -> list[np.ndarray]:
+    from competition.data.images import read_image
+
+    return [hold_image(read_image(p), hold_size)
+            for p in tqdm(paths, desc="pretrain: reading images", disable=not progress, leave=False)]
+
+
+def build_albumentations(specs: list[dict[str, Any]], key: str) -> list[A.BasicTransform]:
+    """`[{name: HorizontalFlip, p: 0.5}, ...]` -> albumentations transforms; errors name `key[i]`."""
+    transforms = []
+    for i, spec in enumerate(specs):
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        cls = getattr(A, str(name), None)
+        if not isinstance(cls, type):
+            raise ValueError(f"{key}[{i}]: albumentations has no transform named {name!r} "
+                             "(give the class name, e.g. HorizontalFlip)")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+        try:
+            transforms.append(cls(**kwargs))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{key}[{i}] ({name}): {exc}") from None
+    return transforms
+
+
+def view_transform(p: PretrainConfig, mean: list[float], std: list[float]) -> A.Compose:
+    """One random view: a resized crop at a random scale, then the configured augmentations."""
+    crop = A.RandomResizedCrop(size=(p.image_size, p.image_size), scale=tuple(p.crop_scale))
+    return A.Compose([crop, *build_albumentations(p.augment, "pretrain.augment"),
+                      A.Normalize(mean=mean, std=std), ToTensorV2()])
+
+
+def whole_image_transform(image_size: int, mean: list[float], std: list[float]) -> A.Compose:
+    """The whole image, resized and normalised: how the monitor (and downstream models) see it."""
+    return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean=mean, std=std), ToTensorV2()])
+
+
+class TwoViewDataset(Dataset):
+    """Item i: two independent random views of image i, and i itself (the pair's label)."""
+
+    def __init__(self, images: list[np.ndarray], transform: Callable[..., dict]):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        image = self.images[i]
+        return self.transform(image=image)["image"], self.transform(image=image)["image"], i
+
+
+@dataclass
+class ViewBatch:
+    view1: torch.Tensor  # (B, C, H, W)
+    view2: torch.Tensor  # (B, C, H, W), the same images under other augmentations
+    index: torch.Tensor  # (B,) image indices: equal index = positive pair
+
+
+# ---------------------------------------------------------------- model and objectives
+
+class ContrastiveNet(nn.Module):
+    """A timm backbone (`num_classes=0`: pooled features) and SimCLR's MLP projection head.
+
+    Only the backbone is kept; the head exists so the contrastive loss does not have to shape
+    the features used downstream (SimCLR's finding: the layer before the head transfers better).
+    """
+
+    def __init__(self, backbone: str, projection_dim: int, hidden_dim: int):
+        super().__init__()
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        features = self.backbone.num_features
+        self.projection = nn.Sequential(
+            nn.Linear(features, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, projection_dim))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features, projections)."""
+        features = self.backbone(images)
+        return features, self.projection(features)
+
+
+class Objective(Protocol):
+    """A pretraining loss; `pretrain.objectives` weighs and sums them."""
+    name: str
+
+    def loss(self, batch: ViewBatch, model: ContrastiveNet) -> torch.Tensor: ...
+
+
+class NTXentObjective:
+    """SimCLR's NT-Xent: the two views of an image are positives, every other view a negative."""
+    name = "ntxent"
+
+    def __init__(self, p: PretrainConfig, temperature: float | None = None):
+        from pytorch_metric_learning.losses import NTXentLoss
+
+        self.criterion = NTXentLoss(temperature=p.temperature if temperature is None else temperature)
+
+    def loss(self, batch: ViewBatch, model: ContrastiveNet) -> torch.Tensor:
+        # One forward over both views: batch-norm statistics see the whole 2B batch, as in SimCLR.
+        _, projections = model(torch.cat([batch.view1, batch.view2]))
+        labels = torch.cat([batch.index, batch.index])
+        return self.criterion(projections.float(), labels)
+
+
+OBJECTIVES: dict[str, type] = {"ntxent": NTXentObjective}
+
+
+def build_objectives(p: PretrainConfig) -> list[tuple[float, Objective]]:
+    """`pretrain.objectives` -> [(weight, objective)]; errors name the entry and what is allowed."""
+    if not p.objectives:
+        raise ValueError(f"pretrain.objectives is empty; give at least one of {', '.join(OBJECTIVES)}")
+    built = []
+    for i, spec in enumerate(p.objectives):
+        options = dict(spec)
+        name = options.pop("name", None)
+        weight = options.pop("weight", 1.0)
+        if name not in OBJECTIVES:
+            raise ValueError(f"pretrain.objectives[{i}]: unknown objective {name!r}; "
+                             f"known: {', '.join(OBJECTIVES)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise ValueError(f"pretrain.objectives[{i}] ({name}): weight must be a positive number, got {weight!r}")
+        try:
+            built.append((float(weight), OBJECTIVES[name](p, **options)))
+        except TypeError as exc:
+            raise ValueError(f"pretrain.objectives[{i}] ({name}): bad options {options}: {exc}") from None
+    return built
+
+
+# ---------------------------------------------------------------- the label-free monitor
+
+@dataclass
+class MonitorSet:
+    """Normalised whole images: k-NN reference normals, held-out normals, and those painted."""
+    reference: torch.Tensor
+    clean: torch.Tensor
+    painted: torch.Tensor
+    k: int
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+
+def build_monitor_set(normals: list[np.ndarray], p: PretrainConfig, mean: list[float], std: list[float],
+                      seed: int) -> MonitorSet | None:
+    """Hold out `monitor_images` normals (fixed seed), paint one defect on a copy of each; the rest
+    (at most `monitor_reference`) form the reference. None when there are too few normals."""
+    from competition.data.painters import random_anomaly
+
+    rng = np.random.default_rng(seed)
+    n_held = min(p.monitor_images, len(normals) // 2)
+    if n_held < 2 or len(normals) - n_held < p.monitor_k:
+        log.warning("pretrain monitor off: %d normal training images are too few", len(normals))
+        return None
+    order = rng.permutation(len(normals))
+    held = [normals[i] for i in order[:n_held]]
+    reference = [normals[i] for i in order[n_held:n_held + p.monitor_reference]]
+    painted = [random_anomaly(image, rng)[0] for image in held]
+    to_tensor = whole_image_transform(p.image_size, mean, std)
+
+    def stack(images: list[np.ndarray]) -> torch.Tensor:
+        return torch.stack([to_tensor(image=image)["image"] for image in images])
+
+    return MonitorSet(reference=stack(reference), clean=stack(held), painted=stack(painted), k=p.monitor_k)
+
+
+@torch.no_grad()
+def pooled_features(backbone: nn.Module, images: torch.Tensor, device: torch.device,
+                    batch_size: int = 64, channels_last: bool = True) -> torch.Tensor:
+    """L2-normalised pooled features (eval mode), on the CPU."""
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = to_device_images(images[start:start + batch_size], device, channels_last)
+        with autocast(device):
+            out.append(backbone(batch).float().cpu())
+    backbone.train(was_training)
+    return nn.functional.normalize(torch.cat(out), dim=1)
+
+
+def knn_distance(reference: torch.Tensor, queries: torch.Tensor, k: int) -> np.ndarray:
+    """Mean distance from each query to its `k` nearest reference rows."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn_index = NearestNeighbors(n_neighbors=k).fit(reference.numpy())
+    distances, _ = nn_index.kneighbors(queries.numpy())
+    return distances.mean(axis=1)
+
+
+def monitor_auroc(backbone: nn.Module, monitor: MonitorSet, device: torch.device,
+                  channels_last: bool = True) -> float:
+    """AUROC of the k-NN score separating the held-out normals (0) from their painted copies (1)."""
+    reference = pooled_features(backbone, monitor.reference, device, channels_last=channels_last)
+    queries = pooled_features(backbone, torch.cat([monitor.clean, monitor.painted]), device,
+                              channels_last=channels_last)
+    scores = knn_distance(reference, queries, monitor.k)
+    labels = np.r_[np.zeros(len(monitor)), np.ones(len(monitor))]
+    return float(auroc(labels, scores))
+
+
+# ---------------------------------------------------------------- one epoch
+
+def train_one_epoch(model: ContrastiveNet, loader: DataLoader, objectives: list[tuple[float, Objective]],
+                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+                    device: torch.device, amp: bool, channels_last: bool, desc: str) -> dict[str, float]:
+    """Mean total loss (and each objective's) over the epoch's steps."""
+    model.train()
+    totals = {"loss": 0.0, **{f"loss_{o.name}": 0.0 for _, o in objectives}}
+    steps = 0
+    bar = tqdm(loader, desc=desc, leave=False)
+    for view1, view2, index in bar:
+        batch = ViewBatch(to_device_images(view1, device, channels_last),
+                          to_device_images(view2, device, channels_last), index.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp):
+            parts = [(weight, objective, objective.loss(batch, model)) for weight, objective in objectives]
+            loss = sum(weight * part for weight, _, part in parts)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        steps += 1
+        totals["loss"] += float(loss.detach())
+        for _, objective, part in parts:
+            totals[f"loss_{objective.name}"] += float(part.detach())
+        bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}")
+    return {k: v / max(steps, 1) for k, v in totals.items()}
+
+
+# ---------------------------------------------------------------- records
+
+def pretrain_settings(cfg: Config) -> dict[str, Any]:
+    """Everything that shapes the weights: a resumed or finished run must have been made with these."""
+    settings = {
+        "backbone": backbone_name(cfg),
+        **{k: v for k, v in asdict(cfg.pretrain).items() if k != "backbone"},
+        "data": str(Path(cfg.paths.data).resolve()),
+        "layout": cfg.data.layout,
+        "category": cfg.data.category,
+        "seed": cfg.seed,
+        "mean": list(cfg.augment.mean),
+        "std": list(cfg.augment.std),
+    }
+    return json.loads(json.dumps(settings))  # the form it takes after a JSON round trip
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def plot_curves(history: pd.DataFrame, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    trained = history[history["epoch"] > 0]
+    ax_loss.plot(trained["epoch"], trained["loss"], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="loss (weighted sum)", title="pretraining loss")
+    ax_auc.plot(history["epoch"], history["monitor_auroc"], marker="o", color="tab:green")
+    ax_auc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax_auc.set(xlabel="epoch (0 = before training)", ylabel="AUROC", ylim=(0.0, 1.0),
+               title="k-NN monitor: normal vs painted")
+    for ax in (ax_loss, ax_auc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def write_records(log_dir: Path, history: list[dict[str, float]], summary: dict[str, Any], title: str) -> None:
+    frame = pd.DataFrame(history)
+    write_csv(frame, log_dir / "history.csv")
+    plot_curves(frame, log_dir / "curves.png", title)
+    write_json(summary, log_dir / "summary.json")
+
+
+def _best(history: list[dict[str, float]]) -> tuple[int | None, float | None]:
+    scored = [(row["monitor_auroc"], int(row["epoch"])) for row in history
+              if not math.isnan(row["monitor_auroc"])]
+    if not scored:
+        return None, None
+    value, epoch = max(scored, key=lambda t: (t[0], t[1]))
+    return epoch, value
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(cfg: Config, force: bool = False) -> Path:
+    """Pretrain (or resume, or find finished) and print the weights path as the last line."""
+    from competition.folds import load_index
+
+    p = cfg.pretrain
+    name = backbone_name(cfg)
+    weights_path = pretrained_weights_path(cfg.paths.work, name)
+    log_dir = pretrain_dir(cfg.paths.work) / name
+    last_path = log_dir / "last.pt"
+    summary_path = log_dir / "summary.json"
+    settings = pretrain_settings(cfg)
+
+    if force:
+        for stale in (last_path, weights_path, summary_path):
+            stale.unlink(missing_ok=True)
+    elif weights_path.exists() and summary_path.exists():
+        done = read_json(summary_path)
+        if done.get("finished"):
+            changed = _differences(done.get("settings", {}), settings)
+            if changed:
+                raise ValueError(f"{weights_path} was pretrained with other settings ({'; '.join(changed)}); "
+                                 "run `python -m competition pretrain --force` to pretrain again")
+            print(f"{weights_path} is already pretrained ({done.get('epochs_done')} epochs); --force pretrains again")
+            print(weights_path)
+            return weights_path
+
+    configure_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    device = select_device(cfg.device)
+    amp = cfg.train.amp and device.type == "cuda"
+    channels_last = cfg.train.channels_last
+
+    index = load_index(cfg)
+    rows = index[(index["split"] == "train") | (p.include_test & (index["split"] == "test"))]
+    images = load_held_images(rows["path"].tolist(), p.hold_size)
+    if len(images) < 2:
+        raise ValueError(f"pretraining needs at least 2 images; {cfg.paths.data} gave {len(images)}")
+    is_normal = ((rows["split"] == "train") & (rows["label"] == 0)).fillna(False).to_numpy()
+    counts = {
+        "train_normal": int(is_normal.sum()),
+        "train_defect": int(((rows["split"] == "train") & (rows["label"] == 1)).fillna(False).sum()),
+        "test": int((rows["split"] == "test").sum()),
+    }
+    monitor = build_monitor_set([im for im, normal in zip(images, is_normal) if normal], p,
+                                cfg.augment.mean, cfg.augment.std, cfg.seed)
+
+    transform = view_transform(p, cfg.augment.mean, cfg.augment.std)
+    dataset = TwoViewDataset(images, transform)
+    batch_size = min(p.batch_size, len(dataset))
+    model = ContrastiveNet(name, p.projection_dim, p.projection_hidden_dim)
+    if p.init_weights:
+        load_local_weights(model.backbone, p.init_weights, name)
+    model.to(device)
+    if device.type == "cuda" and channels_last:
+        model.to(memory_format=torch.channels_last)
+    objectives = build_objectives(p)
+    steps_per_epoch = len(dataset) // batch_size  # drop_last: BatchNorm and NT-Xent want full batches
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    scheduler = warmup_cosine_schedule(optimizer, round(p.warmup_epochs * steps_per_epoch),
+                                       p.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    history: list[dict[str, float]] = []
+    start = 0
+    if last_path.exists():
+        saved = load_checkpoint(last_path).get("extra", {})
+        changed = _differences(saved.get("settings", {}), settings)
+        if changed:
+            raise ValueError(f"{last_path} was written with other settings ({'; '.join(changed)}); "
+                             "run `python -m competition pretrain --force` to start again")
+        resumed = load_training_state(last_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                      scaler=scaler, map_location=device)
+        start, history = resumed.next_epoch, list(resumed.extra["history"])
+        print(f"resuming pretraining of {name} after epoch {start} of {p.epochs} ({last_path})")
+    write_yaml(cfg.to_dict(), log_dir / "config.yaml")
+    title = f"{name}: {len(images)} images, {p.image_size}px, batch {batch_size}"
+    nan = float("nan")
+
+    def summary(finished: bool) -> dict[str, Any]:
+        best_epoch, best_value = _best(history)
+        trained = [row for row in history if row["epoch"] > 0]
+        return {
+            "backbone": name, "weights": str(weights_path), "finished": finished,
+            "epochs_done": len(trained), "epochs": p.epochs, "images": counts, "batch_size": batch_size,
+            "steps_per_epoch": steps_per_epoch, "device": str(device),
+            "monitor_images": 0 if monitor is None else len(monitor),
+            "monitor_reference": 0 if monitor is None else len(monitor.reference),
+            "monitor_auroc_init": history[0]["monitor_auroc"] if history else nan,
+            "monitor_auroc_final": history[-1]["monitor_auroc"] if history else nan,
+            "monitor_auroc_best": best_value, "monitor_best_epoch": best_epoch,
+            "final_loss": trained[-1]["loss"] if trained else nan,
+            "seconds_per_epoch": float(np.mean([r["seconds"] for r in trained])) if trained else nan,
+            "settings": settings,
+        }
+
+    def measure() -> float:
+        return nan if monitor is None else monitor_auroc(model.backbone, monitor, device, channels_last)
+
+    if start == 0 and not history:
+        initial = measure()
+        history.append({"epoch": 0, "loss": nan, **{f"loss_{o.name}": nan for _, o in objectives},
+                        "monitor_auroc": initial, "lr": nan, "seconds": 0.0})
+        print(f"pretrain {name}: {len(images)} images ({counts}), {steps_per_epoch} steps/epoch on {device}; "
+              f"monitor AUROC before training {initial:.4f}")
+
+    for epoch in range(start, p.epochs):
+        # Per-epoch seeds for shuffling and augmentation: a resumed run sees the same epochs.
+        transform.set_random_seed(cfg.seed + epoch)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                            num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        began = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        losses = train_one_epoch(model, loader, objectives, optimizer, scheduler, scaler, device, amp,
+                                 channels_last, desc=f"pretrain epoch {epoch + 1}/{p.epochs}")
+        seconds = time.perf_counter() - began
+        value = measure()
+        history.append({"epoch": epoch + 1, **losses, "monitor_auroc": value, "lr": lr, "seconds": seconds})
+        save_training_state(last_path, epoch=epoch, model=model, optimizer=optimizer, scheduler=scheduler,
+                            scaler=scaler, extra={"history": history, "settings": settings})
+        write_records(log_dir, history, summary(finished=False), title)
+        print(f"pretrain epoch {epoch + 1}/{p.epochs}: loss {losses['loss']:.4f}  "
+              f"monitor AUROC {value:.4f}  ({seconds:.0f}s)")
+
+    write_state_dict(model.backbone.state_dict(), weights_path)
+    write_records(log_dir, history, summary(finished=True), title)
+    print(weights_path)
+    return weights_path

@@ -1,0 +1,203 @@
+"""Self-supervised pretraining: NT-Xent learns, the weights load downstream, runs resume exactly."""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from competition import pretrain
+from competition.data.images import read_image
+from competition.folds import load_index
+from competition.weights import WeightsError, load_local_weights
+from conftest import quick_config
+
+BACKBONE = "test_resnet"  # timm's tiny test network: BatchNorm, residual stages, features_only
+FAST = (f"pretrain.backbone={BACKBONE}", "pretrain.image_size=32", "pretrain.batch_size=8",
+        "pretrain.epochs=2", "pretrain.projection_dim=16", "pretrain.projection_hidden_dim=32",
+        "pretrain.monitor_images=8", "pretrain.monitor_reference=24", "train.threads=1")
+
+
+def fast_config(data, work, *overrides):
+    return quick_config(data, work, *FAST, *overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tiny_data):
+    index = load_index(quick_config(tiny_data, tiny_data))  # only reads the dataset
+    normal = index[(index["split"] == "train") & (index["label"] == 0)]
+    return [read_image(p) for p in normal["path"]]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """One uninterrupted two-epoch run: (config, weights path, stdout)."""
+    work = tmp_path_factory.mktemp("pretrain_run")
+    cfg = fast_config(tiny_data, work)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        path = pretrain.main(cfg)
+    return cfg, path, out.getvalue()
+
+
+def test_ntxent_loss_falls_on_tiny_images(tiny_images, tiny_data, tmp_path):
+    torch.manual_seed(0)
+    cfg = fast_config(tiny_data, tmp_path)
+    p = cfg.pretrain
+    transform = pretrain.view_transform(p, cfg.augment.mean, cfg.augment.std)
+    transform.set_random_seed(0)
+    dataset = pretrain.TwoViewDataset(tiny_images[:16], transform)
+    view1, view2, index = map(torch.utils.data.default_collate, zip(*[dataset[i] for i in range(16)]))
+    batch = pretrain.ViewBatch(view1, view2, index)
+    model = pretrain.ContrastiveNet(BACKBONE, p.projection_dim, p.projection_hidden_dim)
+    [(_, objective)] = pretrain.build_objectives(p)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = objective.loss(batch, model)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] > math.log(2 * 16 - 1) * 0.8  # near chance at init: log(2B - 1)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_run_writes_weights_records_and_prints_path_last(finished_run):
+    cfg, path, stdout = finished_run
+    assert path == pretrain.pretrained_weights_path(cfg.paths.work, BACKBONE)
+    assert path.is_file()
+    assert stdout.strip().splitlines()[-1] == str(path)
+    log_dir = path.parent / BACKBONE
+    for name in ("history.csv", "curves.png", "config.yaml", "summary.json", "last.pt"):
+        assert (log_dir / name).is_file(), name
+    history = pd.read_csv(log_dir / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert history["monitor_auroc"].between(0, 1).all()  # finite AUROC before and after each epoch
+    assert history["loss"].iloc[1:].notna().all()
+    summary = pretrain.read_json(log_dir / "summary.json")
+    assert summary["finished"] and summary["epochs_done"] == 2
+    assert summary["images"] == {"train_normal": 60, "train_defect": 12, "test": 40}
+
+
+def test_weights_load_into_classifier_and_feature_extractor(finished_run):
+    cfg, path, _ = finished_run
+    saved = load_file(str(path))
+    classifier = timm.create_model(BACKBONE, num_classes=1)
+    # the folder works as well as the file: <paths.work>/pretrain holds <backbone>.safetensors
+    assert load_local_weights(classifier, path.parent, BACKBONE) == path
+    state = classifier.state_dict()
+    for key, tensor in saved.items():
+        assert torch.equal(state[key], tensor), key
+    extractor = timm.create_model(BACKBONE, features_only=True, out_indices=(1, 2))
+    load_local_weights(extractor, path, BACKBONE)
+    extractor_state = extractor.state_dict()
+    assert all(torch.equal(extractor_state[k], saved[k]) for k in extractor_state if k in saved)
+    with torch.no_grad():
+        maps = extractor(torch.zeros(1, 3, 32, 32))
+    assert len(maps) == 2
+
+
+def test_wrong_architecture_is_refused(finished_run):
+    _, path, _ = finished_run
+    other = timm.create_model("test_efficientnet", num_classes=1)
+    with pytest.raises(WeightsError, match="do not fit test_efficientnet"):
+        load_local_weights(other, path, "test_efficientnet")
+
+
+def test_init_weights_of_another_architecture_are_refused(finished_run, tiny_data, tmp_path):
+    _, path, _ = finished_run
+    cfg = fast_config(tiny_data, tmp_path, "pretrain.backbone=test_efficientnet", f"pretrain.init_weights={path}")
+    with pytest.raises(WeightsError, match="do not fit test_efficientnet"):
+        pretrain.main(cfg)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
+    _, reference_path, _ = finished_run
+    cfg = fast_config(tiny_data, tmp_path)
+    real_epoch = pretrain.train_one_epoch
+    calls = []
+
+    def killed_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(cfg)
+    path = pretrain.pretrained_weights_path(cfg.paths.work, BACKBONE)
+    assert not path.exists() and (path.parent / BACKBONE / "last.pt").exists()
+
+    monkeypatch.setattr(pretrain, "train_one_epoch", real_epoch)
+    assert pretrain.main(cfg) == path
+    assert "resuming pretraining" in capsys.readouterr().out
+    resumed, reference = load_file(str(path)), load_file(str(reference_path))
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
+    history = pd.read_csv(path.parent / BACKBONE / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+
+
+def test_finished_run_is_kept_changed_settings_stop_and_force_restarts(finished_run, tiny_data, tmp_path,
+                                                                       monkeypatch, capsys):
+    cfg = fast_config(tiny_data, tmp_path, "pretrain.epochs=1")
+    path = pretrain.main(cfg)
+    capsys.readouterr()
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run trained again")
+
+    monkeypatch.setattr(pretrain, "train_one_epoch", must_not_train)
+    assert pretrain.main(cfg) == path
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)
+
+    changed = fast_config(tiny_data, tmp_path, "pretrain.epochs=1", "pretrain.temperature=0.5")
+    with pytest.raises(ValueError, match=r"temperature: 0\.2 -> 0\.5.*--force"):
+        pretrain.main(changed)
+    with pytest.raises(AssertionError, match="trained again"):
+        pretrain.main(changed, force=True)
+    assert not path.exists()  # --force removed the old weights before training
+
+
+def test_monitor_is_a_finite_auroc_of_clean_versus_painted(tiny_images, tiny_data, tmp_path):
+    cfg = fast_config(tiny_data, tmp_path)
+    monitor = pretrain.build_monitor_set(tiny_images, cfg.pretrain, cfg.augment.mean, cfg.augment.std, seed=3)
+    assert len(monitor) == 8 and len(monitor.reference) == 24
+    assert not torch.equal(monitor.clean, monitor.painted)
+    again = pretrain.build_monitor_set(tiny_images, cfg.pretrain, cfg.augment.mean, cfg.augment.std, seed=3)
+    assert torch.equal(monitor.painted, again.painted)  # fixed seed: the same painted defects every epoch
+    torch.manual_seed(0)
+    backbone = timm.create_model(BACKBONE, num_classes=0)
+    value = pretrain.monitor_auroc(backbone, monitor, torch.device("cpu"))
+    assert 0.0 <= value <= 1.0
+
+
+def test_knn_distance_is_the_mean_over_k_nearest():
+    reference = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
+    queries = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    np.testing.assert_allclose(pretrain.knn_distance(reference, queries, k=1), [0.0, 1.0])
+    np.testing.assert_allclose(pretrain.knn_distance(reference, queries, k=2), [0.5, 2.0])
+
+
+def test_config_errors_name_the_entry(tiny_data, tmp_path):
+    cfg = fast_config(tiny_data, tmp_path, "pretrain.objectives=[{name: byol}]")
+    with pytest.raises(ValueError, match=r"pretrain.objectives\[0\]: unknown objective 'byol'; known: ntxent"):
+        pretrain.build_objectives(cfg.pretrain)
+    cfg = fast_config(tiny_data, tmp_path, "pretrain.augment=[{name: Flipz}]")
+    with pytest.raises(ValueError, match=r"pretrain.augment\[0\]: albumentations has no transform named 'Flipz'"):
+        pretrain.view_transform(cfg.pretrain, cfg.augment.mean, cfg.augment.std)
+
+
+def test_held_images_shrink_to_the_hold_size_only():
+    image = np.zeros((300, 600, 3), np.uint8)
+    assert pretrain.hold_image(image, 100).shape == (100, 200, 3)
+    assert pretrain.hold_image(image, 400) is image
