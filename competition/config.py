@@ -124,9 +124,19 @@ class ZooConfig:
 class EnsembleConfig:
     models: list[str] = field(default_factory=list)  # empty = every finished run of the experiment
     method: Literal["logistic", "rank_blend", "sklearn"] = "logistic"
+    # per fold model, against that model's own test scores (label-free): rank | zscore (median/MAD)
     normalise: Literal["rank", "zscore"] = "rank"
     estimator: str | None = None  # dotted sklearn class for method=sklearn
+    # keyword arguments of the stacker: LogisticRegression, RankBlend (rounds) or the sklearn class
     estimator_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method == "sklearn" and not self.estimator:
+            raise ValueError("estimator must name a scikit-learn classifier when method is sklearn, "
+                             "e.g. sklearn.ensemble.RandomForestClassifier")
+        if self.method != "sklearn" and self.estimator:
+            raise ValueError(f"estimator {self.estimator!r} is only used with method: sklearn "
+                             f"(method is {self.method!r}); set method: sklearn or estimator: null")
 
 
 @dataclass

@@ -1,0 +1,278 @@
+"""Level-2 stacking over out-of-fold predictions, judged by nested cross-validation over the same folds.
+
+Features. Each model's scores are normalised per fold model so that scores on different scales
+(a classifier's probability, a PatchCore distance) become comparable. The reference of fold k is
+the score distribution that the SAME fold-k model gave the test images (its test.csv):
+ - it uses no label at all, so nothing about any fold's labels can leak into a feature;
+ - it is held-out data for every fold model, whereas a model's scores on its own training normals
+   are optimistic (a PatchCore memory bank scores its own images near zero), and oof.csv holds
+   only the fold's validation images;
+ - every fold model is calibrated on the same images, so fold k and fold j line up exactly.
+The test set holds some defects; ranks do not care, and the z-score uses the median and MAD,
+which the normal majority dominates. A test image's feature is the mean over the fold models of
+their normalised test scores.
+
+Stackers (`ensemble.method`): logistic regression on standardised features; `RankBlend`, a
+non-negative weighted mean of the normalised scores whose weights come from greedy ensemble
+selection with replacement (Caruana et al., 2004); or any scikit-learn classifier by dotted name.
+The stacker's own out-of-fold scores come from `cross_val_predict` over a `PredefinedSplit` of the
+same folds, so the prediction for fold k never saw fold k's labels. The threshold is
+`metrics.best_threshold` on those scores (the middle of the best plateau).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import PredefinedSplit, cross_val_predict
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from competition.config import EnsembleConfig
+from competition.ensemble.gather import ModelPredictions
+from competition.metrics import auroc, auroc_columns, best_threshold, macro_f1
+
+KEY_COLUMNS = ["image_id", "label", "fold"]
+_MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
+
+
+# ------------------------------------------------------------------------------------ features
+
+def normalise_scores(scores, reference, method: str) -> np.ndarray:
+    """Scores placed on the scale of `reference` (one fold model's test scores).
+
+    rank: mid-rank position among the reference scores, in [0, 1]; zscore: (score - median) / scale
+    with scale = 1.4826 * MAD (the standard deviation when the MAD is 0, 1 when both are 0).
+    """
+    scores = np.asarray(scores, float)
+    ref = np.sort(np.asarray(reference, float))
+    if len(ref) == 0:
+        raise ValueError("normalising needs reference scores; the fold model's test.csv is empty")
+    if method == "rank":
+        below = np.searchsorted(ref, scores, side="left")
+        up_to = np.searchsorted(ref, scores, side="right")
+        return (below + up_to) / (2.0 * len(ref))
+    if method == "zscore":
+        centre = float(np.median(ref))
+        scale = _MAD_TO_STD * float(np.median(np.abs(ref - centre)))
+        if not scale > 0:
+            scale = float(ref.std()) if ref.std() > 0 else 1.0
+        return (scores - centre) / scale
+    raise ValueError(f"ensemble.normalise must be 'rank' or 'zscore', got {method!r}")
+
+
+def level2_features(models: list[ModelPredictions], method: str, folds: pd.DataFrame | None = None,
+                    test_ids: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(oof features: image_id, label, fold, one column per model; test features: image_id, one column per model).
+
+    `folds` (image_id, label, fold) and `test_ids` fix the row order; by default the first model's.
+    Labels are carried along for the stacker but never read here.
+    """
+    if not models:
+        raise ValueError("no models to build stacking features from")
+    oof = (models[0].oof if folds is None else folds)[KEY_COLUMNS].reset_index(drop=True).copy()
+    if test_ids is None:
+        test_ids = list(dict.fromkeys(models[0].test["image_id"]))
+    test = pd.DataFrame({"image_id": list(test_ids)})
+    for model in models:
+        oof_parts, test_parts = [], []
+        for k in model.folds:
+            reference = model.test.loc[model.test["fold"] == k, "score"].to_numpy(float)
+            fold_oof = model.oof[model.oof["fold"] == k]
+            fold_test = model.test[model.test["fold"] == k]
+            oof_parts.append(pd.Series(normalise_scores(fold_oof["score"], reference, method),
+                                       index=fold_oof["image_id"].to_numpy()))
+            test_parts.append(pd.Series(normalise_scores(fold_test["score"], reference, method),
+                                        index=fold_test["image_id"].to_numpy(), name=k))
+        oof_values = pd.concat(oof_parts)
+        per_fold = pd.concat(test_parts, axis=1)
+        if per_fold.isna().any().any():
+            raise ValueError(f"{model.name}: its fold models scored different test images; every test.csv "
+                             "must hold every test image")
+        test_values = per_fold.mean(axis=1)  # mean over the fold models
+        oof[model.name] = oof["image_id"].map(oof_values).to_numpy(float)
+        test[model.name] = test["image_id"].map(test_values).to_numpy(float)
+        for frame, what in ((oof, "out-of-fold"), (test, "test")):
+            lacking = frame.loc[frame[model.name].isna(), "image_id"].tolist()
+            if lacking:
+                raise ValueError(f"{model.name} has no {what} score for {len(lacking)} image(s), e.g. {lacking[:3]}")
+    return oof, test
+
+
+def feature_names(oof_features: pd.DataFrame) -> list[str]:
+    return [c for c in oof_features.columns if c not in KEY_COLUMNS]
+
+
+# ------------------------------------------------------------------------------------ stackers
+
+class RankBlend(ClassifierMixin, BaseEstimator):
+    """Weighted mean of normalised model scores (with `normalise: rank`, a rank average).
+
+    Weights: greedy forward selection with replacement (Caruana et al., 2004), adding at each of
+    `rounds` steps the model that most raises the AUROC of the blend, and keeping the best round.
+    AUROC rather than macro-F1 because it is threshold-free; the threshold is chosen afterwards.
+    """
+
+    def __init__(self, rounds: int = 50):
+        self.rounds = rounds
+
+    def fit(self, X, y):
+        X, y = np.asarray(X, float), np.asarray(y, int)
+        self.classes_ = np.unique(y)
+        self.n_features_in_ = X.shape[1]
+        if self.rounds < 1:
+            raise ValueError(f"RankBlend rounds must be >= 1, got {self.rounds}")
+        if len(self.classes_) < 2:
+            self.weights_ = np.full(X.shape[1], 1.0 / X.shape[1])
+            self.threshold_ = best_threshold(y, X @ self.weights_)[0]
+            return self
+        counts, total = np.zeros(X.shape[1]), np.zeros(len(X))
+        best_counts, best_auc = None, -math.inf
+        for step in range(1, self.rounds + 1):
+            gains = auroc_columns(y, (total[:, None] + X) / step)  # the blend with each model added once more
+            pick = int(np.nanargmax(gains))  # first of equals: the blend stays sparse
+            counts[pick] += 1
+            total += X[:, pick]
+            if gains[pick] > best_auc + 1e-12:
+                best_auc, best_counts = gains[pick], counts.copy()
+        self.weights_ = best_counts / best_counts.sum()
+        self.threshold_ = best_threshold(y, X @ self.weights_)[0]
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        return np.asarray(X, float) @ self.weights_
+
+    def predict(self, X) -> np.ndarray:
+        """1 where the blend reaches the plateau-middle macro-F1 threshold of the data it was fitted on."""
+        return (self.decision_function(X) >= self.threshold_).astype(int)
+
+
+def import_estimator(dotted: str) -> type:
+    """`sklearn.ensemble.RandomForestClassifier` -> the class; errors say what a valid name looks like."""
+    example = "e.g. sklearn.ensemble.RandomForestClassifier"
+    module_name, _, class_name = (dotted or "").rpartition(".")
+    if not module_name:
+        raise ValueError(f"ensemble.estimator {dotted!r} is not a dotted class name ({example})")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ValueError(f"ensemble.estimator {dotted!r}: module {module_name!r} cannot be imported ({example})") from None
+    cls = getattr(module, class_name, None)
+    if not inspect.isclass(cls):
+        raise ValueError(f"ensemble.estimator {dotted!r}: {module_name} has no class {class_name!r} ({example})")
+    return cls
+
+
+def build_stacker(ensemble: EnsembleConfig, seed: int = 0) -> BaseEstimator:
+    """The unfitted level-2 estimator that `ensemble.method` names, with `ensemble.estimator_params`."""
+    params = dict(ensemble.estimator_params)
+    if ensemble.method == "logistic":
+        cls, wrap = LogisticRegression, lambda est: make_pipeline(StandardScaler(), est)
+    elif ensemble.method == "rank_blend":
+        cls, wrap = RankBlend, lambda est: est
+    elif ensemble.method == "sklearn":
+        cls, wrap = import_estimator(ensemble.estimator), lambda est: est
+    else:
+        raise ValueError(f"ensemble.method must be logistic, rank_blend or sklearn, got {ensemble.method!r}")
+    try:
+        estimator = cls(**params)
+    except TypeError as exc:
+        raise ValueError(f"ensemble.estimator_params {params} do not fit {cls.__name__}: {exc}") from None
+    if not hasattr(estimator, "fit") or score_method(estimator) is None:
+        raise ValueError(f"ensemble.estimator {cls.__module__}.{cls.__name__} is not a classifier with fit and "
+                         "predict_proba or decision_function")
+    if "random_state" in estimator.get_params() and "random_state" not in params:
+        estimator.set_params(random_state=seed)  # reproducible unless the config says otherwise
+    return wrap(estimator)
+
+
+def score_method(estimator) -> str | None:
+    """predict_proba when the estimator has it, else decision_function: both rank images alike."""
+    for name in ("predict_proba", "decision_function"):
+        if hasattr(estimator, name):
+            return name
+    return None
+
+
+def stacker_scores(estimator, X) -> np.ndarray:
+    out = getattr(estimator, score_method(estimator))(X)
+    return out[:, 1] if out.ndim == 2 else out
+
+
+def nested_oof_scores(stacker, X, y, folds) -> np.ndarray:
+    """The stacker's out-of-fold scores: fold k's come from a clone fitted on the other folds only."""
+    X, y, folds = np.asarray(X, float), np.asarray(y, int), np.asarray(folds, int)
+    out = cross_val_predict(clone(stacker), X, y, cv=PredefinedSplit(folds), method=score_method(stacker))
+    return out[:, 1] if out.ndim == 2 else out
+
+
+def describe_stacker(fitted, names: list[str]) -> dict[str, Any]:
+    """What the fitted stacker learned, per model: coefficients, weights or importances."""
+    final = fitted.steps[-1][1] if isinstance(fitted, Pipeline) else fitted
+    out: dict[str, Any] = {"estimator": f"{type(final).__module__}.{type(final).__name__}"}
+    if isinstance(final, RankBlend):
+        out["weights"] = dict(zip(names, map(float, final.weights_)))
+    elif hasattr(final, "coef_"):
+        scaled = isinstance(fitted, Pipeline)
+        out["coefficients" + ("_on_standardised_features" if scaled else "")] = \
+            dict(zip(names, map(float, np.ravel(final.coef_))))
+        if hasattr(final, "intercept_"):
+            out["intercept"] = float(np.ravel(final.intercept_)[0])
+    elif hasattr(final, "feature_importances_"):
+        out["feature_importances"] = dict(zip(names, map(float, final.feature_importances_)))
+    return out
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+def cross_validation_scores(labels, scores, folds) -> dict[str, Any]:
+    """Threshold (plateau middle of the out-of-fold macro-F1) and the CV figures at that threshold.
+
+    fold_macro_f1 applies the one threshold inside each fold; cv_std is the sample standard deviation.
+    """
+    labels, scores, folds = np.asarray(labels, int), np.asarray(scores, float), np.asarray(folds, int)
+    threshold, oof_f1 = best_threshold(labels, scores)
+    fold_f1 = [macro_f1(labels[folds == k], scores[folds == k] >= threshold) for k in np.unique(folds)]
+    return {
+        "threshold": threshold,
+        "oof_macro_f1": oof_f1,
+        "oof_auroc": auroc(labels, scores),
+        "fold_macro_f1": fold_f1,
+        "cv_mean": float(np.mean(fold_f1)),
+        "cv_std": float(np.std(fold_f1, ddof=1)) if len(fold_f1) > 1 else math.nan,
+    }
+
+
+@dataclass
+class StackResult:
+    models: list[str]
+    oof: pd.DataFrame  # image_id, label, fold, features, score (the stacker's nested OOF score)
+    test: pd.DataFrame  # image_id, features, score, answer
+    threshold: float
+    cv: dict[str, Any]
+    stacker: dict[str, Any] = field(default_factory=dict)
+
+
+def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: EnsembleConfig,
+          seed: int = 0) -> StackResult:
+    """Nested out-of-fold scores and CV figures, then the stacker refit on all out-of-fold rows
+    scores the test features and the threshold turns them into 0/1."""
+    names = feature_names(oof_features)
+    X = oof_features[names].to_numpy(float)
+    y = oof_features["label"].to_numpy(int)
+    folds = oof_features["fold"].to_numpy(int)
+    stacker = build_stacker(ensemble, seed)
+    oof_scores = nested_oof_scores(stacker, X, y, folds)
+    cv = cross_validation_scores(y, oof_scores, folds)
+    fitted = clone(stacker).fit(X, y)
+    test_scores = stacker_scores(fitted, test_features[names].to_numpy(float))
+    oof = oof_features.assign(score=oof_scores)
+    test = test_features.assign(score=test_scores, answer=(test_scores >= cv["threshold"]).astype(int))
+    return StackResult(names, oof, test, cv["threshold"], cv, describe_stacker(fitted, names))
