@@ -72,7 +72,18 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = all cores
     amp: bool = True  # mixed precision, CUDA only
     channels_last: bool = True  # CUDA only
-    tta: bool = False  # test-time flips for test.csv
+    tta: bool = False  # average flips at prediction time (oof.csv and test.csv alike)
+    # best.pt follows this validation metric (ties broken by the lower validation loss):
+    # val_macro_f1 at the fold's best threshold, val_macro_f1_at_05 at 0.5, or val_auroc
+    monitor: Literal["val_macro_f1", "val_macro_f1_at_05", "val_auroc"] = "val_macro_f1"
+    cache_images: bool = True  # keep decoded, resized images in memory (size^2 * 3 bytes each)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.accumulate_steps < 1:
+            raise ValueError(f"epochs, batch_size and accumulate_steps must be >= 1, got "
+                             f"{self.epochs}, {self.batch_size}, {self.accumulate_steps}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -94,8 +105,50 @@ class OversampleConfig:
     defect_ratio: float = 0.5  # defect:normal ratio per epoch inside the training folds (0 disables)
     angle_step: int = 10  # rotation angles 0, step, 2*step, ... for the expanded defect copies
     flips: bool = True
-    mode: Literal["online", "cached"] = "online"
-    synthetic_share: float = 0.0  # share of extra positives painted onto normal training images
+    mode: Literal["online", "cached"] = "online"  # rotate on the fly, or keep each rotated copy once made
+
+    def __post_init__(self) -> None:
+        if self.defect_ratio < 0 or not 0 < self.angle_step <= 360:
+            raise ValueError(f"defect_ratio must be >= 0 and angle_step in 1..360, got "
+                             f"{self.defect_ratio} and {self.angle_step}")
+
+
+PAINTED_KINDS = ("scratch", "crack", "hole", "stain", "cut", "missing_pattern", "cutpaste", "cutpaste_scar",
+                 "perlin")
+
+
+@dataclass
+class PositivesConfig:
+    """Synthetic positives: the training fold's own normals with a defect painted in (issue 7, section 2)."""
+    ratio: float = 0.25  # painted positives per training normal per epoch (0 disables)
+    kinds: list[str] = field(default_factory=lambda: list(PAINTED_KINDS))  # drawn uniformly
+    severity: list[float] = field(default_factory=lambda: [0.0, 1.0])  # range, 0 obvious .. 1 subtle
+    curriculum: bool = True  # widen the severity range from obvious to subtle over the epochs
+    texture_source: Literal["dataset", "synthetic"] = "dataset"  # perlin: another training normal, or a texture
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.kinds if k not in PAINTED_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds {unknown or self.kinds} not allowed; choose among {', '.join(PAINTED_KINDS)}")
+        if len(self.severity) != 2 or not 0.0 <= self.severity[0] <= self.severity[1] <= 1.0:
+            raise ValueError(f"severity must be [low, high] with 0 <= low <= high <= 1, got {self.severity}")
+        if self.ratio < 0:
+            raise ValueError(f"ratio must be >= 0, got {self.ratio}")
+
+
+@dataclass
+class MaskHeadConfig:
+    """Mask supervision: a light decoder over the backbone's intermediate maps (issue 7, section 2)."""
+    enabled: bool = False
+    loss_weight: float = 1.0  # segmentation loss (BCE + Dice) weight beside the image BCE
+    channels: int = 32  # decoder width
+    score_weight: float = 0.5  # image logit = (1 - w) * class logit + w * pooled map logit
+    pool_top: float = 0.02  # pooled map logit = mean of the top share of map pixels
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_weight <= 1.0 or not 0.0 < self.pool_top <= 1.0:
+            raise ValueError(f"score_weight must lie in [0, 1] and pool_top in (0, 1], got "
+                             f"{self.score_weight} and {self.pool_top}")
 
 
 @dataclass
@@ -200,6 +253,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     oversample: OversampleConfig = field(default_factory=OversampleConfig)
+    positives: PositivesConfig = field(default_factory=PositivesConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
