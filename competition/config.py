@@ -184,6 +184,9 @@ class EnsembleConfig:
     estimator_params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        repeated = sorted({name for name in self.models if self.models.count(name) > 1})
+        if repeated:
+            raise ValueError(f"models lists {', '.join(repeated)} more than once; name each model once")
         if self.method == "sklearn" and not self.estimator:
             raise ValueError("estimator must name a scikit-learn classifier when method is sklearn, "
                              "e.g. sklearn.ensemble.RandomForestClassifier")

@@ -188,8 +188,11 @@ def collect_rows(cfg: Config, answers: pd.DataFrame | None = None) -> tuple[pd.D
             except (RuntimeError, ValueError) as exc:
                 notes.append(f"{experiment}/{name}: left out: {exc}")
         if experiment in records:
-            rows.append(ensemble_row(experiment, records[experiment], submissions / f"{experiment}.csv",
-                                     answers, notes))
+            try:
+                rows.append(ensemble_row(experiment, records[experiment], submissions / f"{experiment}.csv",
+                                         answers, notes))
+            except (KeyError, TypeError, ValueError) as exc:
+                notes.append(f"{submissions / f'{experiment}.json'}: left out, not a record `infer` writes ({exc})")
     table = pd.DataFrame(rows)
     if table.empty:
         return table, notes

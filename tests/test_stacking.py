@@ -233,6 +233,8 @@ def test_config_requires_an_estimator_exactly_for_method_sklearn(tmp_path):
         quick_config(tmp_path, tmp_path, "ensemble.method=sklearn")
     with pytest.raises(ConfigError, match="estimator 'sklearn.svm.SVC' is only used with method: sklearn"):
         quick_config(tmp_path, tmp_path, "ensemble.estimator=sklearn.svm.SVC")
+    with pytest.raises(ConfigError, match="ensemble.models .*lists a more than once"):
+        quick_config(tmp_path, tmp_path, "ensemble.models=[a, b, a]")
 
 
 # ------------------------------------------------------------------------------------ gathering and infer
