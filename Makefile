@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 data: $(STAMP)
-	$(RUN) synth --preset $(PRESET) --out $(DATA) --if-missing
+	$(RUN) synth --preset $(PRESET) --out $(DATA) --if-missing --overwrite
 
 folds: $(STAMP)
 	$(RUN) folds $(ARGS)

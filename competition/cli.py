@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-defect-rate", type=float, default=None)
     p.add_argument("--real-like", action="store_true", help="harder variant: grayscale, varying sizes, JPEG, subtle")
     p.add_argument("--if-missing", action="store_true", help="do nothing if OUT already holds this preset and seed")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
 
     p = sub.add_parser("check-data", help="validate a dataset and print a report")
     p.add_argument("--data", required=True)
@@ -77,7 +78,8 @@ def _synth(args: argparse.Namespace) -> int:
             print(f"{out} already holds preset {args.preset} seed {args.seed}; nothing to do")
             return 0
     summary = write_competition(out, preset=args.preset, seed=args.seed,
-                                test_defect_rate=args.test_defect_rate, real_like=args.real_like)
+                                test_defect_rate=args.test_defect_rate, real_like=args.real_like,
+                                overwrite=args.overwrite)
     print(summary)
     print(out)
     return 0
