@@ -9,7 +9,6 @@ Kaggle's Public and Private boards.
 """
 from __future__ import annotations
 
-import logging
 import math
 import sys
 from pathlib import Path
@@ -25,8 +24,6 @@ from competition.ensemble.gather import (ModelPredictions, experiment_names, fol
 from competition.ensemble.stacking import cross_validation_scores, level2_features
 from competition.ensemble.submission import SubmissionError, read_submission, validate_submission
 from competition.metrics import macro_f1
-
-log = logging.getLogger(__name__)
 
 ANSWER_COLUMNS = ["ImageId", "answer", "Usage"]
 USAGE_ORDER = ["Public", "Private"]

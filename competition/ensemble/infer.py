@@ -6,7 +6,6 @@ stacker's own out-of-fold and test scores, config and plot under `<paths.work>/<
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -20,8 +19,6 @@ from competition.ensemble.gather import Gathered, gather
 from competition.ensemble.stacking import StackResult, cross_validation_scores, level2_features, stack
 from competition.ensemble.submission import build_submission, expected_image_ids, write_submission
 from competition.metrics import macro_f1_curve
-
-log = logging.getLogger(__name__)
 
 ENSEMBLE_DIR = "_ensemble"  # under <paths.work>/<experiment>/; model folders never start with "_"
 
