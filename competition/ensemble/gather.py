@@ -65,6 +65,7 @@ class Gathered:
     models: list[ModelPredictions]
     folds: pd.DataFrame  # image_id, label, fold
     test_ids: list[str]
+    index: pd.DataFrame  # the dataset index the runs were checked against
 
 
 def _some(values) -> str:
@@ -260,8 +261,8 @@ def gather(cfg: Config, index: pd.DataFrame | None = None) -> Gathered:
     """The finished, aligned runs of `cfg.experiment` (restricted to `ensemble.models` when set)."""
     from competition.folds import load_index, read_folds
 
+    names = select_models(cfg)  # before reading the dataset: missing runs are the likelier problem
     index = load_index(cfg) if index is None else index
-    names = select_models(cfg)
     folds = read_folds(cfg, index)[["image_id", "label", "fold"]].copy()
     folds["label"] = folds["label"].astype(int)
     test_ids = index.loc[index["split"] == "test", "image_id"].astype(str).tolist()
@@ -273,4 +274,4 @@ def gather(cfg: Config, index: pd.DataFrame | None = None) -> Gathered:
                            check_disjoint=False)
         check_alignment(model, folds, test_ids, cfg)
         models.append(model)
-    return Gathered(models, folds, test_ids)
+    return Gathered(models, folds, test_ids, index)

@@ -96,15 +96,12 @@ def write_ensemble_outputs(cfg: Config, result: StackResult, record: dict[str, A
 
 
 def main(cfg: Config) -> None:
-    from competition.folds import load_index
-
     start = time.perf_counter()
-    index = load_index(cfg)
-    gathered = gather(cfg, index)
+    gathered = gather(cfg)
     oof_features, test_features = level2_features(gathered.models, cfg.ensemble.normalise,
                                                   gathered.folds, gathered.test_ids)
     result = stack(oof_features, test_features, cfg.ensemble, cfg.seed)
-    expected = expected_image_ids(cfg, index)
+    expected = expected_image_ids(cfg, gathered.index)
     submission = build_submission(expected, result.test.set_index("image_id")["answer"])
     record = ensemble_record(cfg, gathered, result, time.perf_counter() - start)
     paths = write_submission(submission, expected, cfg.paths.submissions, cfg.experiment, record)
