@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import albumentations as A
 import numpy as np
@@ -102,11 +102,14 @@ def build_albumentations(specs: list[dict[str, Any]], key: str) -> list[A.BasicT
     return transforms
 
 
-def view_transform(p: PretrainConfig, mean: list[float], std: list[float]) -> A.Compose:
-    """One random view: a resized crop at a random scale, then the configured augmentations."""
+def view_augmentation(p: PretrainConfig) -> A.Compose:
+    """One random view (uint8): a resized crop at a random scale, then the configured augmentations."""
     crop = A.RandomResizedCrop(size=(p.image_size, p.image_size), scale=tuple(p.crop_scale))
-    return A.Compose([crop, *build_albumentations(p.augment, "pretrain.augment"),
-                      A.Normalize(mean=mean, std=std), ToTensorV2()])
+    return A.Compose([crop, *build_albumentations(p.augment, "pretrain.augment")])
+
+
+def normalisation(mean: list[float], std: list[float]) -> A.Compose:
+    return A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()])
 
 
 def whole_image_transform(image_size: int, mean: list[float], std: list[float]) -> A.Compose:
@@ -114,74 +117,134 @@ def whole_image_transform(image_size: int, mean: list[float], std: list[float]) 
     return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean=mean, std=std), ToTensorV2()])
 
 
-class TwoViewDataset(Dataset):
-    """Item i: two independent random views of image i, and i itself (the pair's label)."""
+class PretrainViews(Dataset):
+    """Item i: two random views of image i (NT-Xent's positive pair), i itself, and, when
+    `painted`, a third view with an artificial defect painted in (the painters of
+    `competition.data.painters`). Randomness is seeded by (epoch seed, i): an epoch is the same
+    whatever the order, the worker count, or a resume."""
 
-    def __init__(self, images: list[np.ndarray], transform: Callable[..., dict]):
-        self.images, self.transform = images, transform
+    def __init__(self, images: list[np.ndarray], augmentation: A.Compose, normalise: A.Compose,
+                 painted: bool = False):
+        self.images, self.augmentation, self.normalise, self.painted = images, augmentation, normalise, painted
+        self.epoch_seed = 0
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.epoch_seed = int(seed)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
+        rng = np.random.default_rng([self.epoch_seed, i])
+        self.augmentation.set_random_seed(int(rng.integers(2**31)))
         image = self.images[i]
-        return self.transform(image=image)["image"], self.transform(image=image)["image"], i
+
+        def view() -> np.ndarray:
+            return self.augmentation(image=image)["image"]
+
+        item: dict[str, torch.Tensor | int] = {
+            "view1": self.normalise(image=view())["image"],
+            "view2": self.normalise(image=view())["image"],
+            "index": i,
+        }
+        if self.painted:
+            from competition.data.painters import random_anomaly
+
+            item["painted"] = self.normalise(image=random_anomaly(view(), rng)[0])["image"]
+        return item
 
 
-@dataclass
 class ViewBatch:
-    view1: torch.Tensor  # (B, C, H, W)
-    view2: torch.Tensor  # (B, C, H, W), the same images under other augmentations
-    index: torch.Tensor  # (B,) image indices: equal index = positive pair
+    """One step's views; `features(model)` runs the backbone once over all of them, shared by
+    every objective (and so batch-norm statistics see the whole batch, as in SimCLR)."""
+
+    def __init__(self, views: dict[str, torch.Tensor], index: torch.Tensor):
+        self.views = views  # name -> (B, C, H, W): view1, view2 (same images), painted (optional)
+        self.index = index  # (B,) image indices: equal index = positive pair
+        self._features: dict[str, torch.Tensor] | None = None
+
+    def features(self, model: "PretrainNet") -> dict[str, torch.Tensor]:
+        if self._features is None:
+            names = list(self.views)
+            pooled = model.backbone(torch.cat([self.views[n] for n in names]))
+            self._features = dict(zip(names, pooled.chunk(len(names))))
+        return self._features
 
 
 # ---------------------------------------------------------------- model and objectives
 
-class ContrastiveNet(nn.Module):
-    """A timm backbone (`num_classes=0`: pooled features) and SimCLR's MLP projection head.
-
-    Only the backbone is kept; the head exists so the contrastive loss does not have to shape
-    the features used downstream (SimCLR's finding: the layer before the head transfers better).
+class PretrainNet(nn.Module):
+    """A timm backbone (`num_classes=0`: pooled features), SimCLR's MLP projection head, and the
+    heads objectives ask for. Only the backbone is kept: the heads exist so the losses do not
+    have to shape the features used downstream (SimCLR: the layer before the head transfers better).
     """
 
-    def __init__(self, backbone: str, projection_dim: int, hidden_dim: int):
+    def __init__(self, backbone: str, projection_dim: int, hidden_dim: int,
+                 heads: dict[str, nn.Module] | None = None):
         super().__init__()
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
         features = self.backbone.num_features
         self.projection = nn.Sequential(
             nn.Linear(features, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, projection_dim))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled features, projections)."""
-        features = self.backbone(images)
-        return features, self.projection(features)
+        self.heads = nn.ModuleDict(heads or {})
 
 
 class Objective(Protocol):
-    """A pretraining loss; `pretrain.objectives` weighs and sums them."""
-    name: str
+    """A pretraining loss; `pretrain.objectives` weighs and sums them.
 
-    def loss(self, batch: ViewBatch, model: ContrastiveNet) -> torch.Tensor: ...
+    `views`: the batch views it reads (the dataset makes the union); `head(num_features)`: a
+    module of its own trained alongside (None if it needs none), reachable as `model.heads[name]`.
+    """
+    name: str
+    views: tuple[str, ...]
+
+    def head(self, num_features: int) -> nn.Module | None: ...
+
+    def loss(self, batch: ViewBatch, model: PretrainNet) -> torch.Tensor: ...
 
 
 class NTXentObjective:
     """SimCLR's NT-Xent: the two views of an image are positives, every other view a negative."""
     name = "ntxent"
+    views = ("view1", "view2")
 
     def __init__(self, p: PretrainConfig, temperature: float | None = None):
         from pytorch_metric_learning.losses import NTXentLoss
 
         self.criterion = NTXentLoss(temperature=p.temperature if temperature is None else temperature)
 
-    def loss(self, batch: ViewBatch, model: ContrastiveNet) -> torch.Tensor:
-        # One forward over both views: batch-norm statistics see the whole 2B batch, as in SimCLR.
-        _, projections = model(torch.cat([batch.view1, batch.view2]))
+    def head(self, num_features: int) -> None:
+        return None  # the projection head is PretrainNet's own
+
+    def loss(self, batch: ViewBatch, model: PretrainNet) -> torch.Tensor:
+        features = batch.features(model)
+        projections = model.projection(torch.cat([features["view1"], features["view2"]]))
         labels = torch.cat([batch.index, batch.index])
         return self.criterion(projections.float(), labels)
 
 
-OBJECTIVES: dict[str, type] = {"ntxent": NTXentObjective}
+class PaintedObjective:
+    """CutPaste-style (Li et al., CVPR 2021) self-supervision: a linear head on the pooled features
+    tells clean views from views with a painted defect, so the features notice local defects
+    that NT-Xent's augmentation invariances would otherwise teach them to ignore."""
+    name = "painted"
+    views = ("view1", "painted")
+
+    def __init__(self, p: PretrainConfig):
+        self.criterion = nn.BCEWithLogitsLoss()
+
+    def head(self, num_features: int) -> nn.Module:
+        return nn.Linear(num_features, 1)
+
+    def loss(self, batch: ViewBatch, model: PretrainNet) -> torch.Tensor:
+        features = batch.features(model)
+        logits = model.heads[self.name](torch.cat([features["view1"], features["painted"]])).squeeze(1)
+        targets = torch.cat([torch.zeros(len(batch.index)), torch.ones(len(batch.index))]).to(logits.device)
+        return self.criterion(logits.float(), targets)
+
+
+OBJECTIVES: dict[str, type] = {"ntxent": NTXentObjective, "painted": PaintedObjective}
 
 
 def build_objectives(p: PretrainConfig) -> list[tuple[float, Objective]]:
@@ -196,6 +259,8 @@ def build_objectives(p: PretrainConfig) -> list[tuple[float, Objective]]:
         if name not in OBJECTIVES:
             raise ValueError(f"pretrain.objectives[{i}]: unknown objective {name!r}; "
                              f"known: {', '.join(OBJECTIVES)}")
+        if any(name == other.get("name") for other in p.objectives[:i]):
+            raise ValueError(f"pretrain.objectives[{i}]: {name} is listed twice")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             raise ValueError(f"pretrain.objectives[{i}] ({name}): weight must be a positive number, got {weight!r}")
         try:
@@ -203,6 +268,15 @@ def build_objectives(p: PretrainConfig) -> list[tuple[float, Objective]]:
         except TypeError as exc:
             raise ValueError(f"pretrain.objectives[{i}] ({name}): bad options {options}: {exc}") from None
     return built
+
+
+def build_pretrain_net(backbone: str, p: PretrainConfig, objectives: list[tuple[float, Objective]]) -> PretrainNet:
+    net = PretrainNet(backbone, p.projection_dim, p.projection_hidden_dim)
+    for _, objective in objectives:
+        head = objective.head(net.backbone.num_features)
+        if head is not None:
+            net.heads[objective.name] = head
+    return net
 
 
 # ---------------------------------------------------------------- the label-free monitor
@@ -279,7 +353,7 @@ def monitor_auroc(backbone: nn.Module, monitor: MonitorSet, device: torch.device
 
 # ---------------------------------------------------------------- one epoch
 
-def train_one_epoch(model: ContrastiveNet, loader: DataLoader, objectives: list[tuple[float, Objective]],
+def train_one_epoch(model: PretrainNet, loader: DataLoader, objectives: list[tuple[float, Objective]],
                     optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
                     device: torch.device, amp: bool, channels_last: bool, desc: str) -> dict[str, float]:
     """Mean total loss (and each objective's) over the epoch's steps."""
@@ -287,9 +361,9 @@ def train_one_epoch(model: ContrastiveNet, loader: DataLoader, objectives: list[
     totals = {"loss": 0.0, **{f"loss_{o.name}": 0.0 for _, o in objectives}}
     steps = 0
     bar = tqdm(loader, desc=desc, leave=False)
-    for view1, view2, index in bar:
-        batch = ViewBatch(to_device_images(view1, device, channels_last),
-                          to_device_images(view2, device, channels_last), index.to(device))
+    for item in bar:
+        views = {k: to_device_images(v, device, channels_last) for k, v in item.items() if k != "index"}
+        batch = ViewBatch(views, item["index"].to(device))
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
             parts = [(weight, objective, objective.loss(batch, model)) for weight, objective in objectives]
@@ -413,16 +487,17 @@ def main(cfg: Config, force: bool = False) -> Path:
     monitor = build_monitor_set([im for im, normal in zip(images, is_normal) if normal], p,
                                 cfg.augment.mean, cfg.augment.std, cfg.seed)
 
-    transform = view_transform(p, cfg.augment.mean, cfg.augment.std)
-    dataset = TwoViewDataset(images, transform)
+    objectives = build_objectives(p)
+    needs_painted = any("painted" in objective.views for _, objective in objectives)
+    dataset = PretrainViews(images, view_augmentation(p), normalisation(cfg.augment.mean, cfg.augment.std),
+                            painted=needs_painted)
     batch_size = min(p.batch_size, len(dataset))
-    model = ContrastiveNet(name, p.projection_dim, p.projection_hidden_dim)
+    model = build_pretrain_net(name, p, objectives)
     if p.init_weights:
         load_local_weights(model.backbone, p.init_weights, name)
     model.to(device)
     if device.type == "cuda" and channels_last:
         model.to(memory_format=torch.channels_last)
-    objectives = build_objectives(p)
     steps_per_epoch = len(dataset) // batch_size  # drop_last: BatchNorm and NT-Xent want full batches
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     scheduler = warmup_cosine_schedule(optimizer, round(p.warmup_epochs * steps_per_epoch),
@@ -474,7 +549,7 @@ def main(cfg: Config, force: bool = False) -> Path:
 
     for epoch in range(start, p.epochs):
         # Per-epoch seeds for shuffling and augmentation: a resumed run sees the same epochs.
-        transform.set_random_seed(cfg.seed + epoch)
+        dataset.set_epoch_seed(cfg.seed + epoch)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                             num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))

@@ -46,27 +46,60 @@ def finished_run(tiny_data, tmp_path_factory):
     return cfg, path, out.getvalue()
 
 
-def test_ntxent_loss_falls_on_tiny_images(tiny_images, tiny_data, tmp_path):
+def fixed_batch(cfg, images, painted: bool) -> pretrain.ViewBatch:
+    dataset = pretrain.PretrainViews(images, pretrain.view_augmentation(cfg.pretrain),
+                                     pretrain.normalisation(cfg.augment.mean, cfg.augment.std), painted=painted)
+    items = torch.utils.data.default_collate([dataset[i] for i in range(len(images))])
+    return pretrain.ViewBatch({k: v for k, v in items.items() if k != "index"}, items["index"])
+
+
+def losses_over_steps(cfg, batch, steps: int = 8) -> dict[str, list[float]]:
+    """Train a fresh net on one fixed batch; each objective's loss at every step."""
     torch.manual_seed(0)
-    cfg = fast_config(tiny_data, tmp_path)
-    p = cfg.pretrain
-    transform = pretrain.view_transform(p, cfg.augment.mean, cfg.augment.std)
-    transform.set_random_seed(0)
-    dataset = pretrain.TwoViewDataset(tiny_images[:16], transform)
-    view1, view2, index = map(torch.utils.data.default_collate, zip(*[dataset[i] for i in range(16)]))
-    batch = pretrain.ViewBatch(view1, view2, index)
-    model = pretrain.ContrastiveNet(BACKBONE, p.projection_dim, p.projection_hidden_dim)
-    [(_, objective)] = pretrain.build_objectives(p)
+    objectives = pretrain.build_objectives(cfg.pretrain)
+    model = pretrain.build_pretrain_net(BACKBONE, cfg.pretrain, objectives)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
+    history = {objective.name: [] for _, objective in objectives}
+    for _ in range(steps):
+        batch._features = None  # a fresh forward each step, as in training
         optimizer.zero_grad()
-        loss = objective.loss(batch, model)
-        loss.backward()
+        parts = {objective.name: objective.loss(batch, model) for _, objective in objectives}
+        sum(parts.values()).backward()
         optimizer.step()
-        losses.append(float(loss.detach()))
+        for name, value in parts.items():
+            history[name].append(float(value.detach()))
+    return history
+
+
+def test_ntxent_loss_falls_on_tiny_images(tiny_images, tiny_data, tmp_path):
+    cfg = fast_config(tiny_data, tmp_path)
+    batch = fixed_batch(cfg, tiny_images[:16], painted=False)
+    assert set(batch.views) == {"view1", "view2"}
+    losses = losses_over_steps(cfg, batch)["ntxent"]
     assert losses[0] > math.log(2 * 16 - 1) * 0.8  # near chance at init: log(2B - 1)
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_painted_objective_learns_beside_ntxent(tiny_images, tiny_data, tmp_path):
+    cfg = fast_config(tiny_data, tmp_path, "pretrain.objectives=[{name: ntxent}, {name: painted, weight: 0.5}]")
+    batch = fixed_batch(cfg, tiny_images[:16], painted=True)
+    assert batch.views["painted"].shape == batch.views["view1"].shape
+    history = losses_over_steps(cfg, batch, steps=16)
+    assert history["ntxent"][-1] < 0.8 * history["ntxent"][0], history
+    assert history["painted"][-1] < 0.75 * history["painted"][0], history
+
+
+def test_views_are_seeded_by_epoch_and_image(tiny_images, tiny_data, tmp_path):
+    cfg = fast_config(tiny_data, tmp_path)
+    dataset = pretrain.PretrainViews(tiny_images[:4], pretrain.view_augmentation(cfg.pretrain),
+                                     pretrain.normalisation(cfg.augment.mean, cfg.augment.std), painted=True)
+    dataset.set_epoch_seed(5)
+    first = [dataset[i] for i in (3, 0)]
+    assert not torch.equal(first[0]["view1"], first[0]["view2"])
+    again = dataset[3]  # same epoch seed and image: the same views, whatever was drawn in between
+    assert all(torch.equal(first[0][k], again[k]) for k in ("view1", "view2", "painted"))
+    dataset.set_epoch_seed(6)
+    assert not torch.equal(dataset[3]["view1"], first[0]["view1"])
 
 
 def test_run_writes_weights_records_and_prints_path_last(finished_run):
@@ -194,7 +227,10 @@ def test_config_errors_name_the_entry(tiny_data, tmp_path):
         pretrain.build_objectives(cfg.pretrain)
     cfg = fast_config(tiny_data, tmp_path, "pretrain.augment=[{name: Flipz}]")
     with pytest.raises(ValueError, match=r"pretrain.augment\[0\]: albumentations has no transform named 'Flipz'"):
-        pretrain.view_transform(cfg.pretrain, cfg.augment.mean, cfg.augment.std)
+        pretrain.view_augmentation(cfg.pretrain)
+    cfg = fast_config(tiny_data, tmp_path, "pretrain.objectives=[{name: painted}, {name: painted}]")
+    with pytest.raises(ValueError, match=r"pretrain.objectives\[1\]: painted is listed twice"):
+        pretrain.build_objectives(cfg.pretrain)
 
 
 def test_held_images_shrink_to_the_hold_size_only():
