@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from competition.zoo.trained import ImageNormalise
+
 SubnetConstructor = Callable[[int, int], nn.Module]
 GlobalAffineType = Literal["SOFTPLUS", "SIGMOID", "EXP"]
 
@@ -40,6 +42,7 @@ class AllInOneCoupling(nn.Module):
         self.split_first = channels - channels // 2
         self.split_second = channels // 2
         self.cond_channels = cond_channels
+        self.permute_soft = permute_soft
         self.clamp = float(affine_clamping)
         self.global_affine_type = global_affine_type
         self.subnet = subnet_constructor(self.split_first + cond_channels, 2 * self.split_second)
@@ -81,10 +84,11 @@ class AllInOneCoupling(nn.Module):
     def _channelwise(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, *([1] * (x.dim() - 2)))
 
-    @staticmethod
-    def _mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # y[:, i] = sum_j w[i, j] x[:, j], for any number of trailing spatial dims.
-        return torch.einsum("ij,bj...->bi...", w, x)
+    def _mix(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """y[:, i] = sum_j w[i, j] x[:, j] for any trailing dims; a permutation is a gather, not a matmul."""
+        if not self.permute_soft:
+            return x.index_select(1, w.argmax(1))
+        return torch.einsum("ij,bj...->bi...", w.to(x.dtype), x)
 
     def _subnet_out(self, x1: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cond_channels:
@@ -171,3 +175,39 @@ def gaussian_log_likelihood(z: torch.Tensor, log_det: torch.Tensor) -> torch.Ten
     """log p(x) = log N(z; 0, I) + log|det J| per sample, z shaped (batch, ...)."""
     d = z[0].numel()
     return -0.5 * (z.flatten(1) ** 2).sum(1) - 0.5 * d * LOG_2PI + log_det
+
+
+# ---------------------------------------------------------------- the frozen feature input of every flow
+
+class FrozenFeatures(nn.Module):
+    """[0, 1] RGB -> the frozen backbone's feature maps (ImageNet-normalised input, eval mode always).
+
+    The flows model the density of these features; the backbone is never trained, so `train()`
+    leaves it in eval mode (its BatchNorm statistics stay the pretrained ones).
+    """
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 std: Sequence[float] = (0.229, 0.224, 0.225)):
+        super().__init__()
+        self.normalise = ImageNormalise(mean, std)
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> "FrozenFeatures":
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @property
+    def channels(self) -> list[int]:
+        return list(self.backbone.feature_info.channels())
+
+    @property
+    def reductions(self) -> list[int]:
+        return list(self.backbone.feature_info.reduction())
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [f.float() for f in self.backbone(self.normalise(images))]

@@ -1,0 +1,156 @@
+"""CFlow-AD (Gudovskiy et al. 2022, "CFLOW-AD: Real-Time Unsupervised Anomaly Detection with
+Localization via Conditional Normalizing Flows"): for each pooled backbone layer a conditional flow
+models the density of single feature vectors, conditioned on a 2D sinusoidal encoding of their
+position. Training draws "fiber batches" (random subsets of all positions); the loss is the
+reference code's -log sigmoid(log p / C) per position.
+
+Map: per layer the per-dimension log-likelihood, shifted by its maximum and exponentiated into
+(0, 1], upsampled and summed over layers, then flipped so that high = anomalous; score = map max.
+The paper shifts by the maximum over the whole test set; a score must not depend on which other
+images are scored with it, so we shift by the maximum over held-out training normals (`calibrate`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from competition.zoo.features import create_backbone
+from competition.zoo.flow_blocks import (AllInOneCoupling, FrozenFeatures, SequenceFlow, fc_subnet,
+                                         gaussian_log_likelihood)
+from competition.zoo.registry import register
+from competition.zoo.trained import TrainedAnomalyModel, train_defaults
+
+
+def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:
+    """(channels, height, width) sin/cos encoding: first half encodes x, second half y (CFlow's condition)."""
+    if channels % 4:
+        raise ValueError(f"condition_vector must be a multiple of 4, got {channels}")
+    half = channels // 2
+    div = torch.exp(torch.arange(0.0, half, 2) * -(math.log(1e4) / half))  # (half/2,)
+    pos_w = torch.arange(0.0, width)[:, None] * div  # (W, half/2)
+    pos_h = torch.arange(0.0, height)[:, None] * div  # (H, half/2)
+    out = torch.zeros(channels, height, width)
+    out[0:half:2] = torch.sin(pos_w).T[:, None, :].expand(-1, height, -1)
+    out[1:half:2] = torch.cos(pos_w).T[:, None, :].expand(-1, height, -1)
+    out[half::2] = torch.sin(pos_h).T[:, :, None].expand(-1, -1, width)
+    out[half + 1::2] = torch.cos(pos_h).T[:, :, None].expand(-1, -1, width)
+    return out
+
+
+def cflow_decoder(channels: int, condition_vector: int, coupling_blocks: int, clamp_alpha: float,
+                  permute_soft: bool, seed: int) -> SequenceFlow:
+    """One layer's conditional flow: AllInOne blocks with a Linear-ReLU-Linear subnet (2x hidden)."""
+    return SequenceFlow([
+        AllInOneCoupling(channels, fc_subnet(2.0), cond_channels=condition_vector, affine_clamping=clamp_alpha,
+                         global_affine_type="SOFTPLUS", permute_soft=permute_soft, seed=seed + k)
+        for k in range(coupling_blocks)])
+
+
+class CFlowNetwork(nn.Module):
+    """Images in [0, 1] -> per-position log-likelihoods per layer; eval forward gives scores and maps."""
+
+    def __init__(self, features: FrozenFeatures, condition_vector: int = 128, coupling_blocks: int = 8,
+                 clamp_alpha: float = 1.9, permute_soft: bool = False, seed: int = 0):
+        super().__init__()
+        self.features = features
+        self.condition_vector = condition_vector
+        self.decoders = nn.ModuleList([
+            cflow_decoder(c, condition_vector, coupling_blocks, clamp_alpha, permute_soft, seed=seed + 1000 * i)
+            for i, c in enumerate(features.channels)])
+        # Per-layer maximum per-dimension log-likelihood of held-out normals: the map's fixed shift.
+        self.register_buffer("log_likelihood_max", torch.zeros(len(self.decoders)))
+
+    def _rows(self, feature: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> feature rows (B*H*W, C) and their position conditions (B*H*W, P)."""
+        b, c, h, w = feature.shape
+        cond = positional_encoding_2d(self.condition_vector, h, w).to(feature)
+        cond_rows = cond.permute(1, 2, 0).reshape(1, h * w, -1).expand(b, -1, -1).reshape(b * h * w, -1)
+        return feature.permute(0, 2, 3, 1).reshape(b * h * w, c), cond_rows
+
+    def per_dim_log_likelihood(self, decoder: SequenceFlow, rows: Tensor, cond_rows: Tensor) -> Tensor:
+        with torch.autocast(rows.device.type, enabled=False):  # flows in float32: exp and log-dets
+            z, log_det = decoder(rows.float(), cond_rows.float())
+            return gaussian_log_likelihood(z, log_det) / rows.shape[1]
+
+    def fiber_batch_loss(self, images: Tensor, fiber_batch_size: int) -> Tensor:
+        """Mean over layers of mean(-log sigmoid(log p / C)) on `fiber_batch_size` random positions each."""
+        losses = []
+        for feature, decoder in zip(self.features(images), self.decoders):
+            rows, cond_rows = self._rows(feature)
+            if fiber_batch_size and fiber_batch_size < rows.shape[0]:
+                pick = torch.randperm(rows.shape[0], device=rows.device)[:fiber_batch_size]
+                rows, cond_rows = rows[pick], cond_rows[pick]
+            log_p = self.per_dim_log_likelihood(decoder, rows, cond_rows)
+            losses.append(-F.logsigmoid(log_p).mean())
+        return torch.stack(losses).mean()
+
+    def layer_log_likelihoods(self, images: Tensor) -> list[Tensor]:
+        """Per layer (B, h, w) per-dimension log-likelihoods of every position."""
+        out = []
+        for feature, decoder in zip(self.features(images), self.decoders):
+            b, _, h, w = feature.shape
+            rows, cond_rows = self._rows(feature)
+            out.append(self.per_dim_log_likelihood(decoder, rows, cond_rows).view(b, h, w))
+        return out
+
+    def anomaly_map(self, log_likelihoods: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+        """(B, H, W): sum over layers of 1 - exp(log p - max log p of normals), upsampled."""
+        total = 0.0
+        for layer, log_p in enumerate(log_likelihoods):
+            probability = torch.exp(log_p.double() - self.log_likelihood_max[layer].double())
+            total = total + F.interpolate(probability[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+        return (len(log_likelihoods) - total).float()
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        maps = self.anomaly_map(self.layer_log_likelihoods(images), tuple(images.shape[-2:]))
+        return maps.flatten(1).amax(1), maps
+
+    @torch.no_grad()
+    def calibrate(self, normal_images: Tensor, batch_size: int = 32) -> None:
+        """Set each layer's shift to the largest per-dimension log-likelihood among `normal_images`."""
+        best = torch.full_like(self.log_likelihood_max, -math.inf)
+        for start in range(0, len(normal_images), batch_size):
+            for layer, log_p in enumerate(self.layer_log_likelihoods(normal_images[start:start + batch_size])):
+                best[layer] = torch.maximum(best[layer], log_p.max())
+        self.log_likelihood_max.copy_(best)
+
+
+# ---------------------------------------------------------------- the zoo model
+
+class CFlowModel(TrainedAnomalyModel):
+    family = "cflow"
+    DEFAULTS = {
+        # Reference code: Adam, lr 2e-4 with warmup and cosine decay; epochs CPU-sized.
+        **train_defaults(epochs=8, batch_size=8, optimizer="adam", lr=2.0e-4, weight_decay=0.0,
+                         schedule="warmup_cosine", warmup_epochs=1.0),
+        "backbone": "resnet18",
+        "layers": (1, 2, 3),  # resnet layer1..3: at 128 px the resolutions the paper's layer2..4 have at 256 px
+        "condition_vector": 128,  # size of the positional encoding the flows are conditioned on
+        "coupling_blocks": 8,
+        "clamp_alpha": 1.9,
+        "permute_soft": False,
+        "fiber_batch_size": 1024,  # random positions per layer and training step; 0 = every position
+    }
+
+    def build_network(self) -> nn.Module:
+        backbone = create_backbone(self.backbone, self.layers, self.settings.backbone_weights, self.settings.seed)
+        return CFlowNetwork(FrozenFeatures(backbone), condition_vector=self.condition_vector,
+                            coupling_blocks=self.coupling_blocks, clamp_alpha=self.clamp_alpha,
+                            permute_soft=self.permute_soft, seed=self.settings.seed)
+
+    def training_step(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.network.fiber_batch_loss(batch["image"], self.fiber_batch_size)
+
+    def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.network(images)
+
+    def calibrate(self, normals: Tensor) -> None:
+        self.network.calibrate(normals, self.settings.batch_size)
+
+
+register("cflow-resnet18", CFlowModel,
+         "CFlow-AD: flows on resnet18 layer1-3 feature vectors conditioned on position, fiber-batch training")

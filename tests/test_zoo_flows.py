@@ -1,0 +1,157 @@
+"""FastFlow, CFlow and U-Flow: a few epochs of training lower the loss, scores are finite and separate
+obvious painted defects, a resumed fit equals an uninterrupted one, and U-Flow's NFA threshold
+stays quiet on pure N(0, I) latents but fires on a planted anomalous blob."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from competition.data.painters import paint_defect
+from competition.data.textures import make_texture
+from competition.metrics import auroc
+from competition.zoo.base import AnomalyModel, ImageSet, ZooSettings
+from competition.zoo.cflow import positional_encoding_2d
+from competition.zoo.fastflow import FastFlowNetwork
+from competition.zoo.flow_blocks import gaussian_log_likelihood
+from competition.zoo.registry import build_model, get_entry
+from competition.zoo.uflow import log10_nfa_map, nfa_decisions
+
+SIZE = 64
+
+# Tiny variants: few flow steps, so each fit takes seconds on one core.
+TINY = {
+    "fastflow-resnet18": {"epochs": 3, "batch_size": 8, "flow_steps": 2, "hidden_ratio": 0.5},
+    "cflow-resnet18": {"epochs": 3, "batch_size": 8, "coupling_blocks": 2, "condition_vector": 16,
+                       "fiber_batch_size": 512, "lr": 1.0e-3, "warmup_epochs": 0.0},
+    "uflow-resnet18": {"epochs": 3, "batch_size": 8, "flow_steps": 2, "subnet_ratio": 0.5},
+}
+
+
+def _texture_sets(family: str = "wood", seed: int = 0) -> tuple[ImageSet, ImageSet, np.ndarray]:
+    """32 training normals; 16 clean and 16 obviously defective test images of the same surface."""
+    rng = np.random.default_rng(seed)
+    normals = [make_texture(family, (SIZE, SIZE), rng) for _ in range(32)]
+    clean = [make_texture(family, (SIZE, SIZE), rng) for _ in range(16)]
+    kinds = ["stain", "hole", "scratch", "crack"]
+    painted = [paint_defect(make_texture(family, (SIZE, SIZE), rng), kinds[i % 4], rng, severity=0.0)[0]
+               for i in range(16)]
+    return ImageSet(normals), ImageSet(clean + painted), np.array([0] * 16 + [1] * 16)
+
+
+def _settings(run_dir) -> ZooSettings:
+    return ZooSettings(image_size=SIZE, batch_size=16, progress=False, run_dir=str(run_dir))
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_flow_trains_separates_and_reloads(name, tmp_path):
+    normals, test, labels = _texture_sets()
+    settings = _settings(tmp_path)
+    model = build_model(name, settings, TINY[name]).fit(normals)
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert len(history) == 3
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    prediction = model.predict(test)
+    assert prediction.maps.shape == (32, SIZE, SIZE)
+    assert np.isfinite(prediction.scores).all() and np.isfinite(prediction.maps).all()
+    assert auroc(labels, prediction.scores) > 0.6
+    # The frozen backbone is never trained and stays in eval mode.
+    backbone = model.network.features.backbone
+    assert not any(p.requires_grad for p in backbone.parameters())
+    model.network.train()
+    assert not backbone.training
+    model.save(tmp_path / "model.pt")
+    again = AnomalyModel.load(tmp_path / "model.pt", settings)
+    np.testing.assert_allclose(again.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cflow-resnet18", "uflow-resnet18"])
+def test_resumed_fit_equals_uninterrupted(name, tmp_path):
+    """CFlow draws random fiber batches every step; U-Flow stands for the deterministic flows."""
+    normals, test, _ = _texture_sets(seed=1)
+    # A constant lr: with a schedule, the "cut" run's first fit would decay over 1 epoch instead of 2.
+    params = {**TINY[name], "epochs": 2, "schedule": "constant"}
+    whole = build_model(name, _settings(tmp_path / "whole"), params).fit(normals)
+    build_model(name, _settings(tmp_path / "cut"), {**params, "epochs": 1}).fit(normals)
+    resumed = build_model(name, _settings(tmp_path / "cut"), params).fit(normals)
+    assert resumed.fit_info["resumed_from_epoch"] == 0
+    history_whole = pd.read_csv(tmp_path / "whole" / "history.csv")
+    history_cut = pd.read_csv(tmp_path / "cut" / "history.csv")
+    np.testing.assert_allclose(history_cut["train_loss"], history_whole["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(resumed.score_samples(test), whole.score_samples(test), rtol=1e-4, atol=1e-6)
+
+
+def test_fastflow_loss_is_the_negative_log_likelihood_up_to_a_constant():
+    latents = [torch.randn(3, 4, 5, 5), torch.randn(3, 8, 2, 2)]
+    log_dets = [torch.randn(3), torch.randn(3)]
+    loss = FastFlowNetwork.loss(latents, log_dets)
+    nll = -sum(gaussian_log_likelihood(z, ld).mean() for z, ld in zip(latents, log_dets))
+    constant = 0.5 * math.log(2 * math.pi) * (4 * 25 + 8 * 4)
+    assert loss.item() == pytest.approx(nll.item() - constant, rel=1e-5)
+    # The map is -exp(-0.5 mean_c z^2): -1 where z = 0, towards 0 where z is large.
+    maps = FastFlowNetwork.anomaly_map([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 1, 1), 10.0)], (4, 4))
+    torch.testing.assert_close(maps, torch.full((1, 4, 4), -0.5))
+
+
+def test_cflow_positional_encoding_tells_every_position_apart():
+    enc = positional_encoding_2d(16, 6, 5)
+    assert enc.shape == (16, 6, 5)
+    columns = enc.flatten(1).T  # one condition vector per position
+    assert torch.cdist(columns, columns).add(torch.eye(30) * 10).min() > 1e-3
+    # First half varies along x only, second half along y only.
+    assert torch.allclose(enc[:8], enc[:8, :1].expand(-1, 6, -1))
+    assert torch.allclose(enc[8:], enc[8:, :, :1].expand(-1, -1, 5))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        positional_encoding_2d(6, 2, 2)
+
+
+def test_uflow_latents_keep_every_feature_dimension():
+    """The U-shaped flow is a bijection: its latents hold exactly as many numbers as the features."""
+    model = build_model("uflow-resnet18", _settings("unused"), TINY["uflow-resnet18"])
+    network = model.build_network().eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        features = network.features(images)
+        latents, log_det = network.encode(images)
+    assert [z.shape[-1] for z in latents] == [f.shape[-1] for f in features]  # finest first
+    assert sum(z[0].numel() for z in latents) == sum(f[0].numel() for f in features)
+    assert log_det.shape == (2,) and torch.isfinite(log_det).all()
+
+
+def _noise_latents(batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    return [torch.randn(batch, 24, 32, 32, generator=generator), torch.randn(batch, 40, 16, 16, generator=generator),
+            torch.randn(batch, 64, 8, 8, generator=generator)]
+
+
+def test_nfa_is_quiet_on_pure_noise_latents():
+    """Under the null hypothesis NFA < 1 means at most one false detection per image on average;
+    the window and scale combination must not undo that guarantee."""
+    latents = _noise_latents(100, torch.Generator().manual_seed(0))
+    log_nfa = log10_nfa_map(latents, window=5, probability_threshold=0.9)
+    assert log_nfa.shape == (100, 32, 32)
+    ng, strength = nfa_decisions(log_nfa, epsilon=1.0)
+    assert ng.mean() <= 0.05
+    assert (log_nfa < 0).float().mean() < 1e-3
+
+
+def test_nfa_detects_a_planted_blob_where_it_is():
+    latents = _noise_latents(4, torch.Generator().manual_seed(1))
+    latents[0][:, :, 10:16, 20:26] += 1.0  # a 6x6 anomalous blob at the finest scale
+    latents[1][:, :, 5:8, 10:13] += 1.0  # and where it falls at the next scale
+    log_nfa = log10_nfa_map(latents, window=5, probability_threshold=0.9)
+    ng, strength = nfa_decisions(log_nfa, epsilon=1.0)
+    assert ng.all() and (strength > 3).all()
+    detected = log_nfa < 0
+    assert detected[:, 11:15, 21:25].all()  # the blob's inside
+    assert not detected[:, :, :8].any()  # far away from it
+    # A stricter epsilon detects less, never more.
+    strict, _ = nfa_decisions(log_nfa, epsilon=1e-40)
+    assert not strict.any()
+
+
+def test_registry_names_start_with_the_family():
+    for name in TINY:
+        assert name.startswith(get_entry(name).model_class.family)
