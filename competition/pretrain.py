@@ -117,10 +117,26 @@ def whole_image_transform(image_size: int, mean: list[float], std: list[float]) 
     return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean=mean, std=std), ToTensorV2()])
 
 
+PAINT_ATTEMPTS = 5  # a painter may find nothing visible to change (a flat crop); then another draw
+
+
+def paint_anomaly(image: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """`random_anomaly` of the painters, redrawn when a draw changes nothing visible; None if none did."""
+    from competition.data.painters import random_anomaly
+
+    for _ in range(PAINT_ATTEMPTS):
+        try:
+            return random_anomaly(image, rng)[0]
+        except RuntimeError:
+            continue
+    return None
+
+
 class PretrainViews(Dataset):
     """Item i: two random views of image i (NT-Xent's positive pair), i itself, and, when
     `painted`, a third view with an artificial defect painted in (the painters of
-    `competition.data.painters`). Randomness is seeded by (epoch seed, i): an epoch is the same
+    `competition.data.painters`; `painted_valid` is False where no painter could change the view,
+    e.g. a flat crop, and objectives skip it). Randomness is seeded by (epoch seed, i): an epoch is the same
     whatever the order, the worker count, or a resume."""
 
     def __init__(self, images: list[np.ndarray], augmentation: A.Compose, normalise: A.Compose,
@@ -148,9 +164,10 @@ class PretrainViews(Dataset):
             "index": i,
         }
         if self.painted:
-            from competition.data.painters import random_anomaly
-
-            item["painted"] = self.normalise(image=random_anomaly(view(), rng)[0])["image"]
+            clean = view()
+            painted = paint_anomaly(clean, rng)
+            item["painted"] = self.normalise(image=clean if painted is None else painted)["image"]
+            item["painted_valid"] = painted is not None
         return item
 
 
@@ -158,9 +175,11 @@ class ViewBatch:
     """One step's views; `features(model)` runs the backbone once over all of them, shared by
     every objective (and so batch-norm statistics see the whole batch, as in SimCLR)."""
 
-    def __init__(self, views: dict[str, torch.Tensor], index: torch.Tensor):
+    def __init__(self, views: dict[str, torch.Tensor], index: torch.Tensor,
+                 extras: dict[str, torch.Tensor] | None = None):
         self.views = views  # name -> (B, C, H, W): view1, view2 (same images), painted (optional)
         self.index = index  # (B,) image indices: equal index = positive pair
+        self.extras = extras or {}  # per-image values that are not views, e.g. painted_valid
         self._features: dict[str, torch.Tensor] | None = None
 
     def features(self, model: "PretrainNet") -> dict[str, torch.Tensor]:
@@ -232,15 +251,17 @@ class PaintedObjective:
     views = ("view1", "painted")
 
     def __init__(self, p: PretrainConfig):
-        self.criterion = nn.BCEWithLogitsLoss()
+        self.criterion = nn.BCEWithLogitsLoss()  # over the clean views and the valid painted ones
 
     def head(self, num_features: int) -> nn.Module:
         return nn.Linear(num_features, 1)
 
     def loss(self, batch: ViewBatch, model: PretrainNet) -> torch.Tensor:
         features = batch.features(model)
-        logits = model.heads[self.name](torch.cat([features["view1"], features["painted"]])).squeeze(1)
-        targets = torch.cat([torch.zeros(len(batch.index)), torch.ones(len(batch.index))]).to(logits.device)
+        valid = batch.extras.get("painted_valid", torch.ones(len(batch.index), dtype=torch.bool))
+        valid = valid.to(features["painted"].device)
+        logits = model.heads[self.name](torch.cat([features["view1"], features["painted"][valid]])).squeeze(1)
+        targets = torch.cat([torch.zeros(len(batch.index)), torch.ones(int(valid.sum()))]).to(logits.device)
         return self.criterion(logits.float(), targets)
 
 
@@ -297,8 +318,6 @@ def build_monitor_set(normals: list[np.ndarray], p: PretrainConfig, mean: list[f
                       seed: int) -> MonitorSet | None:
     """Hold out `monitor_images` normals (fixed seed), paint one defect on a copy of each; the rest
     (at most `monitor_reference`) form the reference. None when there are too few normals."""
-    from competition.data.painters import random_anomaly
-
     rng = np.random.default_rng(seed)
     n_held = min(p.monitor_images, len(normals) // 2)
     if n_held < 2 or len(normals) - n_held < p.monitor_k:
@@ -307,7 +326,11 @@ def build_monitor_set(normals: list[np.ndarray], p: PretrainConfig, mean: list[f
     order = rng.permutation(len(normals))
     held = [normals[i] for i in order[:n_held]]
     reference = [normals[i] for i in order[n_held:n_held + p.monitor_reference]]
-    painted = [random_anomaly(image, rng)[0] for image in held]
+    painted = [paint_anomaly(image, rng) for image in held]
+    held, painted = [h for h, q in zip(held, painted) if q is not None], [q for q in painted if q is not None]
+    if len(held) < 2:
+        log.warning("pretrain monitor off: no painter could change the held-out normals")
+        return None
     to_tensor = whole_image_transform(p.image_size, mean, std)
 
     def stack(images: list[np.ndarray]) -> torch.Tensor:
@@ -362,8 +385,9 @@ def train_one_epoch(model: PretrainNet, loader: DataLoader, objectives: list[tup
     steps = 0
     bar = tqdm(loader, desc=desc, leave=False)
     for item in bar:
-        views = {k: to_device_images(v, device, channels_last) for k, v in item.items() if k != "index"}
-        batch = ViewBatch(views, item["index"].to(device))
+        views = {k: to_device_images(v, device, channels_last) for k, v in item.items() if v.ndim == 4}
+        extras = {k: v.to(device) for k, v in item.items() if v.ndim != 4 and k != "index"}
+        batch = ViewBatch(views, item["index"].to(device), extras)
         optimizer.zero_grad(set_to_none=True)
         with autocast(device, amp):
             parts = [(weight, objective, objective.loss(batch, model)) for weight, objective in objectives]

@@ -50,7 +50,9 @@ def fixed_batch(cfg, images, painted: bool) -> pretrain.ViewBatch:
     dataset = pretrain.PretrainViews(images, pretrain.view_augmentation(cfg.pretrain),
                                      pretrain.normalisation(cfg.augment.mean, cfg.augment.std), painted=painted)
     items = torch.utils.data.default_collate([dataset[i] for i in range(len(images))])
-    return pretrain.ViewBatch({k: v for k, v in items.items() if k != "index"}, items["index"])
+    views = {k: v for k, v in items.items() if k not in ("index", "painted_valid")}
+    extras = {"painted_valid": items["painted_valid"]} if painted else {}
+    return pretrain.ViewBatch(views, items["index"], extras)
 
 
 def losses_over_steps(cfg, batch, steps: int = 8) -> dict[str, list[float]]:
@@ -87,6 +89,25 @@ def test_painted_objective_learns_beside_ntxent(tiny_images, tiny_data, tmp_path
     history = losses_over_steps(cfg, batch, steps=16)
     assert history["ntxent"][-1] < 0.8 * history["ntxent"][0], history
     assert history["painted"][-1] < 0.75 * history["painted"][0], history
+
+
+def test_views_no_painter_can_change_are_skipped_by_the_painted_objective(tiny_images, tiny_data, tmp_path,
+                                                                         monkeypatch):
+    import competition.data.painters as painters
+
+    def nothing_visible(image, rng, severity=None):
+        raise RuntimeError("could not cut-paste a visible patch")
+
+    monkeypatch.setattr(painters, "random_anomaly", nothing_visible)
+    cfg = fast_config(tiny_data, tmp_path, "pretrain.objectives=[{name: painted}]")
+    batch = fixed_batch(cfg, tiny_images[:4], painted=True)
+    assert not batch.extras["painted_valid"].any()
+    [(_, objective)] = pretrain.build_objectives(cfg.pretrain)
+    model = pretrain.build_pretrain_net(BACKBONE, cfg.pretrain, [(1.0, objective)])
+    logits = []
+    model.heads["painted"].register_forward_hook(lambda module, inputs, output: logits.append(output))
+    loss = objective.loss(batch, model)
+    assert torch.isfinite(loss) and logits[0].shape == (4, 1)  # the 4 clean views only
 
 
 def test_views_are_seeded_by_epoch_and_image(tiny_images, tiny_data, tmp_path):
