@@ -57,6 +57,7 @@ class ZooSettings:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     seed: int = 0
     backbone_weights: bool | str = False  # false or local weights (file or folder) for backbones
+    ssl_weights: str | None = None  # what `competition pretrain` writes; the -ssl entries' backbone (see ssl_entries)
     cache_dir: str | None = None  # on-disk feature cache root; None disables it
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
@@ -68,6 +69,7 @@ class ZooSettings:
 
     @classmethod
     def from_config(cls, cfg, run_dir: str | Path | None = None, device: str | None = None) -> "ZooSettings":
+        from competition.pretrain import backbone_name, pretrained_weights_path
         from competition.runtime import select_device
 
         cache = str(Path(cfg.paths.work) / "cache" / "features") if cfg.zoo.cache else None
@@ -75,6 +77,7 @@ class ZooSettings:
             image_size=cfg.zoo.image_size, batch_size=cfg.zoo.batch_size,
             device=device or str(select_device(cfg.device)), seed=cfg.seed,
             backbone_weights=cfg.zoo.backbone_weights, cache_dir=cache,
+            ssl_weights=str(pretrained_weights_path(cfg.paths.work, backbone_name(cfg))),
             mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std),
             num_workers=cfg.train.num_workers, amp=cfg.train.amp, channels_last=cfg.train.channels_last,
             run_dir=None if run_dir is None else str(run_dir))
