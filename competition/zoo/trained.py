@@ -337,9 +337,12 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
     if resumed is not None:
         history = [dict(row) for row in resumed.extra.get("history", [])]
         start_epoch = resumed.next_epoch
-    else:
+    setup_seconds = 0.0
+    if resumed is None:
+        setup_start = time.perf_counter()
         torch.manual_seed(seed)
         model.before_training(train_images)
+        setup_seconds = time.perf_counter() - setup_start
         start_epoch = 0
 
     dataset = TrainingSamples(train_images, model, seed)
@@ -415,7 +418,8 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
         "best_val_auroc": tracker.best_metrics.get("val_auroc", math.nan),
         "epochs_run": len(history),
         "train_seconds_per_epoch": float(np.mean(epoch_times)) if epoch_times else math.nan,
-        "fit_seconds": time.perf_counter() - started,
+        "setup_seconds": setup_seconds,  # before_training, e.g. EfficientAD's teacher distillation
+        "fit_seconds": time.perf_counter() - started + setup_seconds,
         "resumed_from_epoch": resumed.epoch if resumed else None,
         "training_normals": len(train_images),
         "validation": {kind: int((kinds == kind).sum()) for kind in ("normal", "painted", "real")},
