@@ -451,7 +451,9 @@ def write_records(log_dir: Path, history: list[dict[str, float]], summary: dict[
     frame = pd.DataFrame(history)
     write_csv(frame, log_dir / "history.csv")
     plot_curves(frame, log_dir / "curves.png", title)
-    write_json(summary, log_dir / "summary.json")
+    # strict JSON: NaN (no monitor, no epoch yet) becomes null
+    write_json({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()},
+               log_dir / "summary.json")
 
 
 def _best(history: list[dict[str, float]]) -> tuple[int | None, float | None]:
