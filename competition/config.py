@@ -164,6 +164,7 @@ class ZooConfig:
     painted_per_fold: int = 40  # painted defects (on held-out normals) for that judgement
     validation_share: float = 0.1  # training normals held out for trained models' validation
     gallery_size: int = 12  # highest-scoring test images drawn with their anomaly maps
+    save_models: bool = True  # keep each fold's fitted model as model.pt beside its scores
 
     def __post_init__(self) -> None:
         for name, params in self.params.items():

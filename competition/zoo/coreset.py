@@ -172,12 +172,12 @@ def _greedy_coreset_cpu(points: torch.Tensor, n_select: int, start: int, bound_d
 
 
 def coreset_indices(features: torch.Tensor, ratio: float, projection_dim: int = 128, seed: int = 0,
-                    progress: bool = False) -> torch.Tensor:
+                    progress: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
     """PatchCore's subsampling: greedy k-center on a random projection, `ratio` of the rows (at least 1)."""
     n = features.shape[0]
     if ratio >= 1.0:
         return torch.arange(n)
     n_select = max(1, int(round(n * ratio)))
-    projected = random_projection(features, projection_dim, seed)
+    projected = principal_axes(random_projection(features, projection_dim, seed))
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
-    return greedy_coreset(principal_axes(projected), n_select, start=start, progress=progress)
+    return greedy_coreset(projected.to(device), n_select, start=start, progress=progress)

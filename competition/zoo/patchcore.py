@@ -1,0 +1,200 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Locally aware patch features from two middle backbone layers (each map averaged over 3x3
+neighbourhoods, the deeper one resized to the shallower one's grid, optionally pooled to a common
+width as in the paper's pre-projection), a memory bank of the normal patches subsampled by greedy
+k-center coreset (`competition.zoo.coreset`), and nearest-neighbour scoring: the image score is
+the largest patch distance s* = ||m_test,* - m*||, reweighted by eq. 7,
+s = (1 - exp||m_test,* - m*|| / sum_{m in N_b(m*)} exp||m_test,* - m||) * s*,
+where N_b(m*) are the b nearest memory patches of m*. The map is the patch distances, upsampled
+and smoothed with a Gaussian of sigma 4. Search is exact, batched matmuls in torch (faiss when
+`search: faiss` and it is installed).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from competition.zoo.base import AnomalyModel, ImageSet, ValidationSet, gaussian_blur_maps, upsample_maps
+from competition.zoo.coreset import coreset_indices
+from competition.zoo.features import FeatureExtractor
+from competition.zoo.registry import register
+
+
+class PatchEmbedding(nn.Module):
+    """Backbone maps -> (B, D, h, w) locally aware patch features on the first map's grid."""
+
+    def __init__(self, embed_dim: int | None = None, neighbourhood: int = 3):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.neighbourhood = neighbourhood
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        size = maps[0].shape[-2:]
+        pad = self.neighbourhood // 2
+        pooled = []
+        for m in maps:
+            m = F.avg_pool2d(m, self.neighbourhood, stride=1, padding=pad, count_include_pad=False)
+            if m.shape[-2:] != size:
+                m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            pooled.append(m)
+        if self.embed_dim is None:
+            return torch.cat(pooled, dim=1)
+        # the paper's pre-projection: each layer pooled over channels to embed_dim, then all together
+        b, _, h, w = pooled[0].shape
+        per_layer = [F.adaptive_avg_pool1d(p.permute(0, 2, 3, 1).reshape(-1, 1, p.shape[1]), self.embed_dim)
+                     for p in pooled]
+        joined = F.adaptive_avg_pool1d(torch.cat(per_layer, dim=2), self.embed_dim)
+        return joined.reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
+
+
+def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None,
+                       k: int = 1, query_chunk: int = 4096, bank_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest rows of `bank` for each query: (distances (Q, k), indices (Q, k)), batched matmuls."""
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(1)
+    k = min(k, bank.shape[0])
+    all_dist, all_idx = [], []
+    for qs in range(0, queries.shape[0], query_chunk):
+        q = queries[qs:qs + query_chunk]
+        q_sq = (q * q).sum(1, keepdim=True)
+        best_d = best_i = None
+        for bs in range(0, bank.shape[0], bank_chunk):
+            b = bank[bs:bs + bank_chunk]
+            d2 = (q_sq - 2.0 * (q @ b.T) + bank_sq[bs:bs + bank_chunk][None]).clamp_(min=0)
+            d, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False)
+            i = i + bs
+            if best_d is None:
+                best_d, best_i = d, i
+            else:
+                cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+                best_d, sel = torch.topk(cat_d, k, dim=1, largest=False)
+                best_i = torch.gather(cat_i, 1, sel)
+        all_dist.append(best_d.sqrt())
+        all_idx.append(best_i)
+    return torch.cat(all_dist), torch.cat(all_idx)
+
+
+class PatchCoreScorer(nn.Module):
+    """Memory bank -> image scores (eq. 7 reweighting) and patch-distance maps."""
+
+    def __init__(self, memory_bank: torch.Tensor, num_neighbours: int = 9, search: str = "torch"):
+        super().__init__()
+        self.register_buffer("memory_bank", memory_bank.float().contiguous())
+        self.register_buffer("bank_sq", (self.memory_bank ** 2).sum(1))
+        self.num_neighbours = num_neighbours
+        self.search = search
+        self._faiss_index = None
+
+    def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.search == "faiss":
+            if self._faiss_index is None:
+                import faiss  # optional; the "faiss" search option needs it installed
+
+                self._faiss_index = faiss.IndexFlatL2(self.memory_bank.shape[1])
+                self._faiss_index.add(self.memory_bank.cpu().numpy())
+            d2, idx = self._faiss_index.search(queries.float().cpu().numpy(), k)
+            return (torch.from_numpy(d2).clamp_(min=0).sqrt().to(queries.device),
+                    torch.from_numpy(idx).long().to(queries.device))
+        return nearest_neighbours(queries, self.memory_bank, self.bank_sq, k=k)
+
+    def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, d, h, w = embeddings.shape
+        patches = embeddings.permute(0, 2, 3, 1).reshape(-1, d).float()
+        dist, idx = self._search(patches, 1)
+        patch_dist = dist[:, 0].reshape(b, h * w)
+        nn_idx = idx[:, 0].reshape(b, h * w)
+        best = torch.argmax(patch_dist, dim=1)  # m_test,*: the most anomalous patch of each image
+        rows = torch.arange(b, device=embeddings.device)
+        s_star = patch_dist[rows, best]
+        m_star = nn_idx[rows, best]
+        if self.num_neighbours > 1:
+            # N_b(m*): the b nearest memory patches of m* (m* itself first, at distance 0)
+            _, support = self._search(self.memory_bank[m_star], self.num_neighbours)
+            test_patch = patches.reshape(b, h * w, d)[rows, best]
+            support_dist = torch.linalg.vector_norm(self.memory_bank[support] - test_patch[:, None], dim=2)
+            weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
+            scores = weight * s_star
+        else:
+            scores = s_star
+        return scores, patch_dist.reshape(b, h, w)
+
+
+class PatchCore(AnomalyModel):
+    family = "patchcore"
+    DEFAULTS = {
+        "backbone": "resnet18",
+        "layers": [2, 3],  # timm out_indices: resnet layer2 and layer3
+        "embed_dim": None,  # None: keep every channel (128 + 256 for resnet18); int: the paper's pooling
+        "coreset_ratio": 0.1,  # share of the normal patches kept in the memory bank (1.0 keeps all)
+        "projection_dim": 128,  # random projection for the coreset distances
+        "num_neighbours": 9,  # b of eq. 7; 1 disables the reweighting
+        "blur_sigma": 4.0,
+        "search": "torch",  # torch (exact, batched) | faiss (IndexFlatL2, if installed)
+    }
+
+    def __init__(self, settings=None, **params):
+        super().__init__(settings, **params)
+        if self.search not in ("torch", "faiss"):
+            raise ValueError(f"patchcore: search must be 'torch' or 'faiss', got {self.search!r}")
+        if not 0.0 < float(self.coreset_ratio) <= 1.0:
+            raise ValueError(f"patchcore: coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        self.embedding = PatchEmbedding(self.embed_dim)
+        self.scorer: PatchCoreScorer | None = None
+
+    def _extractor(self) -> FeatureExtractor:
+        return FeatureExtractor(self.backbone, self.layers, self.settings)
+
+    def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
+        extractor = self._extractor()
+        chunks = []
+        for _, maps in extractor.extract(images, desc="patchcore fit"):
+            emb = self.embedding(maps)
+            # the full patch bank is kept in float16: half the memory before subsampling
+            chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).half())
+        bank = torch.cat(chunks)
+        del chunks
+        started = time.perf_counter()
+        keep = coreset_indices(bank, float(self.coreset_ratio), int(self.projection_dim), self.settings.seed,
+                               progress=self.settings.progress, device=self.device)
+        memory = bank[keep].float()
+        self.fit_info = {"patches": int(bank.shape[0]), "memory_bank": int(memory.shape[0]),
+                         "embedding_dim": int(memory.shape[1]),
+                         "coreset_seconds": round(time.perf_counter() - started, 2)}
+        del bank
+        self.scorer = PatchCoreScorer(memory, int(self.num_neighbours), self.search).to(self.device)
+
+    @torch.inference_mode()
+    def _predict(self, images: ImageSet, with_maps: bool):
+        extractor = self._extractor()
+        scores = np.zeros(len(images))
+        maps = np.zeros((len(images), self.settings.image_size, self.settings.image_size), np.float32) \
+            if with_maps else None
+        for idx, feats in extractor.extract(images, desc="patchcore score"):
+            emb = self.embedding([f.to(self.device) for f in feats])
+            batch_scores, patch_maps = self.scorer(emb)
+            scores[idx] = batch_scores.cpu().numpy()
+            if with_maps:
+                full = gaussian_blur_maps(upsample_maps(patch_maps, self.settings.image_size), float(self.blur_sigma))
+                maps[idx] = full.cpu().numpy()
+        return scores, maps
+
+    def fitted_state(self) -> dict:
+        return {"memory_bank": self.scorer.memory_bank.cpu()}
+
+    def load_fitted_state(self, state: dict) -> None:
+        self.scorer = PatchCoreScorer(state["memory_bank"], int(self.num_neighbours), self.search).to(self.device)
+
+
+register("patchcore-resnet18", PatchCore,
+         "PatchCore on resnet18 layer2+3 (384-d patches), 10% greedy coreset, eq. 7 reweighting")
+register("patchcore-resnet18-full", PatchCore,
+         "PatchCore on resnet18 layer2+3 with the full memory bank (no coreset): the coreset's reference",
+         coreset_ratio=1.0)
+register("patchcore-wide-resnet50", PatchCore,
+         "PatchCore as in the paper: wide_resnet50_2 layer2+3 pooled to 1024-d, 10% coreset (slow on CPU)",
+         backbone="wide_resnet50_2", embed_dim=1024)

@@ -1,0 +1,173 @@
+"""`python -m competition zoo --model NAME --fold K`: honest out-of-fold scores of a zoo model.
+
+For fold K the model is fitted on the normal training images of every other fold (fold K's normals
+never enter the fit; trained models also get a validation set made only of training-fold images),
+then scores fold K's images (`oof.csv`) and every test image (`test.csv`). Written to
+`<paths.work>/<experiment>/<NAME>/fold<K>/`: oof.csv, test.csv, config.yaml, results.json
+(AUROC, AUPR, metrics at four thresholds, the OK/NG rule), fit_images.csv, histogram.png,
+gallery.png, test_decisions.csv, model.pt (when `zoo.save_models`) and, last, summary.json,
+whose presence marks the fold finished. A fold with fewer than `zoo.min_real_defects` real
+defects is also judged on `zoo.painted_per_fold` defects painted onto its own normal images,
+reported separately (`results.json: painted`), never mixed into oof.csv.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from competition.artifacts import run_dir, write_csv, write_json, write_predictions, write_yaml
+from competition.config import Config
+from competition.folds import load_index, parse_fold_arg, read_folds
+from competition.metrics import best_threshold, binary_metrics
+from competition.runtime import configure_threads, seed_everything
+from competition.zoo.base import AnomalyModel, ImageSet, resize_image
+from competition.zoo.evaluation import evaluate_scores, plot_gallery, plot_score_histogram
+from competition.zoo.registry import build_from_config, get_entry
+from competition.zoo.validation import painted_copies, split_validation
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+def is_finished(out: Path) -> bool:
+    return (out / SUMMARY_FILE).exists()
+
+
+def _defect_masks(rows: pd.DataFrame) -> list[np.ndarray | None]:
+    from competition.data.images import read_mask
+
+    return [read_mask(p) if isinstance(p, str) and p else None for p in rows["mask_path"]]
+
+
+def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path) -> tuple[AnomalyModel, dict]:
+    """Fit `name` on the normals of every fold but `fold` (plus a training-fold validation set if it wants one)."""
+    model = build_from_config(name, cfg, run_dir=out)
+    train_rows = folds[folds["fold"] != fold]
+    normal_rows = train_rows[train_rows["label"] == 0]
+    fit_images = ImageSet.from_frame(normal_rows)
+    validation = None
+    if model.uses_validation:
+        defect_rows = train_rows[train_rows["label"] == 1]
+        share = float(model.params.get("validation_share", cfg.zoo.validation_share))
+        fit_images, validation = split_validation(
+            fit_images, ImageSet.from_frame(defect_rows), share, cfg.seed + 1000 * fold,
+            defect_masks=_defect_masks(defect_rows))
+    write_csv(pd.DataFrame({"image_id": fit_images.ids}), out / "fit_images.csv")
+    started = time.perf_counter()
+    model.fit(fit_images, validation)
+    facts = {"fit_seconds": round(time.perf_counter() - started, 2), "n_fit": len(fit_images),
+             "n_validation": 0 if validation is None else len(validation)}
+    return model, facts
+
+
+def _gallery(model: AnomalyModel, test_images: ImageSet, scores: np.ndarray, size: int, path: Path, title: str) -> None:
+    top = np.argsort(-scores, kind="stable")[:size]
+    subset = test_images.subset(top.tolist())
+    maps = model.anomaly_maps(subset)
+    shown = [resize_image(subset.read(i), model.settings.image_size) for i in range(len(subset))]
+    captions = [f"{subset.ids[i]}  {scores[j]:.3g}" for i, j in enumerate(top)]
+    plot_gallery(shown, maps, captions, path, title)
+
+
+def run_fold(cfg: Config, name: str, fold: int, index: pd.DataFrame, folds: pd.DataFrame, force: bool) -> Path:
+    out = run_dir(cfg.paths.work, cfg.experiment, name, fold)
+    if is_finished(out) and not force:
+        log.info("%s fold %d is finished (%s); --force refits it", name, fold, out)
+        return out
+    seed_everything(cfg.seed + fold)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml(cfg.to_dict(), out / "config.yaml")
+    model, facts = fit_fold(cfg, name, fold, folds, out)
+
+    held_out = folds[folds["fold"] == fold].reset_index(drop=True)
+    test_rows = index[index["split"] == "test"].reset_index(drop=True)
+    started = time.perf_counter()
+    oof_scores = model.score_samples(ImageSet.from_frame(held_out))
+    test_images = ImageSet.from_frame(test_rows)
+    test_scores = model.score_samples(test_images)
+    score_seconds = time.perf_counter() - started
+    n_scored = len(held_out) + len(test_rows)
+
+    oof = pd.DataFrame({"image_id": held_out["image_id"], "label": held_out["label"].astype(int),
+                        "score": oof_scores})
+    test = pd.DataFrame({"image_id": test_rows["image_id"], "score": test_scores})
+    write_predictions(oof, test, out)
+
+    labels = oof["label"].to_numpy()
+    results = {"model": name, "fold": fold, "oof": evaluate_scores(labels, oof_scores)}
+    groups = {"normal": oof_scores[labels == 0], "defect": oof_scores[labels == 1]}
+    if labels.sum() < cfg.zoo.min_real_defects and cfg.zoo.painted_per_fold > 0:
+        normal_idx = np.flatnonzero(labels == 0)
+        rng = np.random.default_rng(cfg.seed + 7919 * fold)
+        chosen = rng.choice(normal_idx, size=min(cfg.zoo.painted_per_fold, len(normal_idx)), replace=False)
+        painted, _ = painted_copies(ImageSet.from_frame(held_out), sorted(chosen.tolist()), cfg.seed + fold)
+        painted_scores = model.score_samples(painted)
+        normal_scores = oof_scores[labels == 0]
+        both = np.concatenate([normal_scores, painted_scores])
+        both_labels = np.r_[np.zeros(len(normal_scores), int), np.ones(len(painted_scores), int)]
+        results["painted"] = {"note": f"fold {fold} has {int(labels.sum())} real defects (< zoo.min_real_defects="
+                                      f"{cfg.zoo.min_real_defects}); its normals vs painted copies of "
+                                      f"{len(painted_scores)} of them", **evaluate_scores(both_labels, both)}
+        groups["painted"] = painted_scores
+
+    # The OK/NG rule: a fixed threshold from the config, else the macro-F1 plateau middle on this fold.
+    if cfg.zoo.confidence is not None:
+        threshold, source = float(cfg.zoo.confidence), "zoo.confidence"
+    elif 0 < labels.sum() < len(labels):
+        threshold, source = best_threshold(labels, oof_scores)[0], "macro-F1 plateau on the out-of-fold scores"
+    else:
+        threshold, source = float(np.percentile(oof_scores, 95)), "95th percentile of the out-of-fold scores"
+    results["decision"] = {"threshold": threshold, "source": source,
+                           "oof": binary_metrics(labels, oof_scores, threshold) if len(labels) else {},
+                           "test_ng": int((test_scores >= threshold).sum()), "test_n": len(test_scores)}
+    write_csv(pd.DataFrame({"image_id": test_rows["image_id"], "score": test_scores,
+                            "decision": np.where(test_scores >= threshold, "NG", "OK")}),
+              out / "test_decisions.csv")
+    write_json(results, out / "results.json")
+    plot_score_histogram(groups, out / "histogram.png",
+                         f"{name} fold {fold}: AUROC {results['oof']['auroc']:.3f}")
+    if cfg.zoo.gallery_size > 0 and len(test_rows):
+        _gallery(model, test_images, test_scores, cfg.zoo.gallery_size, out / "gallery.png",
+                 f"{name} fold {fold}: highest-scoring test images")
+    if cfg.zoo.save_models:
+        model.save(out / "model.pt")
+    summary = {
+        "model": name, "family": model.family, "fold": fold, "params": model.get_params(),
+        "device": model.settings.device, **facts,
+        "score_seconds": round(score_seconds, 2),
+        "images_per_second": round(n_scored / score_seconds, 2) if score_seconds > 0 else None,
+        "n_oof": len(held_out), "n_test": len(test_rows),
+        "auroc": results["oof"]["auroc"], "aupr": results["oof"]["aupr"],
+        "painted_auroc": results.get("painted", {}).get("auroc"),
+        "threshold": threshold, "fit_info": model.fit_info,
+    }
+    write_json(summary, out / SUMMARY_FILE)
+    return out
+
+
+def main(cfg: Config, model: str | None, fold: str, force: bool) -> None:
+    names = [model] if model else list(cfg.zoo.models)
+    if not names:
+        raise ValueError("no zoo model to run: give --model NAME or list names in zoo.models")
+    for name in names:
+        get_entry(name)  # unknown names stop before any work
+    configure_threads(cfg.train.threads)
+    folds_to_run = parse_fold_arg(fold, cfg.folds.n_splits)
+    index = load_index(cfg)
+    folds = read_folds(cfg, index)
+    jobs = [(name, k) for name in names for k in folds_to_run]
+    for name, k in tqdm(jobs, desc="zoo", unit="fold", disable=len(jobs) < 2):
+        out = run_fold(cfg, name, k, index, folds, force)
+        summary_path = out / SUMMARY_FILE
+        if summary_path.exists():
+            from competition.artifacts import read_json
+
+            s = read_json(summary_path)
+            print(f"{name} fold {k}: AUROC {s.get('auroc', float('nan')):.4f}  fit {s.get('fit_seconds')} s  "
+                  f"{s.get('images_per_second')} img/s  -> {out}")
