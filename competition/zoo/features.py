@@ -14,9 +14,12 @@ Cache. `extract(images)` stores each image's feature maps as float16 in
 - `<content hash>` is the sha1 of the image file's bytes (of the array's bytes for in-memory images),
   so a renamed copy hits and an edited file misses.
 Every model over the same backbone and image size therefore extracts each image once across
-models and folds: PatchCore and PaDiM over resnet18 share layer2/layer3 only if they ask for the
-same layer tuple, so registry entries over one backbone ask for the same layers and pick theirs.
-Features are always rounded through float16, cached or not, so results never depend on the cache.
+models and folds. The key includes the layer tuple, so models build their extractor with
+`shared_extractor(backbone, layers, settings)`: for the backbones in `SHARED_LAYERS` it extracts
+that common superset (resnet18: layer1..layer4, ~240 KB per 128-px image in float16) and each
+model picks its own layers from it (`extractor.select(maps, layers)`); PatchCore, PaDiM, DFM and
+DFKDE over resnet18 thus share one cache. Features are always rounded through float16, cached or
+not, so results never depend on the cache.
 """
 from __future__ import annotations
 
@@ -34,6 +37,15 @@ from competition.runtime import autocast, to_device_images
 from competition.zoo.base import ImageSet, ZooSettings, file_digest
 
 RESIZE_RULE = "cv2 area-down/bilinear-up square"
+# The layers extracted (and cached) for a backbone whatever subset a model uses, so that the
+# feature-memory models over one backbone share their cache. Backbones not listed extract exactly
+# the layers a model asks for.
+SHARED_LAYERS: dict[str, tuple[int, ...]] = {
+    "resnet18": (1, 2, 3, 4),
+    "resnet34": (1, 2, 3, 4),
+    "resnet50": (1, 2, 3),
+    "wide_resnet50_2": (1, 2, 3),
+}
 _BACKBONES: dict[tuple, nn.Module] = {}
 
 
@@ -98,6 +110,14 @@ class FeatureExtractor:
         self.cache_dir = (Path(settings.cache_dir) / f"{backbone}-{self.key}") if settings.cache_dir else None
         self.extracted = 0  # images run through the backbone by this extractor
         self.cache_hits = 0  # images read back from the cache
+
+    def select(self, maps: list[torch.Tensor], layers: Sequence[int]) -> list[torch.Tensor]:
+        """The maps of `layers` (a subset of this extractor's layers), in the order asked."""
+        try:
+            return [maps[self.layers.index(int(i))] for i in layers]
+        except ValueError:
+            raise ValueError(f"layers {list(layers)} are not all extracted by this {self.backbone_name} "
+                             f"extractor (layers {list(self.layers)})") from None
 
     @property
     def layer_names(self) -> list[str]:
@@ -184,3 +204,11 @@ class FeatureExtractor:
             out = [torch.empty((0, c, h, w)) for c, h, w in self.feature_shapes()]
         return out
 
+
+def shared_extractor(backbone: str, layers: Sequence[int], settings: ZooSettings) -> FeatureExtractor:
+    """The extractor for `layers` of `backbone`, widened to `SHARED_LAYERS[backbone]` when the backbone is listed.
+
+    Pick the model's maps from its output with `extractor.select(maps, layers)`.
+    """
+    wanted = sorted(set(int(i) for i in layers) | set(SHARED_LAYERS.get(backbone, ())))
+    return FeatureExtractor(backbone, wanted, settings)

@@ -21,7 +21,7 @@ from torch import nn
 
 from competition.zoo.base import AnomalyModel, ImageSet, ValidationSet, gaussian_blur_maps, upsample_maps
 from competition.zoo.coreset import coreset_indices
-from competition.zoo.features import FeatureExtractor
+from competition.zoo.features import FeatureExtractor, shared_extractor
 from competition.zoo.registry import register
 
 
@@ -147,13 +147,13 @@ class PatchCore(AnomalyModel):
         self.scorer: PatchCoreScorer | None = None
 
     def _extractor(self) -> FeatureExtractor:
-        return FeatureExtractor(self.backbone, self.layers, self.settings)
+        return shared_extractor(self.backbone, self.layers, self.settings)
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         extractor = self._extractor()
         chunks = []
         for _, maps in extractor.extract(images, desc="patchcore fit"):
-            emb = self.embedding(maps)
+            emb = self.embedding(extractor.select(maps, self.layers))
             # the full patch bank is kept in float16: half the memory before subsampling
             chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).half())
         bank = torch.cat(chunks)
@@ -175,7 +175,7 @@ class PatchCore(AnomalyModel):
         maps = np.zeros((len(images), self.settings.image_size, self.settings.image_size), np.float32) \
             if with_maps else None
         for idx, feats in extractor.extract(images, desc="patchcore score"):
-            emb = self.embedding([f.to(self.device) for f in feats])
+            emb = self.embedding([f.to(self.device) for f in extractor.select(feats, self.layers)])
             batch_scores, patch_maps = self.scorer(emb)
             scores[idx] = batch_scores.cpu().numpy()
             if with_maps:
