@@ -160,3 +160,12 @@ def test_evaluation_never_sees_the_augmentation():
     assert torch.equal(evaluation_tensors(test, SIZE)[0], torch.from_numpy(test.read(0)).permute(2, 0, 1) / 255.0)
     assert prediction.scores.shape == (5,) and prediction.maps.shape == (5, SIZE, SIZE)
     assert np.isfinite(prediction.scores).all()
+
+
+def test_a_finished_fold_refitted_starts_over(tmp_path):
+    first = MeanImageModel(_settings(tmp_path), epochs=2).fit(_normals())
+    again = MeanImageModel(_settings(tmp_path), epochs=2).fit(_normals())
+    assert again.fit_info["resumed_from_epoch"] == 1 and not again.seen_training  # unfinished: resume (at its end)
+    (tmp_path / "summary.json").write_text("{}")  # the runner's mark of a finished fold
+    forced = MeanImageModel(_settings(tmp_path), epochs=2).fit(_normals())
+    assert forced.fit_info["resumed_from_epoch"] is None and len(forced.seen_training) == len(first.seen_training)

@@ -37,7 +37,8 @@ Determinism and resume: per-sample randomness is `np.random.default_rng([seed, e
 and the batch order comes from a generator seeded by (seed, epoch), so a run resumed from
 `last.pt` continues exactly as an uninterrupted one (torch's own RNG, e.g. dropout, is restored by
 `training.load_training_state`). A finished run re-fitted in the same run_dir resumes at its end:
-it reloads best.pt without training; delete the folder (the runner's --force) to train again.
+it reloads best.pt without training, unless the folder holds the runner's summary.json (a
+finished fold refitted with --force), which starts the training over.
 """
 from __future__ import annotations
 
@@ -82,8 +83,14 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "grad_clip": 0.0,  # max gradient norm; 0 disables
     "augment": [],  # albumentations [{name: HorizontalFlip, p: 0.5}, ...], training samples only
     "patience": 0,  # stop after this many epochs without a better validation AUROC; 0 = off
-    "validation_share": 0.2,  # used only when fit gets no ValidationSet (direct API use)
 }
+
+# Share of the training normals held out when `fit` gets no ValidationSet (direct API use); the
+# runner holds out `zoo.validation_share` itself.
+DEFAULT_VALIDATION_SHARE = 0.2
+
+# The runner's mark of a finished fold: refitting such a fold (--force) starts over, it does not resume.
+FINISHED_MARK = "summary.json"
 
 
 def train_defaults(**changes: Any) -> dict[str, Any]:
@@ -219,7 +226,7 @@ class TrainedAnomalyModel(AnomalyModel):
     # ---- AnomalyModel
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         if validation is None:
-            images, validation = split_validation(images, None, self.validation_share, self.settings.seed)
+            images, validation = split_validation(images, None, DEFAULT_VALIDATION_SHARE, self.settings.seed)
         report = fit_network(self, images, validation)
         self.fit_info.update(report)
         self.fit_info.update(self.fit_summary())
@@ -331,6 +338,9 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
     history: list[dict[str, float]] = []
     best_state: dict[str, Tensor] | None = None
     resumed = None
+    if out is not None and (out / FINISHED_MARK).exists():
+        for name in (LAST_FILE, BEST_FILE, HISTORY_FILE):  # a finished fold fitted again: --force
+            (out / name).unlink(missing_ok=True)
     if out is not None:
         resumed = load_training_state(out / LAST_FILE, model=network, optimizer=optimizer, scheduler=scheduler,
                                       scaler=scaler, tracker=tracker, map_location=device)
