@@ -126,9 +126,19 @@ def run_fold(cfg: Config, name: str, fold: int, index: pd.DataFrame, folds: pd.D
     results["decision"] = {"threshold": threshold, "source": source,
                            "oof": binary_metrics(labels, oof_scores, threshold) if len(labels) else {},
                            "test_ng": int((test_scores >= threshold).sum()), "test_n": len(test_scores)}
-    write_csv(pd.DataFrame({"image_id": test_rows["image_id"], "score": test_scores,
-                            "decision": np.where(test_scores >= threshold, "NG", "OK")}),
-              out / "test_decisions.csv")
+    decisions = pd.DataFrame({"image_id": test_rows["image_id"], "score": test_scores,
+                              "decision": np.where(test_scores >= threshold, "NG", "OK")})
+    # A model with its own label-free OK/NG rule (U-Flow's NFA < epsilon) reports it beside this one.
+    own_decisions = getattr(model, "own_decisions", None)
+    if own_decisions is not None:
+        oof_ng, _ = own_decisions(ImageSet.from_frame(held_out))
+        test_ng, test_strength = own_decisions(test_images)
+        results["own_decision"] = {"rule": model.own_decision_rule,
+                                   "oof": binary_metrics(labels, oof_ng.astype(float), 0.5) if len(labels) else {},
+                                   "test_ng": int(test_ng.sum()), "test_n": len(test_ng)}
+        decisions["own_decision"] = np.where(test_ng, "NG", "OK")
+        decisions["own_decision_strength"] = test_strength
+    write_csv(decisions, out / "test_decisions.csv")
     write_json(results, out / "results.json")
     plot_score_histogram(groups, out / "histogram.png",
                          f"{name} fold {fold}: AUROC {results['oof']['auroc']:.3f}")
