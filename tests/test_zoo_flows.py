@@ -152,6 +152,31 @@ def test_nfa_detects_a_planted_blob_where_it_is():
     assert not strict.any()
 
 
+def test_runner_reports_uflow_nfa_decision_beside_the_score(tiny_data, tmp_path):
+    """One fold through `competition zoo`: the score feeds oof.csv, the NFA OK/NG goes to the results."""
+    import json
+
+    from competition.folds import write_folds
+    from competition.zoo.runner import main as zoo_main
+    from conftest import quick_config
+
+    tiny = ", ".join(f"{k}: {v}" for k, v in {**TINY["uflow-resnet18"], "epochs": 1}.items())
+    cfg = quick_config(tiny_data, tmp_path, f"zoo.params={{uflow-resnet18: {{{tiny}}}}}", "zoo.gallery_size=2")
+    write_folds(cfg)
+    zoo_main(cfg, model="uflow-resnet18", fold="0", force=False)
+    out = tmp_path / "runs" / cfg.experiment / "uflow-resnet18" / "fold0"
+    oof = pd.read_csv(out / "oof.csv")
+    assert list(oof.columns) == ["image_id", "label", "score"] and np.isfinite(oof["score"]).all()
+    results = json.loads((out / "results.json").read_text())
+    own = results["own_decision"]
+    assert "NFA < 1" in own["rule"]
+    assert own["oof"]["tn"] + own["oof"]["fp"] + own["oof"]["fn"] + own["oof"]["tp"] == len(oof)
+    decisions = pd.read_csv(out / "test_decisions.csv")
+    assert set(decisions["own_decision"]) <= {"OK", "NG"}
+    assert own["test_ng"] == int((decisions["own_decision"] == "NG").sum())
+    assert np.isfinite(decisions["own_decision_strength"]).all()
+
+
 def test_registry_names_start_with_the_family():
     for name in TINY:
         assert name.startswith(get_entry(name).model_class.family)

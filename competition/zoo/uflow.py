@@ -179,9 +179,15 @@ class UFlowModel(TrainedAnomalyModel):
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.network(images)
 
+    @property
+    def own_decision_rule(self) -> str:
+        return (f"NG where some pixel has NFA < {self.nfa_epsilon:g} (a-contrario: {self.nfa_window}-pixel windows, "
+                f"chi2 quantile {self.nfa_probability:g}, Fisher over scales); no labels used")
+
     @torch.no_grad()
-    def nfa_decisions(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
-        """(NG per image where some pixel has NFA < nfa_epsilon, -min log10 NFA per image)."""
+    def own_decisions(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+        """The label-free OK/NG rule: (NG per image where some pixel has NFA < nfa_epsilon,
+        -min log10 NFA per image, a continuous strength of that evidence)."""
         self._check_fitted()
         self.network.eval()
         tensors = evaluation_tensors(images, self.settings.image_size)
