@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODELS = ["stfpm-resnet18", "reverse-distillation-resnet18", "efficientad-s", "efficientad-m", "draem"]
+MODELS = ["stfpm-resnet18", "reverse-distillation-resnet18", "efficientad-s", "efficientad-m", "draem",
+          "fastflow-resnet18", "cflow-resnet18", "uflow-resnet18"]
 
 
 def main() -> None:
