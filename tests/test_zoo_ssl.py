@@ -9,9 +9,11 @@ from safetensors.torch import load_file
 
 from competition.pretrain import pretrained_weights_path
 from competition.weights import write_state_dict
-from competition.zoo.base import AnomalyModel, ImageSet
+from competition.zoo.base import MODEL_CLASSES, AnomalyModel, ImageSet
+from competition.zoo.padim import PaDiM
+from competition.zoo.patchcore import PatchCore
 from competition.zoo.registry import build_from_config, entries
-from competition.zoo.ssl_entries import STFPMSSL
+from competition.zoo.ssl_entries import PaDiMSSL, PatchCoreSSL, STFPMSSL
 from competition.zoo.stfpm import STFPM
 from conftest import quick_config
 
@@ -31,9 +33,23 @@ def write_pretrained(cfg):
 
 def test_twins_are_registered_beside_their_base():
     known = entries()
-    assert known["stfpm-ssl"].model_class is STFPMSSL
-    assert issubclass(STFPMSSL, STFPM) and STFPMSSL.family == "stfpm-ssl"
-    assert known["stfpm-resnet18"].model_class is STFPM  # the base family is left alone
+    for twin, base in ((PatchCoreSSL, PatchCore), (PaDiMSSL, PaDiM), (STFPMSSL, STFPM)):
+        assert known[f"{base.family}-ssl"].model_class is twin
+        assert issubclass(twin, base) and twin.family == f"{base.family}-ssl"
+        assert MODEL_CLASSES[base.family] is base  # the base family is left alone
+    assert known["patchcore-resnet18"].model_class is PatchCore
+
+
+def test_patchcore_twin_extracts_with_the_pretrained_backbone(tmp_path):
+    cfg = ssl_config(tmp_path, tmp_path)
+    path = write_pretrained(cfg)
+    model = build_from_config("patchcore-ssl", cfg)
+    extractor = model._extractor()
+    assert extractor.backbone_name == BACKBONE
+    saved = load_file(str(path))
+    state = extractor.model.state_dict()
+    assert all(torch.equal(tensor, saved[key]) for key, tensor in state.items() if key in saved)
+    assert sum(key in saved for key in state) > 10
 
 
 def test_missing_pretraining_says_to_run_make_pretrain(tmp_path):

@@ -1,11 +1,12 @@
-"""Zoo entries on the experiment's own self-supervised backbone: `stfpm-ssl`, ... (`-ssl` twins).
+"""Zoo entries on the experiment's own self-supervised backbone: `patchcore-ssl`, `padim-ssl`, `stfpm-ssl`.
 
 A twin is its base model unchanged but for the backbone and its weights, found by convention:
 the backbone `competition pretrain` trained (`pretrain.backbone`, else `model.name`) with the
 weights it wrote to `<paths.work>/pretrain/<backbone>.safetensors` (`ZooSettings.ssl_weights`).
-So `make pretrain`, then `zoo --model stfpm-ssl`, needs no path typed by hand; without the file
-the twin stops and says to run `make pretrain` first. `zoo.params: {stfpm-ssl: {backbone: X}}`
-picks another pretrained backbone from the same folder.
+So `make pretrain`, then `zoo --model patchcore-ssl`, needs no path typed by hand; without the file
+the twin stops and says to run `make pretrain` first. `zoo.params: {patchcore-ssl: {backbone: X}}`
+picks another pretrained backbone from the same folder. A twin of any other model that reads
+`settings.backbone_weights` is one `register` line below.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from competition.zoo.base import AnomalyModel, ZooSettings
+from competition.zoo.padim import PaDiM
+from competition.zoo.patchcore import PatchCore
 from competition.zoo.registry import register
 from competition.zoo.stfpm import STFPM
 
@@ -49,7 +52,13 @@ def ssl_twin(base: type[AnomalyModel], backbone_param: str = "backbone") -> type
                                 "__doc__": f"{base.__name__} on the experiment's self-supervised backbone."})
 
 
+PatchCoreSSL = ssl_twin(PatchCore)
+PaDiMSSL = ssl_twin(PaDiM)
 STFPMSSL = ssl_twin(STFPM)
 
+register("patchcore-ssl", PatchCoreSSL,
+         "PatchCore (layer2+3, 10% coreset) on the experiment's self-supervised backbone (make pretrain)")
+register("padim-ssl", PaDiMSSL,
+         "PaDiM (layer1-3, 100 random channels) on the experiment's self-supervised backbone (make pretrain)")
 register("stfpm-ssl", STFPMSSL,
          "STFPM with the experiment's self-supervised teacher (make pretrain; CPU-sized: 12 epochs)", epochs=12)
