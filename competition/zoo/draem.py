@@ -206,7 +206,7 @@ class DRAEM(TrainedAnomalyModel):
 
 
 register("draem", DRAEM,
-         "DRAEM: reconstructive + discriminative nets on Perlin anomalies, generated textures (CPU-sized: 32/16 wide)",
-         reconstructive_width=32, discriminative_width=16, epochs=15, lr=1.0e-3, batch_size=8)
+         "DRAEM: reconstructive + discriminative nets on Perlin anomalies, generated textures (CPU-sized: 16/16 wide, 8 epochs)",
+         reconstructive_width=16, discriminative_width=16, epochs=8, lr=1.0e-3, batch_size=8)
 register("draem-paper", DRAEM,
          "DRAEM as in the paper: 128/64 channels, Adam 1e-4, 700 epochs (GPU)")

@@ -210,8 +210,8 @@ class ReverseDistillation(TrainedAnomalyModel):
 
 
 register("reverse-distillation-resnet18", ReverseDistillation,
-         "Reverse Distillation: resnet18 encoder, OCBE bottleneck, reverse-resnet decoder (CPU-sized: 12 epochs)",
-         epochs=12)
+         "Reverse Distillation: resnet18 encoder, OCBE bottleneck, reverse-resnet decoder (CPU-sized: 10 epochs)",
+         epochs=10)
 register("reverse-distillation-wide-resnet50", ReverseDistillation,
          "Reverse Distillation as in the paper: wide_resnet50_2 encoder, 3 OCE blocks, 200 epochs (GPU)",
          backbone="wide_resnet50_2", oce_blocks=3, decoder_blocks=(3, 4, 6), width_per_group=128)

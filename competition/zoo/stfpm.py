@@ -107,7 +107,7 @@ class STFPM(TrainedAnomalyModel):
 
 
 register("stfpm-resnet18", STFPM,
-         "STFPM: resnet18 teacher/student feature-pyramid matching, layers 1-3 (CPU-sized: 12 epochs)",
-         epochs=12)
+         "STFPM: resnet18 teacher/student feature-pyramid matching, layers 1-3 (CPU-sized: 6 epochs)",
+         epochs=6)
 register("stfpm-resnet18-paper", STFPM,
          "STFPM with the paper's schedule: resnet18, SGD lr 0.4, 100 epochs (GPU)", epochs=100)
