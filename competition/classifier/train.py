@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -114,13 +115,9 @@ def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.dev
     return out
 
 
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 def validation_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
     """Loss, accuracy, AUROC, AUPR and macro-F1 at 0.5 and at the fold's best threshold."""
-    scores = sigmoid(logits)
+    scores = expit(logits)
     loss = F.binary_cross_entropy_with_logits(torch.tensor(logits, dtype=torch.float64),
                                               torch.tensor(labels, dtype=torch.float64))
     at_half = binary_metrics(labels, scores, 0.5)
@@ -279,8 +276,8 @@ class FoldTrainer:
         test_logits = predict_logits(self.model, self.eval_loader(self.test_rows), self.device, cfg, cfg.train.tta,
                                      desc="test") if len(self.test_rows) else np.zeros(0)
         oof = pd.DataFrame({"image_id": self.val_rows["image_id"].astype(str), "label": labels,
-                            "score": sigmoid(oof_logits)})
-        test = pd.DataFrame({"image_id": self.test_rows["image_id"].astype(str), "score": sigmoid(test_logits)})
+                            "score": expit(oof_logits)})
+        test = pd.DataFrame({"image_id": self.test_rows["image_id"].astype(str), "score": expit(test_logits)})
         write_predictions(oof, test, self.out)
         threshold, _ = best_threshold(labels, oof["score"])
         oof_metrics = {**binary_metrics(labels, oof["score"], threshold), "auroc": auroc(labels, oof["score"]),
