@@ -105,7 +105,7 @@ class OversampleConfig:
     defect_ratio: float = 0.5  # defect:normal ratio per epoch inside the training folds (0 disables)
     angle_step: int = 10  # rotation angles 0, step, 2*step, ... for the expanded defect copies
     flips: bool = True
-    mode: Literal["online", "cached"] = "online"  # rotate on the fly, or keep each rotated copy once made
+    mode: Literal["online", "cached"] = "online"  # rotate on the fly, or make every copy once at the start
 
     def __post_init__(self) -> None:
         if self.defect_ratio < 0 or not 0 < self.angle_step <= 360:

@@ -174,6 +174,11 @@ class TrainDataset(Dataset):
                                 else len(self.defect_idx))
         self.n_painted = int(round(cfg.positives.ratio * n_normal))
         self._variant_cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        if over.mode == "cached" and over.defect_ratio > 0:
+            # every flip x rotation of every defect, made once here, before DataLoader workers fork
+            pairs = [(int(row), v) for row in self.defect_idx for v in range(len(self.variants))]
+            for row, variant in tqdm(pairs, desc="defect copies", leave=False, disable=len(pairs) < 200):
+                self._defect_variant(row, variant)
         self.epoch = -1
         self.set_epoch(0)
 
