@@ -55,7 +55,7 @@ def test_a_fold_writes_every_output(cfg_factory):
     assert list(test["image_id"]) == list(index.loc[index["split"] == "test", "image_id"])
     assert oof["score"].between(0, 1).all() and test["score"].between(0, 1).all()
     history = pd.read_csv(out / "history.csv")
-    assert list(history["epoch"]) == [0, 1]
+    assert list(history["epoch"]) == [1, 2]  # counted from 1, as printed
     for column in ("train_loss", "val_loss", "val_accuracy", "val_auroc", "val_macro_f1", "val_macro_f1_at_05",
                    "val_threshold", "best_changed"):
         assert column in history
@@ -135,7 +135,7 @@ def test_the_tie_rule_replaces_best_pt_in_the_loop(cfg_factory, monkeypatch):
         {"val_macro_f1": 0.9, "val_loss": 0.4},
     ])
     summary = _train(cfg)
-    assert summary["best_epoch"] == 2 and load_checkpoint(_out(cfg) / "best.pt")["epoch"] == 2
+    assert summary["best_epoch"] == 3 and load_checkpoint(_out(cfg) / "best.pt")["epoch"] == 3
     history = pd.read_csv(_out(cfg) / "history.csv")
     assert list(history["best_changed"]) == [True, True, True, False]
 
@@ -144,7 +144,7 @@ def test_early_stopping_after_patience(cfg_factory, monkeypatch):
     cfg = cfg_factory("patience", "train.epochs=6", "train.patience=2")
     _scripted_validation(monkeypatch, [{"val_macro_f1": f, "val_loss": 0.5} for f in (0.7, 0.8, 0.6, 0.6, 0.9, 0.9)])
     summary = _train(cfg)
-    assert summary["stopped_early"] and summary["epochs_run"] == 4 and summary["best_epoch"] == 1
+    assert summary["stopped_early"] and summary["epochs_run"] == 4 and summary["best_epoch"] == 2
 
 
 def test_pool_top_share_is_a_smooth_max():
@@ -194,7 +194,7 @@ def test_mask_head_fold_keeps_one_score_per_image(cfg_factory):
     assert list(oof.columns) == ["image_id", "label", "score"] and oof["score"].between(0, 1).all()
     assert "train_mask_loss" in pd.read_csv(_out(cfg) / "history.csv")
     assert any(k.startswith("decoder.") for k in load_checkpoint(_out(cfg) / "best.pt")["model"])
-    assert summary["best_epoch"] == 0
+    assert summary["best_epoch"] == 1
 
 
 def test_mask_loss_ignores_defects_without_masks():

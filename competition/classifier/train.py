@@ -238,10 +238,11 @@ class FoldTrainer:
               f"{len(self.val_rows)} images ({int(self.val_rows['label'].sum())} defect); device {self.device}")
         epoch = start_epoch
         while epoch < t.epochs and not stopped:
-            metrics = {"epoch": epoch, **self.train_epoch(epoch), **self.validate()}
-            decision = self.tracker.update(epoch, metrics)
+            # files and messages count epochs from 1; `epoch` (the loop index) is 0-based
+            metrics = {"epoch": epoch + 1, **self.train_epoch(epoch), **self.validate()}
+            decision = self.tracker.update(epoch + 1, metrics)
             if decision.improved:  # best.pt before last.pt: see competition.training
-                save_checkpoint({"model": self.model.state_dict(), "epoch": epoch, "metrics": metrics,
+                save_checkpoint({"model": self.model.state_dict(), "epoch": epoch + 1, "metrics": metrics,
                                  "config": cfg.to_dict()}, best)
             metrics["best_changed"] = decision.improved
             history.append(metrics)
@@ -304,7 +305,7 @@ class FoldTrainer:
             "config": run_config(cfg),
         }
         write_json(summary, self.out / "summary.json")  # last: its presence marks the fold finished
-        print(f"fold {self.fold}: best epoch {self.tracker.best_epoch + 1} -> oof AUROC {oof_metrics['auroc']:.3f} "
+        print(f"fold {self.fold}: best epoch {self.tracker.best_epoch} -> oof AUROC {oof_metrics['auroc']:.3f} "
               f"macro-F1 {oof_metrics['macro_f1']:.3f} at {threshold:.3f} ({oof_metrics['macro_f1_at_05']:.3f} at 0.5)")
         print(self.out)
         return summary
