@@ -65,9 +65,10 @@ class DFM(AnomalyModel):
         "layer": 3,
         "pool": 4,  # average-pooling kernel before flattening (anomalib's pooling_kernel_size)
         "pca_level": 0.97,  # variance share kept (< 1) or number of components (>= 1)
-        "score_type": "nll",  # nll (Gaussian in PCA space) | fre (feature reconstruction error)
+        "score_type": "fre",  # fre (feature reconstruction error, anomalib's default) | nll (Gaussian in PCA space)
         "blur_sigma": 4.0,
     }
+
     def __init__(self, settings=None, **params):
         super().__init__(settings, **params)
         if self.score_type not in ("nll", "fre"):
@@ -116,7 +117,7 @@ class DFM(AnomalyModel):
 
 
 register("dfm-resnet18", DFM,
-         "DFM on resnet18 layer3 (4x4-pooled), PCA to 97% variance, Gaussian NLL in PCA space")
-register("dfm-resnet18-fre", DFM,
-         "DFM on resnet18 layer3 (4x4-pooled), PCA to 97% variance, feature reconstruction error",
-         score_type="fre")
+         "DFM on resnet18 layer3 (4x4-pooled), PCA to 97% variance, feature reconstruction error")
+register("dfm-resnet18-nll", DFM,
+         "DFM on resnet18 layer3 (4x4-pooled), PCA to 97% variance, Gaussian NLL in PCA space",
+         score_type="nll")

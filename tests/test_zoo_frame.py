@@ -1,0 +1,241 @@
+"""The zoo's frame: registry, image container, feature cache, thresholds, and the per-fold runner."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from competition.zoo.base import AnomalyModel, ImageSet, ZooSettings
+from competition.zoo.evaluation import (THRESHOLDS, evaluate_scores, threshold_f1_grid, threshold_f1_percentile,
+                                        threshold_normal_percentile, threshold_youden)
+from competition.zoo.features import FeatureExtractor, shared_extractor
+from competition.zoo.registry import build_model, entries, list_models, register, resolved_params
+
+PART_ONE_FAMILIES = ("patchcore", "padim", "dfm", "dfkde", "autoencoder")
+
+
+def _arrays(n: int, size: int = 48, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size + 5, 3), dtype=np.uint8) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- registry
+
+def test_registry_names_start_with_their_family_and_cover_part_one():
+    known = entries()
+    for name, entry in known.items():
+        family = entry.model_class.family
+        assert name == family or name.startswith(family + "-"), name
+    families = {e.model_class.family for e in known.values()}
+    assert set(PART_ONE_FAMILIES) <= families
+    for name in ("patchcore-resnet18", "padim-resnet18", "dfm-resnet18", "dfkde-resnet18",
+                 "autoencoder-recon", "autoencoder-ocsvm"):
+        assert name in known
+    assert [n for n, _ in list_models()] == sorted(known)
+
+
+def test_cli_list_prints_name_then_description(capsys):
+    from competition.cli import main
+
+    assert main(["zoo", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [line.split("\t")[0] for line in lines]
+    assert "patchcore-resnet18" in names and len(lines) == len(entries())
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
+
+
+def test_register_and_params_are_checked():
+    from competition.zoo.patchcore import PatchCore
+
+    with pytest.raises(ValueError, match="must start with"):
+        register("core-resnet18", PatchCore, "wrong prefix")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        register("patchcore-bad", PatchCore, "bad key", coreset_raito=0.1)
+    with pytest.raises(ValueError, match="zoo.params.patchcore-resnet18: unknown key"):
+        resolved_params("patchcore-resnet18", {"not_a_key": 1})
+    assert resolved_params("patchcore-resnet18", {"coreset_ratio": 0.05})["coreset_ratio"] == 0.05
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        build_model("no-such-model", ZooSettings())
+
+
+def test_config_params_override_reaches_the_model(tiny_cfg):
+    from competition.config import load_config
+    from competition.zoo.registry import build_from_config
+
+    cfg = load_config(None, ["zoo.params={padim-resnet18: {n_channels: 7}}"])
+    assert build_from_config("padim-resnet18", cfg).n_channels == 7
+
+
+# ---------------------------------------------------------------- images and features
+
+def test_image_set_reads_arrays_and_files_with_content_keys(tmp_path):
+    from PIL import Image
+
+    arrays = _arrays(2)
+    Image.fromarray(arrays[0]).save(tmp_path / "a.png")
+    Image.fromarray(arrays[0]).save(tmp_path / "copy.png")
+    images = ImageSet([tmp_path / "a.png", tmp_path / "copy.png", arrays[1]], ["a", "copy", "b"])
+    assert np.array_equal(images.read(0), arrays[0])
+    assert images.content_key(0) == images.content_key(1) != images.content_key(2)
+    view = images.tensors(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    index, tensor = view[2]
+    assert index == 2 and tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    assert images.subset([2]).ids == ["b"]
+
+
+def test_feature_cache_hits_across_models_over_one_backbone(tmp_path):
+    settings = ZooSettings(image_size=32, batch_size=4, cache_dir=str(tmp_path / "cache"), progress=False)
+    images = ImageSet(_arrays(6))
+    first = shared_extractor("resnet18", [2, 3], settings)  # PatchCore's layers
+    maps = first.extract_all(images)
+    assert (first.extracted, first.cache_hits) == (6, 0)
+    second = shared_extractor("resnet18", [1, 2, 3], settings)  # PaDiM's layers: the same cache
+    again = second.extract_all(images)
+    assert second.key == first.key and (second.extracted, second.cache_hits) == (0, 6)
+    assert all(torch.equal(a, b) for a, b in zip(maps, again))
+    uncached = FeatureExtractor("resnet18", first.layers, ZooSettings(image_size=32, progress=False))
+    assert all(torch.equal(a, b) for a, b in zip(maps, uncached.extract_all(images)))
+    # a different image size is another key; a fitted model leaves nothing new to extract
+    other = shared_extractor("resnet18", [2, 3], ZooSettings(image_size=64, cache_dir=settings.cache_dir,
+                                                               progress=False))
+    assert other.key != first.key
+    model = build_model("padim-resnet18", settings).fit(images)
+    files = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
+    build_model("patchcore-resnet18", settings).fit(images)
+    build_model("dfkde-resnet18", settings).fit(images)
+    assert sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors")) == files
+    assert model.score_samples(images).shape == (6,)
+
+
+def test_cache_key_follows_the_weights(tmp_path):
+    import timm
+
+    from competition.weights import write_state_dict
+
+    settings = ZooSettings(image_size=32, progress=False, cache_dir=str(tmp_path / "cache"))
+    net = timm.create_model("resnet18", pretrained=False)
+    write_state_dict(net.state_dict(), tmp_path / "resnet18.safetensors")
+    with_file = ZooSettings(**{**settings.__dict__, "backbone_weights": str(tmp_path)})
+    a = FeatureExtractor("resnet18", [2], settings)
+    b = FeatureExtractor("resnet18", [2], with_file)
+    assert a.key != b.key and "file sha1" in b.description["weights"]
+    seeded = FeatureExtractor("resnet18", [2], ZooSettings(image_size=32, seed=1, progress=False))
+    assert seeded.key != a.key
+
+
+# ---------------------------------------------------------------- thresholds
+
+def test_threshold_rules_on_known_scores():
+    labels = np.array([0] * 8 + [1] * 4)
+    scores = np.array([0.1, 0.2, 0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.7, 0.8, 0.9, 1.0])
+    for rule in (threshold_f1_percentile, threshold_f1_grid, threshold_youden):
+        t = rule(labels, scores)
+        assert 0.5 < t <= 0.7, rule.__name__  # every rule separates these perfectly
+    assert threshold_normal_percentile(labels, scores) == pytest.approx(np.percentile(scores[:8], 95))
+    result = evaluate_scores(labels, scores)
+    assert result["auroc"] == 1.0 and set(result["thresholds"]) == set(THRESHOLDS)
+    for name in ("f1_percentile", "f1_grid", "youden"):
+        m = result["thresholds"][name]
+        assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (4, 0, 0, 8) and m["f1"] == 1.0
+    p95 = result["thresholds"]["normal_p95"]
+    assert p95["fp"] == 1 and p95["tp"] == 4  # the 95th percentile of 8 normals lets one through
+    # overlapping scores: Youden picks the ROC corner with the largest TPR - FPR
+    labels = np.array([0, 0, 0, 1, 0, 1, 1])
+    scores = np.arange(7.0)
+    assert threshold_youden(labels, scores) == 3.0  # TPR 1, FPR 1/4: J = 0.75 beats 5.0 (J = 2/3)
+    assert evaluate_scores([0, 0], [0.1, 0.2])["thresholds"] == {}
+
+
+# ---------------------------------------------------------------- the runner
+
+def _read(path):
+    return pd.read_csv(path, dtype={"image_id": str})
+
+
+def test_runner_writes_every_file_and_never_fits_on_the_held_out_fold(tiny_cfg, capsys):
+    from competition.config import load_config
+    from competition.folds import load_index, read_folds
+    from competition.zoo.runner import main
+
+    cfg = load_config(None, [f"{k}={v}" for k, v in {
+        "paths.data": tiny_cfg.paths.data, "paths.work": tiny_cfg.paths.work, "experiment": "zoo_test",
+        "folds.n_splits": tiny_cfg.folds.n_splits, "zoo.image_size": 48, "zoo.batch_size": 16,
+        "zoo.min_real_defects": 100, "zoo.painted_per_fold": 6, "zoo.gallery_size": 3,
+        "zoo.params": "{patchcore-resnet18: {coreset_ratio: 0.2}}", "train.threads": 1}.items()])
+    main(cfg, model="patchcore-resnet18", fold="1", force=False)
+    index = load_index(cfg)
+    folds = read_folds(cfg, index)
+    out = tiny_cfg.paths.work + "/zoo_test/patchcore-resnet18/fold1"
+    from pathlib import Path
+
+    out = Path(out)
+    for name in ("oof.csv", "test.csv", "config.yaml", "summary.json", "results.json", "histogram.png",
+                 "gallery.png", "fit_images.csv", "test_decisions.csv", "model.pt"):
+        assert (out / name).exists(), name
+    oof, test = _read(out / "oof.csv"), _read(out / "test.csv")
+    assert list(oof.columns) == ["image_id", "label", "score"] and list(test.columns) == ["image_id", "score"]
+    held = folds[folds["fold"] == 1]
+    assert sorted(oof["image_id"]) == sorted(held["image_id"])
+    assert list(test["image_id"]) == list(index[index["split"] == "test"]["image_id"])
+    assert np.isfinite(oof["score"]).all() and np.isfinite(test["score"]).all()
+    fitted = set(_read(out / "fit_images.csv")["image_id"])
+    assert fitted == set(folds[(folds["fold"] != 1) & (folds["label"] == 0)]["image_id"])
+    assert not fitted & set(held["image_id"])
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["oof"]["thresholds"]) == set(THRESHOLDS)
+    assert results["painted"]["n_defect"] == 6 and 0.0 <= results["painted"]["auroc"] <= 1.0
+    assert results["decision"]["source"].startswith("macro-F1")
+    decisions = _read(out / "test_decisions.csv")
+    assert set(decisions["decision"]) <= {"OK", "NG"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"]["coreset_ratio"] == 0.2 and summary["n_fit"] == len(fitted)
+    assert "AUROC" in capsys.readouterr().out
+    reloaded = AnomalyModel.load(out / "model.pt")
+    assert reloaded.fit_info["memory_bank"] == summary["fit_info"]["memory_bank"]
+
+    # a finished fold is skipped, --force refits it; a fixed confidence becomes the OK/NG rule
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    main(cfg, model="patchcore-resnet18", fold="1", force=False)
+    assert (out / "summary.json").stat().st_mtime_ns == stamp
+    cfg.zoo.confidence = 0.5
+    main(cfg, model="patchcore-resnet18", fold="1", force=True)
+    assert (out / "summary.json").stat().st_mtime_ns != stamp
+    assert json.loads((out / "results.json").read_text())["decision"]["threshold"] == 0.5
+
+
+def test_runner_validation_set_comes_from_training_folds_only(tiny_cfg, monkeypatch):
+    """A model that asks for validation gets held-out training normals, painted copies and training defects."""
+    from competition.folds import read_folds
+    from competition.zoo import runner
+    from competition.zoo.padim import PaDiM
+
+    seen = {}
+
+    class Watching(PaDiM):
+        family = "padim-watching-test"
+        uses_validation = True
+
+        def _fit(self, images, validation):
+            seen["fit"], seen["validation"] = list(images.ids), validation
+            super()._fit(images, None)
+
+    def build(name, cfg, run_dir=None):
+        return Watching(ZooSettings(image_size=32, batch_size=16, progress=False))
+
+    monkeypatch.setattr(runner, "build_from_config", build)
+    folds = read_folds(tiny_cfg)
+    out = tiny_cfg.paths.work
+    from pathlib import Path
+
+    runner.fit_fold(tiny_cfg, "padim-resnet18", 0, folds, Path(out) / "watch")
+    held = set(folds[folds["fold"] == 0]["image_id"])
+    validation = seen["validation"]
+    real = [i for i, k in zip(validation.images.ids, validation.kinds) if k == "real"]
+    normal = [i for i, k in zip(validation.images.ids, validation.kinds) if k == "normal"]
+    assert real and normal and "painted" in validation.kinds
+    assert not (set(seen["fit"]) | set(real) | set(normal)) & held
+    assert not set(seen["fit"]) & set(normal)
+    assert set(real) == set(folds[(folds["fold"] != 0) & (folds["label"] == 1)]["image_id"])

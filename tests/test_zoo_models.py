@@ -1,0 +1,179 @@
+"""The feature-memory and autoencoder zoo models: interface, persistence, separation, and their maths."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from competition.data.painters import paint_defect, perlin_anomaly
+from competition.data.textures import make_texture
+from competition.metrics import auroc
+from competition.zoo.base import AnomalyModel, ImageSet, NotFittedError, ZooSettings
+from competition.zoo.coreset import coreset_indices, greedy_coreset, greedy_coreset_naive
+from competition.zoo.registry import build_model
+
+SIZE = 64
+N_TEST = 12
+# Local models see small painted defects; the global ones (one vector per image) larger foreign-texture regions.
+LOCAL = "local"
+GLOBAL = "global"
+AE = {"epochs": 20, "lr": 1e-3, "batch_size": 8}  # 100 steps: enough to separate, seconds on one core
+# (name, hyperparameters, test set, least AUROC): the OC-SVM sees one global code per image, a weak
+# signal for a small defect (about 0.74 here), so its bar is lower.
+CASES = [
+    ("patchcore-resnet18", {}, LOCAL, 0.75),
+    ("padim-resnet18", {}, LOCAL, 0.75),
+    ("padim-resnet18-lw", {}, LOCAL, 0.75),
+    ("dfm-resnet18", {}, GLOBAL, 0.75),
+    ("dfkde-resnet18", {}, GLOBAL, 0.75),
+    ("autoencoder-recon", AE, LOCAL, 0.75),
+    ("autoencoder-ocsvm", AE, LOCAL, 0.65),
+]
+
+
+@pytest.fixture(scope="module")
+def texture_sets(tmp_path_factory):
+    """Brushed-metal normals (40 to fit, 12 to test), 12 with painted defects, 12 with Perlin anomalies."""
+    rng = np.random.default_rng(0)
+
+    def texture():
+        return make_texture("brushed_metal", (SIZE, SIZE), rng)
+
+    kinds = ("hole", "stain", "missing_pattern", "cut")
+    fit = ImageSet([texture() for _ in range(40)])
+    normal = [texture() for _ in range(N_TEST)]
+    painted = [paint_defect(texture(), kinds[i % 4], rng, severity=0.0)[0] for i in range(N_TEST)]
+    perlin = [perlin_anomaly(texture(), rng, beta=1.0)[0] for _ in range(N_TEST)]
+    cache = tmp_path_factory.mktemp("zoo_cache")
+    return {"fit": fit, LOCAL: ImageSet(normal + painted), GLOBAL: ImageSet(normal + perlin), "cache": str(cache)}
+
+
+def _settings(cache: str) -> ZooSettings:
+    return ZooSettings(image_size=SIZE, batch_size=16, cache_dir=cache, progress=False)
+
+
+@pytest.mark.parametrize("name,params,kind,least", CASES, ids=[c[0] for c in CASES])
+def test_model_interface_persistence_and_separation(name, params, kind, least, texture_sets, tmp_path):
+    model = build_model(name, _settings(texture_sets["cache"]), params)
+    assert isinstance(model, AnomalyModel) and name.startswith(model.family)
+    test = texture_sets[kind]
+    with pytest.raises(NotFittedError):
+        model.score_samples(test)
+    assert model.fit(texture_sets["fit"]) is model
+    prediction = model.predict(test)
+    assert prediction.scores.shape == (len(test),) and np.isfinite(prediction.scores).all()
+    assert prediction.maps.shape == (len(test), SIZE, SIZE) and prediction.maps.dtype == np.float32
+    assert np.isfinite(prediction.maps).all()
+    np.testing.assert_allclose(model.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
+    labels = [0] * N_TEST + [1] * N_TEST
+    assert auroc(labels, prediction.scores) >= least, f"{name} barely separates painted defects"
+    if model.has_maps:  # maps locate the defects: their maximum is higher on defective images
+        peak = prediction.maps.reshape(len(test), -1).max(1)
+        assert auroc(labels, peak) >= 0.7
+
+    path = model.save(tmp_path / "model.pt")
+    checkpoint = torch.load(path, weights_only=True)  # tensors and plain values only
+    assert checkpoint["family"] == model.family
+    reloaded = AnomalyModel.load(path)
+    assert type(reloaded) is type(model) and reloaded.get_params() == model.get_params()
+    np.testing.assert_allclose(reloaded.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_autoencoder_trains_and_the_two_scores_share_one_network(texture_sets):
+    settings = _settings(texture_sets["cache"])
+    params = {"epochs": 6, "lr": 1e-3, "augment": False}
+    recon = build_model("autoencoder-recon", settings, params).fit(texture_sets["fit"])
+    assert recon.fit_info["final_loss"] < recon.fit_info["first_loss"]
+    svm = build_model("autoencoder-ocsvm", settings, params).fit(texture_sets["fit"])
+    assert svm.fit_info["network_reused"] and not recon.fit_info["network_reused"]
+    for a, b in zip(recon.network.state_dict().values(), svm.network.state_dict().values()):
+        assert torch.equal(a, b)
+    tta = build_model("autoencoder-recon-tta", settings, params).fit(texture_sets["fit"])
+    assert not np.allclose(tta.score_samples(texture_sets[LOCAL]), recon.score_samples(texture_sets[LOCAL]))
+
+
+def test_one_class_svm_scorer_equals_sklearn():
+    from sklearn.svm import OneClassSVM
+
+    from competition.zoo.autoencoder import OneClassSVMScorer
+
+    rng = np.random.default_rng(0)
+    codes = torch.tensor(rng.normal(size=(60, 5)) * [1, 2, 3, 4, 5])
+    test = torch.tensor(rng.normal(size=(9, 5)) * 3)
+    scorer = OneClassSVMScorer.fit(codes, nu=0.1, seed=0)
+    low, high = codes.numpy().min(0), codes.numpy().max(0)
+    reference = OneClassSVM(nu=0.1, gamma="scale").fit((codes.numpy() - low) / (high - low))
+    expected = -reference.decision_function((test.numpy() - low) / (high - low))
+    np.testing.assert_allclose(scorer(test).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ledoit_wolf_and_kde_match_their_references():
+    from scipy.stats import gaussian_kde
+    from sklearn.covariance import ledoit_wolf_shrinkage as sklearn_shrinkage
+
+    from competition.zoo.dfkde import GaussianKDE
+    from competition.zoo.padim import ledoit_wolf_shrinkage
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 10)) * rng.uniform(0.5, 2.0, 10)
+    centred = x - x.mean(0)
+    emp = torch.tensor(centred.T @ centred / 40)[None]
+    fourth = torch.tensor([((centred ** 2).sum(1) ** 2).sum()])
+    assert float(ledoit_wolf_shrinkage(emp, fourth, 40)[0]) == pytest.approx(sklearn_shrinkage(x), rel=1e-9)
+
+    points, queries = rng.normal(size=(50, 4)), rng.normal(size=(7, 4))
+    kde = GaussianKDE.fit(torch.tensor(points, dtype=torch.float32))
+    expected = -gaussian_kde(points.T).logpdf(queries.T)
+    np.testing.assert_allclose(kde(torch.tensor(queries, dtype=torch.float32)).numpy(), expected, rtol=1e-4)
+
+
+def test_patchcore_reweighting_follows_eq7():
+    """s = (1 - exp(d*) / sum_{N_b(m*)} exp(d)) * s*, with m* the nearest memory patch of the worst test patch."""
+    from competition.zoo.patchcore import PatchCoreScorer
+
+    rng = np.random.default_rng(2)
+    bank = torch.tensor(rng.normal(size=(30, 6)), dtype=torch.float32)
+    patches = torch.tensor(rng.normal(size=(1, 6, 2, 2)), dtype=torch.float32)
+    scores, patch_map = PatchCoreScorer(bank, num_neighbours=4)(patches)
+    flat = patches.permute(0, 2, 3, 1).reshape(-1, 6)
+    dist = torch.cdist(flat, bank)
+    nn_dist, nn_idx = dist.min(1)
+    worst = int(nn_dist.argmax())
+    m_star = int(nn_idx[worst])
+    support = torch.cdist(bank[m_star:m_star + 1], bank)[0].argsort()[:4]
+    d = torch.linalg.vector_norm(bank[support] - flat[worst], dim=1)
+    expected = (1 - torch.exp(d[0]) / torch.exp(d).sum()) * nn_dist[worst]
+    assert float(scores[0]) == pytest.approx(float(expected), rel=1e-4)
+    np.testing.assert_allclose(patch_map.reshape(-1).numpy(), nn_dist.numpy(), rtol=1e-4)
+    unweighted, _ = PatchCoreScorer(bank, num_neighbours=1)(patches)
+    assert float(unweighted[0]) == pytest.approx(float(nn_dist.max()), rel=1e-5)
+
+
+# ---------------------------------------------------------------- coreset
+
+def _clustered(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(25, d, generator=g) * 4
+    scale = torch.rand(1, d, generator=g) * 2
+    return centres[torch.randint(25, (n,), generator=g)] + torch.randn(n, d, generator=g) * scale
+
+
+@pytest.mark.parametrize("n,d,k,bound_dims", [(3000, 16, 300, 16), (4000, 48, 600, 8), (1500, 6, 1499, 16),
+                                              (2500, 32, 250, 32)])
+def test_pruned_greedy_coreset_selects_exactly_what_the_naive_loop_selects(n, d, k, bound_dims):
+    points = _clustered(n, d, seed=n + d)
+    expected = greedy_coreset_naive(points, k, start=11)
+    got = greedy_coreset(points, k, start=11, bound_dims=bound_dims)
+    assert torch.equal(got, expected)
+    assert torch.get_num_threads() == 1  # conftest's setting is restored after the one-thread loop
+
+
+def test_coreset_indices_cover_the_points():
+    points = _clustered(5000, 40, seed=3)
+    keep = coreset_indices(points, 0.1, projection_dim=64, seed=0)  # 64 >= 40 dims: no projection
+    assert len(keep) == 500 and len(set(keep.tolist())) == 500
+    radius = torch.cdist(points, points[keep]).min(1).values.max()
+    random_keep = torch.randperm(5000, generator=torch.Generator().manual_seed(0))[:500]
+    random_radius = torch.cdist(points, points[random_keep]).min(1).values.max()
+    assert radius < random_radius  # greedy k-center covers the outliers that random sampling misses
+    assert torch.equal(coreset_indices(points, 1.0), torch.arange(5000))
