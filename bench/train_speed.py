@@ -8,7 +8,8 @@ Target: on CPU, the pipeline reaches at least 80% of the bare model's images/s a
 
 Each figure is the median of `--repeats` timed passes over `--batches` batches, after one warm-up
 pass; "cold" is the first training pass with an empty image cache (decoding included). On a shared
-machine the figures move with the neighbours' load: compare ratios taken in one run.
+machine wall-clock figures move with the neighbours' load; the images per CPU-second of this
+process (all its threads) move much less, so both are printed.
 """
 from __future__ import annotations
 
@@ -45,54 +46,70 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_pipeline_train(loader, model, optimizer, scaler, cfg, device, batches: int) -> float:
+class _Clock:
+    """Wall-clock and process CPU time of a block: `rates(n)` -> (images/s, images per CPU-second)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def rates(self, images: int) -> tuple[float, float]:
+        return images / self.wall, images / max(self.cpu, 1e-9)
+
+
+def time_pipeline_train(loader, model, optimizer, scaler, cfg, device, batches: int) -> tuple[float, float]:
     model.train()
-    seen, start = 0, time.perf_counter()
-    for batch in itertools.islice(loader, batches):
-        images = to_device_images(batch["image"], device, cfg.train.channels_last)
-        _train_step(model, optimizer, scaler, images, batch["label"].to(device), batch["mask"].to(device),
-                    batch["has_mask"].to(device), cfg, device)
-        seen += len(images)
-    _sync(device)
-    return seen / (time.perf_counter() - start)
+    seen = 0
+    with _Clock() as clock:
+        for batch in itertools.islice(loader, batches):
+            images = to_device_images(batch["image"], device, cfg.train.channels_last)
+            _train_step(model, optimizer, scaler, images, batch["label"].to(device), batch["mask"].to(device),
+                        batch["has_mask"].to(device), cfg, device)
+            seen += len(images)
+        _sync(device)
+    return clock.rates(seen)
 
 
-def time_bare_train(model, optimizer, scaler, cfg, device, batches: int, mask_size: int) -> float:
+def time_bare_train(model, optimizer, scaler, cfg, device, batches: int, mask_size: int) -> tuple[float, float]:
     model.train()
     b, s = cfg.train.batch_size, cfg.model.image_size
     images = to_device_images(torch.randn(b, 3, s, s), device, cfg.train.channels_last)
     labels = (torch.arange(b, device=device) % 3 == 0).float()
     masks, has_mask = torch.zeros(b, 1, mask_size, mask_size, device=device), torch.ones(b, dtype=torch.bool, device=device)
-    start = time.perf_counter()
-    for _ in range(batches):
-        _train_step(model, optimizer, scaler, images, labels, masks, has_mask, cfg, device)
-    _sync(device)
-    return batches * b / (time.perf_counter() - start)
+    with _Clock() as clock:
+        for _ in range(batches):
+            _train_step(model, optimizer, scaler, images, labels, masks, has_mask, cfg, device)
+        _sync(device)
+    return clock.rates(batches * b)
 
 
 @torch.no_grad()
-def time_pipeline_eval(loader, model, cfg, device, batches: int) -> float:
+def time_pipeline_eval(loader, model, cfg, device, batches: int) -> tuple[float, float]:
     model.eval()
-    seen, start = 0, time.perf_counter()
-    for images, _ in itertools.islice(loader, batches):
-        with autocast(device, cfg.train.amp):
-            model(to_device_images(images, device, cfg.train.channels_last))
-        seen += len(images)
-    _sync(device)
-    return seen / (time.perf_counter() - start)
+    seen = 0
+    with _Clock() as clock:
+        for images, _ in itertools.islice(loader, batches):
+            with autocast(device, cfg.train.amp):
+                model(to_device_images(images, device, cfg.train.channels_last))
+            seen += len(images)
+        _sync(device)
+    return clock.rates(seen)
 
 
 @torch.no_grad()
-def time_bare_eval(model, cfg, device, batches: int, batch_size: int) -> float:
+def time_bare_eval(model, cfg, device, batches: int, batch_size: int) -> tuple[float, float]:
     model.eval()
     s = cfg.model.image_size
     images = to_device_images(torch.randn(batch_size, 3, s, s), device, cfg.train.channels_last)
-    start = time.perf_counter()
-    for _ in range(batches):
-        with autocast(device, cfg.train.amp):
-            model(images)
-    _sync(device)
-    return batches * batch_size / (time.perf_counter() - start)
+    with _Clock() as clock:
+        for _ in range(batches):
+            with autocast(device, cfg.train.amp):
+                model(images)
+        _sync(device)
+    return clock.rates(batches * batch_size)
 
 
 def main() -> None:
@@ -149,11 +166,14 @@ def main() -> None:
         figures["train"][1].append(time_bare_train(model, optimizer, scaler, cfg, device, batches, mask_size))
         figures["eval"][0].append(time_pipeline_eval(eval_loader(), model, cfg, device, eval_batches))
         figures["eval"][1].append(time_bare_eval(model, cfg, device, eval_batches, eval_batch))
-    print(f"{'':<6} {'pipeline img/s':>15} {'bare model img/s':>17} {'ratio':>7}")
+    print(f"{'':<6} {'pipeline img/s':>15} {'bare model img/s':>17} {'ratio':>7}   "
+          f"{'pipeline img/cpu-s':>18} {'bare img/cpu-s':>15} {'ratio':>7}")
     for name, (pipeline, bare) in figures.items():
-        p, b = statistics.median(pipeline), statistics.median(bare)
-        print(f"{name:<6} {p:>15.1f} {b:>17.1f} {p / b:>7.1%}")
-    print(f"train, first pass with an empty image cache (decoding included): {cold:.1f} img/s")
+        p, b = (statistics.median(r[0] for r in pipeline), statistics.median(r[1] for r in pipeline)), \
+               (statistics.median(r[0] for r in bare), statistics.median(r[1] for r in bare))
+        print(f"{name:<6} {p[0]:>15.1f} {b[0]:>17.1f} {p[0] / b[0]:>7.1%}   {p[1]:>18.1f} {b[1]:>15.1f} {p[1] / b[1]:>7.1%}")
+    print(f"train, first pass with an empty image cache (decoding included): {cold[0]:.1f} img/s, "
+          f"{cold[1]:.1f} img/cpu-s")
 
 
 if __name__ == "__main__":
