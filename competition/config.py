@@ -402,6 +402,11 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict[str, str]) -> Any:
             raise fail(f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail(f"expected a number, got {value!r}")
         return float(value)

@@ -70,6 +70,7 @@ def test_override_values_keep_yaml_types():
     assert parse_override("a.b=3") == ("a.b", 3)
     assert parse_override("a=null") == ("a", None)
     assert parse_override("a=runs/x") == ("a", "runs/x")
+    assert load_config(ROOT / "configs" / "quick.yaml", ["train.lr=3e-3"]).train.lr == 0.003
 
 
 def test_resolved_config_round_trips():
