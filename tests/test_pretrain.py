@@ -78,8 +78,8 @@ def test_ntxent_loss_falls_on_tiny_images(tiny_images, tiny_data, tmp_path):
     batch = fixed_batch(cfg, tiny_images[:16], painted=False)
     assert set(batch.views) == {"view1", "view2"}
     losses = losses_over_steps(cfg, batch)["ntxent"]
-    assert losses[0] > math.log(2 * 16 - 1) * 0.8  # near chance at init: log(2B - 1)
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[0] < math.log(2 * 16 - 1) + 0.5  # at most about chance, log(2B - 1), at init
+    assert losses[-1] < 0.6 * losses[0], losses
 
 
 def test_painted_objective_learns_beside_ntxent(tiny_images, tiny_data, tmp_path):
