@@ -211,7 +211,7 @@ class PretrainConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
     projection_dim: int = 128
     projection_hidden_dim: int = 512
-    # weighted sum of objectives; each entry: name (ntxent) + weight + that objective's own options
+    # weighted sum of objectives; each entry: name (ntxent | painted) + weight + that objective's own options
     objectives: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "ntxent", "weight": 1.0}])
     # albumentations applied to each view after the random resized crop (class name + kwargs).
     # Geometric only: photometric ones (brightness, gamma, blur, noise) teach invariance to what
