@@ -168,6 +168,19 @@ def test_pruned_greedy_coreset_selects_exactly_what_the_naive_loop_selects(n, d,
     assert torch.get_num_threads() == 1  # conftest's setting is restored after the one-thread loop
 
 
+@pytest.mark.parametrize("switch_every", [1, 3, 40])
+def test_coreset_alternating_dense_and_pruned_steps_keeps_the_selection(switch_every):
+    points = _clustered(3000, 20, seed=5)
+    expected = greedy_coreset_naive(points, 500, start=2)
+    assert torch.equal(greedy_coreset(points, 500, start=2, _switch_every=switch_every), expected)
+
+
+def test_coreset_on_structureless_noise_matches_naive():
+    """i.i.d. noise defeats pruning; the loop falls back to dense steps and still selects the same points."""
+    points = torch.randn(6000, 64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(greedy_coreset(points, 400, start=3), greedy_coreset_naive(points, 400, start=3))
+
+
 def test_coreset_indices_cover_the_points():
     points = _clustered(5000, 40, seed=3)
     keep = coreset_indices(points, 0.1, projection_dim=64, seed=0)  # 64 >= 40 dims: no projection

@@ -151,13 +151,15 @@ class PatchCore(AnomalyModel):
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         extractor = self._extractor()
-        chunks = []
-        for _, maps in extractor.extract(images, desc="patchcore fit"):
+        bank = None  # every normal patch, in float16 (half the memory before subsampling), filled in place
+        for idx, maps in extractor.extract(images, desc="patchcore fit"):
             emb = self.embedding(extractor.select(maps, self.layers))
-            # the full patch bank is kept in float16: half the memory before subsampling
-            chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).half())
-        bank = torch.cat(chunks)
-        del chunks
+            per_image = emb.shape[2] * emb.shape[3]
+            if bank is None:
+                bank = torch.empty(len(images) * per_image, emb.shape[1], dtype=torch.float16)
+            rows = emb.permute(0, 2, 3, 1).reshape(len(idx), per_image, -1).half()
+            for row, i in enumerate(idx):
+                bank[i * per_image:(i + 1) * per_image] = rows[row]
         started = time.perf_counter()
         keep = coreset_indices(bank, float(self.coreset_ratio), int(self.projection_dim), self.settings.seed,
                                progress=self.settings.progress, device=self.device)
