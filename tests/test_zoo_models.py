@@ -23,7 +23,7 @@ AE = {"epochs": 20, "lr": 1e-3, "batch_size": 8}  # 100 steps: enough to separat
 CASES = [
     ("patchcore-resnet18", {}, LOCAL, 0.75),
     ("padim-resnet18", {}, LOCAL, 0.75),
-    ("padim-resnet18-lw", {}, LOCAL, 0.75),
+    ("padim-resnet18-eps", {}, LOCAL, 0.75),
     ("dfm-resnet18", {}, GLOBAL, 0.75),
     ("dfkde-resnet18", {}, GLOBAL, 0.75),
     ("autoencoder-recon", AE, LOCAL, 0.75),

@@ -3,8 +3,9 @@
 Each position of the layer1 grid gets an embedding: layer1, layer2 and layer3 maps concatenated
 (deeper maps repeated to layer1's grid, nearest neighbour, as the paper's embedding concat), then a
 fixed random subset of d channels (d = 100 for resnet18). Per position, a Gaussian N(mu_ij,
-Sigma_ij) over the normal images, with Sigma_ij + eps*I (eps = 0.01, the paper) or Ledoit-Wolf
-shrinkage. The map is the Mahalanobis distance at each position, upsampled and smoothed with a
+Sigma_ij) over the normal images, with Ledoit-Wolf shrinkage (the default here: it did better on
+the small set, where a fold fits ~320 images against d = 100) or Sigma_ij + eps*I (eps = 0.01,
+the paper's). The map is the Mahalanobis distance at each position, upsampled and smoothed with a
 Gaussian of sigma 4; the image score is the map's maximum. Moments are accumulated batch by batch
 (float64), so fitting never holds every image's features at once.
 """
@@ -64,7 +65,8 @@ class PaDiM(AnomalyModel):
         "backbone": "resnet18",
         "layers": [1, 2, 3],
         "n_channels": 100,  # d: random channel subset (100 for resnet18, 550 for wide_resnet50_2 in the paper)
-        "shrinkage": "epsilon",  # epsilon (Sigma + eps*I, the paper) | ledoit_wolf
+        # ledoit_wolf (measured better on the small set: 0.76 vs 0.72 OOF AUROC) | epsilon (Sigma + eps*I, the paper)
+        "shrinkage": "ledoit_wolf",
         "epsilon": 0.01,
         "blur_sigma": 4.0,
     }
@@ -143,10 +145,9 @@ class PaDiM(AnomalyModel):
 
 
 register("padim-resnet18", PaDiM,
-         "PaDiM on resnet18 layer1-3, 100 random channels, per-position Gaussian (Sigma + 0.01 I), Mahalanobis")
-register("padim-resnet18-lw", PaDiM,
-         "PaDiM on resnet18 layer1-3 with Ledoit-Wolf shrinkage of each position's covariance",
-         shrinkage="ledoit_wolf")
+         "PaDiM on resnet18 layer1-3, 100 random channels, per-position Gaussian (Ledoit-Wolf shrinkage), Mahalanobis")
+register("padim-resnet18-eps", PaDiM,
+         "PaDiM on resnet18 layer1-3 as in the paper: each position's covariance + 0.01 I", shrinkage="epsilon")
 register("padim-wide-resnet50", PaDiM,
-         "PaDiM as in the paper's best setting: wide_resnet50_2 layer1-3, 550 random channels (slow on CPU)",
-         backbone="wide_resnet50_2", n_channels=550)
+         "PaDiM as in the paper's best setting: wide_resnet50_2 layer1-3, 550 random channels, + 0.01 I (slow on CPU)",
+         backbone="wide_resnet50_2", n_channels=550, shrinkage="epsilon")

@@ -53,7 +53,7 @@ class PatchEmbedding(nn.Module):
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None,
-                       k: int = 1, query_chunk: int = 4096, bank_chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+                       k: int = 1, query_chunk: int = 2048, bank_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest rows of `bank` for each query: (distances (Q, k), indices (Q, k)), batched matmuls."""
     if bank_sq is None:
         bank_sq = (bank * bank).sum(1)
@@ -160,13 +160,14 @@ class PatchCore(AnomalyModel):
             rows = emb.permute(0, 2, 3, 1).reshape(len(idx), per_image, -1).half()
             for row, i in enumerate(idx):
                 bank[i * per_image:(i + 1) * per_image] = rows[row]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         keep = coreset_indices(bank, float(self.coreset_ratio), int(self.projection_dim), self.settings.seed,
                                progress=self.settings.progress, device=self.device)
         memory = bank[keep].float()
         self.fit_info = {"patches": int(bank.shape[0]), "memory_bank": int(memory.shape[0]),
                          "embedding_dim": int(memory.shape[1]),
-                         "coreset_seconds": round(time.perf_counter() - started, 2)}
+                         "coreset_seconds": round(time.perf_counter() - started, 2),
+                         "coreset_cpu_seconds": round(time.process_time() - cpu_started, 2)}
         del bank
         self.scorer = PatchCoreScorer(memory, int(self.num_neighbours), self.search).to(self.device)
 
