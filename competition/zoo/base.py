@@ -122,9 +122,21 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+def unit_tensor(images: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) or (N, H, W, 3) uint8 -> channels-first float32 in [0, 1].
+
+    Read-only arrays (memory-mapped or shared decodes) are copied: torch cannot own them safely.
+    """
+    if not images.flags.writeable:
+        images = images.copy()
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.permute(2, 0, 1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.float().div_(255.0)
+
+
 def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32, normalised with `mean`/`std` (given on the 0..1 scale)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    x = unit_tensor(image)
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     return (x - m) / s

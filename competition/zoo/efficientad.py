@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from competition.zoo.base import resize_image, upsample_maps
+from competition.zoo.base import resize_image, unit_tensor, upsample_maps
 from competition.zoo.features import create_backbone
 from competition.zoo.registry import register
 from competition.zoo.trained import ImageNormalise, TrainedAnomalyModel, image_tensor, train_defaults
@@ -441,7 +441,7 @@ class EfficientAD(TrainedAnomalyModel):
 
 
 def _as_tensor(images: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    return unit_tensor(images)
 
 
 def _quantile(values: Tensor, q: float) -> float:

@@ -59,7 +59,7 @@ from competition.artifacts import load_checkpoint, save_checkpoint, write_csv
 from competition.metrics import auroc
 from competition.runtime import autocast, to_device_images
 from competition.training import CheckpointTracker, load_training_state, save_training_state, warmup_cosine_schedule
-from competition.zoo.base import AnomalyModel, ImageSet, ValidationSet, resize_image
+from competition.zoo.base import AnomalyModel, ImageSet, ValidationSet, resize_image, unit_tensor
 from competition.zoo.validation import split_validation
 
 HISTORY_FILE = "history.csv"
@@ -105,7 +105,7 @@ def train_defaults(**changes: Any) -> dict[str, Any]:
 
 def image_tensor(image: np.ndarray) -> Tensor:
     """One (H, W, 3) uint8 image -> (3, H, W) float in [0, 1]: the training pipeline's last step."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return unit_tensor(image)
 
 
 def evaluation_tensors(images: ImageSet, image_size: int) -> Tensor:
