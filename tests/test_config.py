@@ -77,3 +77,14 @@ def test_resolved_config_round_trips():
     cfg = load_config(ROOT / "configs" / "quick.yaml", ["seed=7"])
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_names_known_zoo_models(path):
+    from competition.zoo.registry import resolved_params
+
+    cfg = load_config(path)
+    for name in cfg.zoo.models:  # unknown names or hyperparameters raise here, not after hours of training
+        resolved_params(name, cfg.zoo.params.get(name))
+    for name in cfg.zoo.params:
+        resolved_params(name, cfg.zoo.params[name])
