@@ -1,6 +1,6 @@
-"""Speed and memory of the feature-memory zoo models (part 1), and PatchCore's coreset job.
+"""Speed and memory of the zoo: the feature-memory models, PatchCore's coreset job, the trained models.
 
-    python bench/zoo_speed.py                 # everything (about 15 minutes on 2 cores)
+    python bench/zoo_speed.py                 # everything (about 30 minutes on 2 cores)
     python bench/zoo_speed.py --skip-models   # only the coreset job and the memory estimate
     python bench/zoo_speed.py --data DIR      # an existing `small` set instead of generating one
 
@@ -14,6 +14,12 @@
    structure, so no exact method can skip work on them (ours then falls back to the naive cost).
 3. PatchCore's memory on the `full` preset (6,790 normals, 5,432 in a 5-fold fit), extrapolated
    from the measured bytes per patch.
+4. The trained models (part 2): setup seconds (e.g. EfficientAD's teacher distillation), training
+   seconds per epoch, the default's epochs and estimated fit time, and scoring images per second.
+   Each trains one epoch of its registry default on the set's first 320 normals (one fold's share)
+   and scores the 300 test images. `--device cuda` measures the same on a GPU.
+
+    python bench/zoo_speed.py --data DIR --only-trained --threads 1
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = ["patchcore-resnet18", "padim-resnet18", "dfm-resnet18", "dfkde-resnet18", "autoencoder-recon",
           "autoencoder-ocsvm"]
+TRAINED_MODELS = ["stfpm-resnet18", "reverse-distillation-resnet18", "efficientad-s", "efficientad-m", "draem",
+                  "fastflow-resnet18", "cflow-resnet18", "uflow-resnet18"]
 
 
 def peak_rss_mb() -> float:
@@ -141,6 +149,50 @@ def full_preset_estimate(job: dict) -> list[str]:
     return lines
 
 
+def trained_rows(data: str, models: list[str], threads: int, device: str, normals: int = 320,
+                 image_size: int = 128) -> None:
+    """Section 4: one epoch of each trained model's default, then scoring speed; prints a row each."""
+    import torch
+
+    from competition.zoo.base import ImageSet, ZooSettings
+    from competition.zoo.registry import build_model
+
+    torch.set_num_threads(threads)
+    fit_images = ImageSet(sorted((Path(data) / "train" / "normal_images").iterdir())[:normals])
+    test = ImageSet(sorted((Path(data) / "test" / "images").iterdir()))
+    print(f"\nTrained models: {device}, {threads} thread(s), {len(fit_images)} training normals "
+          f"(4/5 train, 1/5 validation), {len(test)} test images, {image_size} px")
+    print(f"{'model':32s} {'setup s':>8s} {'s/epoch':>8s} {'steps':>6s} {'epochs':>6s} {'~fit s':>8s} {'score img/s':>11s}")
+    for name in models:
+        with tempfile.TemporaryDirectory() as run_dir:
+            settings = ZooSettings(image_size=image_size, batch_size=32, device=device, progress=False,
+                                   run_dir=run_dir)
+            default = build_model(name, settings)
+            model = build_model(name, settings, {"epochs": 1})
+            model.fit(fit_images)
+            info = model.fit_info
+            model.score_samples(test.subset(range(8)))  # warm-up
+            start = time.perf_counter()
+            model.score_samples(test)
+            rate = len(test) / (time.perf_counter() - start)
+            steps = int(default.steps_per_epoch) or (info["training_normals"] // min(int(default.batch_size),
+                                                                                      info["training_normals"]))
+            full = info["setup_seconds"] + default.epochs * (info["fit_seconds"] - info["setup_seconds"])
+            print(f"{name:32s} {info['setup_seconds']:8.1f} {info['train_seconds_per_epoch']:8.1f} {steps:6d} "
+                  f"{default.epochs:6d} {full:8.0f} {rate:11.1f}", flush=True)
+
+
+def small_set(data: str | None) -> str:
+    """`data`, or a freshly generated `small` set when none is given."""
+    if data is not None:
+        return data
+    from competition.data.synthetic import write_competition
+
+    data = tempfile.mkdtemp(prefix="zoo_speed_small_")
+    write_competition(data, preset="small", seed=0, progress=False)
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="an existing small-preset dataset (default: generate one)")
@@ -148,6 +200,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--skip-coreset", action="store_true")
+    parser.add_argument("--trained-models", default=",".join(TRAINED_MODELS))
+    parser.add_argument("--skip-trained", action="store_true")
+    parser.add_argument("--only-trained", action="store_true", help="section 4 alone")
+    parser.add_argument("--device", default="cpu", help="section 4's device (cpu or cuda)")
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -162,16 +218,13 @@ def main() -> None:
         print(json.dumps(coreset_job(args.images, args.size, 0.1, args.threads)))
         return
 
+    if args.only_trained:
+        args.skip_models = args.skip_coreset = True
     if not args.skip_models:
         from competition.config import load_config
         from competition.folds import write_folds
 
-        data = args.data
-        if data is None:
-            from competition.data.synthetic import write_competition
-
-            data = tempfile.mkdtemp(prefix="zoo_speed_small_")
-            write_competition(data, preset="small", seed=0, progress=False)
+        data = args.data = small_set(args.data)
         work = tempfile.mkdtemp(prefix="zoo_speed_work_")
         write_folds(load_config(None, [f"paths.data={data}", f"paths.work={work}"]))
         print(f"Models on the small set ({data}), fold 0, {args.threads} threads, cold feature cache:")
@@ -193,6 +246,9 @@ def main() -> None:
               f"about {job['naive_estimate_min']} min for the coreset alone")
         print("\nPatchCore on the full preset (fit on 5,432 normals), extrapolated:")
         print("\n".join(full_preset_estimate(job)))
+
+    if not args.skip_trained:
+        trained_rows(small_set(args.data), args.trained_models.split(","), args.threads, args.device)
 
 
 if __name__ == "__main__":
