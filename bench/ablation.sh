@@ -7,7 +7,7 @@
 #
 # Experiments (each a classifier on all folds): base (random init, real defects oversampled only),
 # pos (+ painted positives), mask (+ mask head), pre (+ NT-Xent pretraining), all (all three);
-# zoo: padim / patchcore on random-init resnet18 vs padim-ssl / patchcore-ssl.
+# zoo: padim / patchcore on random-init resnet18 vs padim-ssl / patchcore-ssl (ZOO_MODELS=... to choose).
 set -euo pipefail
 DATA=${1:?dataset folder}; WORK=${2:?work folder}
 PY=${PYTHON:-.venv/bin/python}
@@ -24,7 +24,7 @@ run train --fold all --set experiment=mask --set positives.ratio=0
 run train --fold all --set experiment=pre --set positives.ratio=0 --set mask_head.enabled=false \
     --set "model.pretrained=$B0"
 [ -f "$WORK/pretrain/resnet18.safetensors" ] || run pretrain --set pretrain.backbone=resnet18
-for model in padim-resnet18 padim-ssl patchcore-resnet18 patchcore-ssl; do
+for model in ${ZOO_MODELS:-padim-resnet18 padim-ssl patchcore-resnet18 patchcore-ssl}; do
   run zoo --model "$model" --fold all --set experiment=zoo --set pretrain.backbone=resnet18
 done
 run leaderboard
