@@ -9,6 +9,7 @@ MODEL  ?=
 SET    ?=
 PRESET ?= small
 DATA   ?= input/synthetic
+BACKBONES ?=
 
 SETS  := $(foreach s,$(SET),--set $(s))
 RUN   := $(PY) -m competition
@@ -35,8 +36,9 @@ train: $(STAMP)
 zoo: $(STAMP)
 	$(RUN) zoo $(if $(MODEL),--model $(MODEL),) --fold $(FOLD) $(ARGS)
 
+# BACKBONES="efficientnet_b0 resnet18" pretrains each in turn; empty: the config's pretrain.backbone.
 pretrain: $(STAMP)
-	$(RUN) pretrain $(ARGS)
+	$(if $(strip $(BACKBONES)),$(foreach b,$(BACKBONES),$(RUN) pretrain $(ARGS) --set pretrain.backbone=$(b) &&) true,$(RUN) pretrain $(ARGS))
 
 infer: $(STAMP)
 	$(RUN) infer $(ARGS)

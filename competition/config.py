@@ -43,10 +43,14 @@ class FoldsConfig:
             raise ValueError(f"n_splits must be >= 2, got {self.n_splits}")
 
 
+# `model.pretrained` value meaning <paths.work>/pretrain, where `competition pretrain` writes.
+SSL_WEIGHTS = "ssl"
+
+
 @dataclass
 class ModelConfig:
     name: str = "efficientnet_b0"  # any timm model name
-    pretrained: bool | str = False  # false, or a local weights file / folder holding <name>.*
+    pretrained: bool | str = False  # false, a local weights file / folder holding <name>.*, or ssl
     image_size: int = 96  # square input side; 96 keeps 5 CPU folds within make all's budget
     drop_rate: float = 0.2
     drop_path_rate: float = 0.1
@@ -259,6 +263,12 @@ class Config:
     zoo: ZooConfig = field(default_factory=ZooConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def __post_init__(self) -> None:
+        # `model.pretrained: ssl` names this experiment's own pretraining output (make pretrain),
+        # so a config needs no hand-typed path; the resolved config.yaml shows the folder used.
+        if self.model.pretrained == SSL_WEIGHTS:
+            self.model.pretrained = str(Path(self.paths.work) / "pretrain")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

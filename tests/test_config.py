@@ -88,3 +88,10 @@ def test_every_shipped_config_loads_and_names_known_zoo_models(path):
         resolved_params(name, cfg.zoo.params.get(name))
     for name in cfg.zoo.params:
         resolved_params(name, cfg.zoo.params[name])
+
+
+def test_pretrained_ssl_names_the_experiments_own_pretraining_folder(tmp_path):
+    cfg = load_config(ROOT / "configs" / "quick.yaml", [f"paths.work={tmp_path}", "model.pretrained=ssl"])
+    assert cfg.model.pretrained == str(tmp_path / "pretrain")
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())).model.pretrained == str(tmp_path / "pretrain")
+    assert load_config(ROOT / "configs" / "quick.yaml").model.pretrained is False
