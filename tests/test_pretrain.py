@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -149,6 +150,11 @@ def test_weights_load_into_classifier_and_feature_extractor(finished_run):
     state = classifier.state_dict()
     for key, tensor in saved.items():
         assert torch.equal(state[key], tensor), key
+    # `model.pretrained: ssl` in the same experiment's config resolves to that folder
+    same_experiment = fast_config(cfg.paths.data, Path(cfg.paths.work), f"paths.work={cfg.paths.work}",
+                                  "model.pretrained=ssl")
+    assert load_local_weights(timm.create_model(BACKBONE, num_classes=1), same_experiment.model.pretrained,
+                              BACKBONE) == path
     extractor = timm.create_model(BACKBONE, features_only=True, out_indices=(1, 2))
     load_local_weights(extractor, path, BACKBONE)
     extractor_state = extractor.state_dict()
