@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from competition.zoo.base import unit_tensor
 from competition.zoo.registry import register
-from competition.zoo.trained import TrainedAnomalyModel, image_tensor, train_defaults
+from competition.zoo.trained import TrainedAnomalyModel, train_defaults
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -182,7 +183,7 @@ class DRAEM(TrainedAnomalyModel):
             anomalous, mask = perlin_anomaly(image, rng, texture_source=texture)
         else:
             anomalous, mask = image, np.zeros(image.shape[:2], np.uint8)
-        return {"image": image_tensor(image), "augmented": image_tensor(anomalous),
+        return {"image": unit_tensor(image), "augmented": unit_tensor(anomalous),
                 "mask": torch.from_numpy((mask > 0).astype(np.float32))[None]}
 
     def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from competition.zoo.base import resize_image, unit_tensor, upsample_maps
 from competition.zoo.features import create_backbone
 from competition.zoo.registry import register
-from competition.zoo.trained import ImageNormalise, TrainedAnomalyModel, image_tensor, train_defaults
+from competition.zoo.trained import ImageNormalise, TrainedAnomalyModel, train_defaults
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -313,9 +313,9 @@ class EfficientAD(TrainedAnomalyModel):
                                 f"({', '.join(OTHER_FAMILIES)}; {count} images), not ImageNet")
 
     def training_sample(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
-        plain = image_tensor(self.augmented(image, rng))
+        plain = unit_tensor(self.augmented(image, rng))
         pool = self.penalty_pool()
-        penalty = image_tensor(pool[int(rng.integers(len(pool)))])
+        penalty = unit_tensor(pool[int(rng.integers(len(pool)))])
         if rng.random() < 0.3:  # the reference's RandomGrayscale(0.3) on penalty images
             penalty = _grayscale(penalty)
         return {"image": plain, "image_ae": _jitter_for_autoencoder(plain, rng).clamp(0, 1), "penalty": penalty}
@@ -340,7 +340,7 @@ class EfficientAD(TrainedAnomalyModel):
         backbone = create_backbone(self.distill_backbone, tuple(int(i) for i in self.distill_layers), weights,
                                    settings.seed).to(device)
         target_net = DistillationTarget(backbone, int(self.out_channels), mean=settings.mean, std=settings.std).to(device)
-        images = torch.cat([_as_tensor(normals), _as_tensor(self.penalty_pool())])
+        images = torch.cat([unit_tensor(normals), unit_tensor(self.penalty_pool())])
         batch = int(self.teacher_batch_size)
         # Channel statistics of the target over the distillation images.
         total, total_sq, count = 0.0, 0.0, 0
@@ -391,7 +391,7 @@ class EfficientAD(TrainedAnomalyModel):
         net = self.network
         total, total_sq, count = 0.0, 0.0, 0
         for start in range(0, len(normals), self.settings.batch_size):
-            x = _as_tensor(normals[start:start + self.settings.batch_size]).to(self.device)
+            x = unit_tensor(normals[start:start + self.settings.batch_size]).to(self.device)
             out = net.teacher(net.normalise(x)).float()
             total = total + out.sum(dim=(0, 2, 3))
             total_sq = total_sq + (out ** 2).sum(dim=(0, 2, 3))
@@ -438,10 +438,6 @@ class EfficientAD(TrainedAnomalyModel):
     def fit_summary(self) -> dict[str, Any]:
         self.penalty_pool()
         return {"penalty_images": self._penalty_source, "teacher": self.fit_info.get("teacher", "resumed run")}
-
-
-def _as_tensor(images: np.ndarray) -> Tensor:
-    return unit_tensor(images)
 
 
 def _quantile(values: Tensor, q: float) -> float:

@@ -103,11 +103,6 @@ def train_defaults(**changes: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the two data pipelines
 
-def image_tensor(image: np.ndarray) -> Tensor:
-    """One (H, W, 3) uint8 image -> (3, H, W) float in [0, 1]: the training pipeline's last step."""
-    return unit_tensor(image)
-
-
 def evaluation_tensors(images: ImageSet, image_size: int) -> Tensor:
     """The evaluation pipeline, all at once: resized (N, 3, S, S) in [0, 1], no augmentation ever."""
     view = images.tensors(image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -191,7 +186,7 @@ class TrainedAnomalyModel(AnomalyModel):
     # ---- optional hooks
     def training_sample(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
         """One training sample from a uint8 (S, S, 3) normal image; default: the augmented image."""
-        return {"image": image_tensor(self.augmented(image, rng))}
+        return {"image": unit_tensor(self.augmented(image, rng))}
 
     def augmented(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`image` through the `augment` pipeline (training only), seeded from `rng`."""
