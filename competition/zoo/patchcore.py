@@ -151,15 +151,13 @@ class PatchCore(AnomalyModel):
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         extractor = self._extractor()
-        bank = None  # every normal patch, in float16 (half the memory before subsampling), filled in place
+        bank = None  # (images, patches, dim): every normal patch in float16 (half the memory), filled in place
         for idx, maps in extractor.extract(images, desc="patchcore fit"):
             emb = self.embedding(extractor.select(maps, self.layers))
-            per_image = emb.shape[2] * emb.shape[3]
             if bank is None:
-                bank = torch.empty(len(images) * per_image, emb.shape[1], dtype=torch.float16)
-            rows = emb.permute(0, 2, 3, 1).reshape(len(idx), per_image, -1).half()
-            for row, i in enumerate(idx):
-                bank[i * per_image:(i + 1) * per_image] = rows[row]
+                bank = torch.empty(len(images), emb.shape[2] * emb.shape[3], emb.shape[1], dtype=torch.float16)
+            bank[torch.as_tensor(idx)] = emb.permute(0, 2, 3, 1).flatten(1, 2).half().cpu()
+        bank = bank.flatten(0, 1)
         started, cpu_started = time.perf_counter(), time.process_time()
         keep = coreset_indices(bank, float(self.coreset_ratio), int(self.projection_dim), self.settings.seed,
                                progress=self.settings.progress, device=self.device)
