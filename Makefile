@@ -46,8 +46,10 @@ infer: $(STAMP)
 leaderboard: $(STAMP)
 	$(RUN) leaderboard $(ARGS)
 
+# Lint first (ruff, configured in pyproject.toml), then the suite; pytest prints the 25 slowest tests.
 # pytest exits 5 when it collects nothing; that is not a failure of the project.
 test: $(STAMP)
+	$(VENV)/bin/ruff check competition tests bench
 	$(PY) -m pytest; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 all: data folds

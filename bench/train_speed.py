@@ -21,24 +21,25 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from competition.classifier.data import EvalDataset, ImageStore, TrainDataset, fold_rows
-from competition.classifier.model import build_classifier
-from competition.classifier.train import classification_loss, mask_loss
+from competition.classifier.data import EvalDataset, ImageStore, classifier_geometry, fold_rows
+from competition.classifier.train import FoldTrainer
 from competition.config import DEFAULT_CONFIG, load_config
 from competition.folds import labeled_train, load_index, make_folds
 from competition.runtime import autocast, configure_threads, select_device, to_device_images
+from competition.training import EngineConfig, grad_scaler, train_epoch
 
 
-def _train_step(model, optimizer, scaler, images, labels, masks, has_mask, cfg, device) -> None:
-    with autocast(device, cfg.train.amp):
-        out = model.forward_all(images)
-    loss = classification_loss(out.class_logit, labels, cfg.train.pos_weight, cfg.train.label_smoothing)
-    if out.mask_logits is not None:
-        loss = loss + cfg.mask_head.loss_weight * mask_loss(out.mask_logits, masks, has_mask)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+class _FirstBatches:
+    """The first `n` batches of a loader, with a length, as the engine takes an epoch's batches."""
+
+    def __init__(self, loader, n: int):
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.loader, self.n)
 
 
 def _sync(device: torch.device) -> None:
@@ -60,30 +61,30 @@ class _Clock:
         return images / self.wall, images / max(self.cpu, 1e-9)
 
 
-def time_pipeline_train(loader, model, optimizer, scaler, cfg, device, batches: int) -> tuple[float, float]:
-    model.train()
-    seen = 0
+def _time_steps(trainer: FoldTrainer, batches, scaler) -> tuple[float, float]:
+    """The engine's real step (autocast, scaler, accumulation, clipping, schedule) over `batches`."""
+    t = trainer.cfg.train
+    engine = EngineConfig(epochs=1, grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps, amp=t.amp,
+                          progress=False)
     with _Clock() as clock:
-        for batch in itertools.islice(loader, batches):
-            images = to_device_images(batch["image"], device, cfg.train.channels_last)
-            _train_step(model, optimizer, scaler, images, batch["label"].to(device), batch["mask"].to(device),
-                        batch["has_mask"].to(device), cfg, device)
-            seen += len(images)
-        _sync(device)
-    return clock.rates(seen)
+        row = train_epoch(trainer.model, trainer.optimizer, batches, trainer.training_step, engine,
+                          device=trainer.device, scheduler=trainer.scheduler, scaler=scaler)
+        _sync(trainer.device)
+    return clock.rates(row["train_images"])
 
 
-def time_bare_train(model, optimizer, scaler, cfg, device, batches: int, mask_size: int) -> tuple[float, float]:
-    model.train()
-    b, s = cfg.train.batch_size, cfg.model.image_size
-    images = to_device_images(torch.randn(b, 3, s, s), device, cfg.train.channels_last)
-    labels = (torch.arange(b, device=device) % 3 == 0).float()
-    masks, has_mask = torch.zeros(b, 1, mask_size, mask_size, device=device), torch.ones(b, dtype=torch.bool, device=device)
-    with _Clock() as clock:
-        for _ in range(batches):
-            _train_step(model, optimizer, scaler, images, labels, masks, has_mask, cfg, device)
-        _sync(device)
-    return clock.rates(batches * b)
+def time_pipeline_train(trainer: FoldTrainer, loader, scaler, batches: int) -> tuple[float, float]:
+    return _time_steps(trainer, _FirstBatches(loader, batches), scaler)
+
+
+def time_bare_train(trainer: FoldTrainer, scaler, batches: int) -> tuple[float, float]:
+    """The same steps on one random batch of the training shape, already in memory."""
+    cfg, b, s = trainer.cfg, trainer.cfg.train.batch_size, trainer.cfg.model.image_size
+    batch = {"image": to_device_images(torch.randn(b, 3, s, s), trainer.device, cfg.train.channels_last),
+             "label": (torch.arange(b) % 3 == 0).float(), "mask": torch.zeros(b, 1, s, s),
+             "has_mask": torch.ones(b, dtype=torch.bool)}
+    batch = {key: value.to(trainer.device) for key, value in batch.items()}
+    return _time_steps(trainer, [batch] * batches, scaler)
 
 
 @torch.no_grad()
@@ -129,21 +130,15 @@ def main() -> None:
     train_rows, _ = fold_rows(train, 0)
     test_paths = index.loc[index["split"] == "test", "path"].astype(str).tolist() or train["path"].astype(str).tolist()
 
-    torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg.model, cfg.mask_head).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.amp)
-    with_masks = model.decoder is not None
-    mask_size = cfg.model.image_size
-    store = ImageStore(cfg.model.image_size, keep=cfg.train.cache_images)
-    dataset = TrainDataset(train_rows, cfg, store, with_masks=with_masks)
+    test_rows = index[index["split"] == "test"]
+    store = ImageStore(classifier_geometry(cfg), keep=cfg.train.cache_images)
+    trainer = FoldTrainer(cfg, 0, train, test_rows, store, device)  # the model, data and optimizer `train` builds
+    model, dataset, with_masks = trainer.model, trainer.train_set, trainer.with_masks
+    scaler = grad_scaler(EngineConfig(epochs=1, amp=cfg.train.amp), device)
     eval_batch = cfg.train.batch_size * 2
 
     def train_loader():
-        return DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=False, drop_last=True,
-                          num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
+        return trainer.loader(dataset, cfg.train.batch_size, drop_last=True)
 
     def eval_loader():
         return DataLoader(EvalDataset(test_paths, cfg.augment, store), batch_size=eval_batch,
@@ -156,14 +151,14 @@ def main() -> None:
           f"mask head {'on' if with_masks else 'off'}; epoch: {dataset.describe()}; "
           f"{batches} train / {eval_batches} eval batches per pass, median of {args.repeats}")
 
-    cold = time_pipeline_train(train_loader(), model, optimizer, scaler, cfg, device, batches)
+    cold = time_pipeline_train(trainer, train_loader(), scaler, batches)
     store.preload(train_rows["path"].astype(str).tolist() + test_paths)
-    time_bare_train(model, optimizer, scaler, cfg, device, 1, mask_size)  # warm-up
+    time_bare_train(trainer, scaler, 1)  # warm-up
     figures = {"train": ([], []), "eval": ([], [])}
     for repeat in range(args.repeats):
         dataset.set_epoch(repeat + 1)
-        figures["train"][0].append(time_pipeline_train(train_loader(), model, optimizer, scaler, cfg, device, batches))
-        figures["train"][1].append(time_bare_train(model, optimizer, scaler, cfg, device, batches, mask_size))
+        figures["train"][0].append(time_pipeline_train(trainer, train_loader(), scaler, batches))
+        figures["train"][1].append(time_bare_train(trainer, scaler, batches))
         figures["eval"][0].append(time_pipeline_eval(eval_loader(), model, cfg, device, eval_batches))
         figures["eval"][1].append(time_bare_eval(model, cfg, device, eval_batches, eval_batch))
     print(f"{'':<6} {'pipeline img/s':>15} {'bare model img/s':>17} {'ratio':>7}   "
@@ -171,7 +166,8 @@ def main() -> None:
     for name, (pipeline, bare) in figures.items():
         p, b = (statistics.median(r[0] for r in pipeline), statistics.median(r[1] for r in pipeline)), \
                (statistics.median(r[0] for r in bare), statistics.median(r[1] for r in bare))
-        print(f"{name:<6} {p[0]:>15.1f} {b[0]:>17.1f} {p[0] / b[0]:>7.1%}   {p[1]:>18.1f} {b[1]:>15.1f} {p[1] / b[1]:>7.1%}")
+        print(f"{name:<6} {p[0]:>15.1f} {b[0]:>17.1f} {p[0] / b[0]:>7.1%}   "
+              f"{p[1]:>18.1f} {b[1]:>15.1f} {p[1] / b[1]:>7.1%}")
     print(f"train, first pass with an empty image cache (decoding included): {cold[0]:.1f} img/s, "
           f"{cold[1]:.1f} img/cpu-s")
 

@@ -54,12 +54,11 @@ def _threads(n: int) -> None:
 def one_model(name: str, data: str, work: str, threads: int) -> dict:
     """Fit `name` on fold 0's training normals, score fold 0 and the test set (runs in its own process)."""
     _threads(threads)
-    import numpy as np
 
     from competition.config import load_config
     from competition.folds import load_index, read_folds
     from competition.metrics import auroc
-    from competition.zoo.base import ImageSet, ZooSettings
+    from competition.zoo.api import ImageSet, ZooSettings
     from competition.zoo.registry import build_model
 
     cfg = load_config(None, [f"paths.data={data}", f"paths.work={work}"])
@@ -92,9 +91,9 @@ def coreset_job(n_images: int, size: int, ratio: float, threads: int, seed: int 
     import torch
 
     from competition.data.textures import DATASET_FAMILIES, make_texture
-    from competition.zoo.base import ImageSet, ZooSettings
-    from competition.zoo.coreset import greedy_coreset_naive, principal_axes, random_projection
-    from competition.zoo.features import shared_extractor
+    from competition.zoo.api import ImageSet, ZooSettings
+    from competition.zoo.components.coreset import greedy_coreset_naive, principal_axes, random_projection
+    from competition.zoo.components.features import shared_extractor
     from competition.zoo.registry import build_model
 
     rng = np.random.default_rng(seed)
@@ -111,7 +110,7 @@ def coreset_job(n_images: int, size: int, ratio: float, threads: int, seed: int 
     # the naive loop's time per step on the same kind of features (a few images' worth is enough to time it)
     extractor = shared_extractor("resnet18", [2, 3], settings)
     maps = extractor.extract_all(images, list(range(min(n_images, 64))))
-    emb = model.embedding(extractor.select(maps, [2, 3]))
+    emb = model.model.embedding(extractor.select(maps, [2, 3]))
     patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
     reps = max(1, info["patches"] // patches.shape[0])
     bank = patches.repeat(reps, 1)[:info["patches"]]  # the job's size, for a per-step time at that size
@@ -154,7 +153,7 @@ def trained_rows(data: str, models: list[str], threads: int, device: str, normal
     """Section 4: one epoch of each trained model's default, then scoring speed; prints a row each."""
     import torch
 
-    from competition.zoo.base import ImageSet, ZooSettings
+    from competition.zoo.api import ImageSet, ZooSettings
     from competition.zoo.registry import build_model
 
     torch.set_num_threads(threads)
@@ -162,7 +161,8 @@ def trained_rows(data: str, models: list[str], threads: int, device: str, normal
     test = ImageSet(sorted((Path(data) / "test" / "images").iterdir()))
     print(f"\nTrained models: {device}, {threads} thread(s), {len(fit_images)} training normals "
           f"(4/5 train, 1/5 validation), {len(test)} test images, {image_size} px")
-    print(f"{'model':32s} {'setup s':>8s} {'s/epoch':>8s} {'steps':>6s} {'epochs':>6s} {'~fit s':>8s} {'score img/s':>11s}")
+    print(f"{'model':32s} {'setup s':>8s} {'s/epoch':>8s} {'steps':>6s} {'epochs':>6s} {'~fit s':>8s} "
+          f"{'score img/s':>11s}")
     for name in models:
         with tempfile.TemporaryDirectory() as run_dir:
             settings = ZooSettings(image_size=image_size, batch_size=32, device=device, progress=False,
@@ -175,11 +175,12 @@ def trained_rows(data: str, models: list[str], threads: int, device: str, normal
             start = time.perf_counter()
             model.score_samples(test)
             rate = len(test) / (time.perf_counter() - start)
-            steps = int(default.steps_per_epoch) or (info["training_normals"] // min(int(default.batch_size),
-                                                                                      info["training_normals"]))
-            full = info["setup_seconds"] + default.epochs * (info["fit_seconds"] - info["setup_seconds"])
+            defaults = default.params
+            steps = int(defaults.steps_per_epoch) or (info["training_normals"] // min(int(defaults.batch_size),
+                                                                                       info["training_normals"]))
+            full = info["setup_seconds"] + defaults.epochs * (info["fit_seconds"] - info["setup_seconds"])
             print(f"{name:32s} {info['setup_seconds']:8.1f} {info['train_seconds_per_epoch']:8.1f} {steps:6d} "
-                  f"{default.epochs:6d} {full:8.0f} {rate:11.1f}", flush=True)
+                  f"{defaults.epochs:6d} {full:8.0f} {rate:11.1f}", flush=True)
 
 
 def small_set(data: str | None) -> str:

@@ -50,8 +50,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         epoch = "–" if np.isnan(r["s_per_epoch"]) else f"{r['s_per_epoch']:.1f}"
-        print(f"| {r['model']} | {r['folds']} | {r['oof_auroc']:.3f} | {r['oof_aupr']:.3f} | {r['mean_fold_auroc']:.3f} "
-              f"| {r['fit_s']:.1f} | {epoch} | {r['img_per_s']:.1f} |")
+        print(f"| {r['model']} | {r['folds']} | {r['oof_auroc']:.3f} | {r['oof_aupr']:.3f} "
+              f"| {r['mean_fold_auroc']:.3f} | {r['fit_s']:.1f} | {epoch} | {r['img_per_s']:.1f} |")
 
 
 if __name__ == "__main__":

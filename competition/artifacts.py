@@ -1,16 +1,19 @@
-"""Where runs keep their files, and the one way files are written: atomically.
+"""Where runs keep their files, the one way files are written (atomically) and the one way tables are read.
 
 Every CSV, checkpoint, JSON and YAML goes to a temporary file in the same folder and is renamed
 into place, so a killed run never leaves a half-written file that a later stage would trust.
+JSON is strict (RFC 8259: no NaN or Infinity; they are written as null) and ids read back exactly as written.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -26,6 +29,16 @@ def run_dir(work: str | Path, experiment: str, model_name: str, fold: int) -> Pa
 
 def model_dir(work: str | Path, experiment: str, model_name: str) -> Path:
     return Path(work) / experiment / model_name
+
+
+def pretrain_dir(work: str | Path) -> Path:
+    """`<paths.work>/pretrain`: a weights folder holding `<backbone>.safetensors`."""
+    return Path(work) / "pretrain"
+
+
+def pretrained_weights_path(work: str | Path, backbone: str) -> Path:
+    """Where `competition pretrain` writes (and the zoo's ssl weights tag looks for) a backbone's weights."""
+    return pretrain_dir(work) / f"{backbone}.safetensors"
 
 
 @contextmanager
@@ -57,7 +70,9 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def write_json(data: Any, path: str | Path) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: NaN and +-inf become null (bare `NaN` is not JSON and other readers reject it)."""
+    text = json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False, default=_json_default)
+    return write_text(path, text + "\n")
 
 
 def write_yaml(data: Any, path: str | Path) -> Path:
@@ -66,6 +81,21 @@ def write_yaml(data: Any, path: str | Path) -> Path:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_table(path: str | Path, id_columns: Iterable[str] = ("image_id",), all_text: bool = False) -> pd.DataFrame:
+    """A CSV with its ids exactly as written: `id_columns` (every column when `all_text`) are strings and
+    never read as missing, so "0012" stays "0012" and an id "NA" stays "NA"; an empty id is "".
+    Other columns parse as pandas does by default (numbers, empty cells -> NaN)."""
+    if all_text:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    from pandas._libs.parsers import STR_NA_VALUES  # pandas' default missing-value spellings
+
+    columns = pd.read_csv(path, nrows=0).columns
+    ids = [c for c in id_columns if c in columns]
+    missing_spellings = sorted(STR_NA_VALUES)
+    return pd.read_csv(path, dtype={c: str for c in ids}, keep_default_na=False,
+                       na_values={c: missing_spellings for c in columns if c not in ids})
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
@@ -101,6 +131,24 @@ def write_predictions(oof: pd.DataFrame, test: pd.DataFrame, out_dir: str | Path
     out_dir = Path(out_dir)
     write_csv(oof[OOF_COLUMNS], out_dir / "oof.csv")
     write_csv(test[TEST_COLUMNS], out_dir / "test.csv")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` as plain JSON values: NaN and infinities (Python, numpy scalars, array elements) become
+    None, numpy numbers Python numbers, tuples and arrays lists. Other objects pass through unchanged."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def _json_default(obj: Any) -> Any:

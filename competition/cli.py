@@ -70,9 +70,9 @@ def _synth(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.if_missing and (out / "synth.json").exists():
-        import json
+        from competition.artifacts import read_json
 
-        meta = json.loads((out / "synth.json").read_text())
+        meta = read_json(out / "synth.json")
         if meta.get("preset") == args.preset and meta.get("seed") == args.seed and \
                 bool(meta.get("real_like")) == args.real_like:
             print(f"{out} already holds preset {args.preset} seed {args.seed}; nothing to do")

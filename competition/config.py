@@ -52,6 +52,9 @@ class ModelConfig:
     name: str = "efficientnet_b0"  # any timm model name
     pretrained: bool | str = False  # false, a local weights file / folder holding <name>.*, or ssl
     image_size: int = 96  # square input side; 96 keeps 5 CPU folds within make all's budget
+    resize: Literal["square", "letterbox"] = "square"  # stretch to the square, or keep the aspect and pad
+    # overlapping tiles, each fitted to the image_size canvas; image score = max or top-k mean over tiles
+    tiles: TilesConfig = field(default_factory=lambda: TilesConfig())  # (TilesConfig is defined below)
     drop_rate: float = 0.2
     drop_path_rate: float = 0.1
 
@@ -110,8 +113,11 @@ class OversampleConfig:
     angle_step: int = 10  # rotation angles 0, step, 2*step, ... for the expanded defect copies
     flips: bool = True
     mode: Literal["online", "cached"] = "online"  # rotate on the fly, or make every copy once at the start
+    normal_tiles: int = 1  # with model.tiles: tiles of each training normal per epoch, drawn from its grid; 0 = all
 
     def __post_init__(self) -> None:
+        if self.normal_tiles < 0:
+            raise ValueError(f"normal_tiles must be >= 0 (0 = every tile), got {self.normal_tiles}")
         if self.defect_ratio < 0 or not 0 < self.angle_step <= 360:
             raise ValueError(f"defect_ratio must be >= 0 and angle_step in 1..360, got "
                              f"{self.defect_ratio} and {self.angle_step}")
@@ -119,21 +125,25 @@ class OversampleConfig:
 
 PAINTED_KINDS = ("scratch", "crack", "hole", "stain", "cut", "missing_pattern", "cutpaste", "cutpaste_scar",
                  "perlin")
+# Every kind `positives.kinds` and `zoo.painted_kinds` accept: the painted ones, plus two opt-in kinds that
+# read other training-fold images (competition/data/transplant.py): real defects moved through their
+# masks, and NSA patches of other normals.
+POSITIVE_KINDS = PAINTED_KINDS + ("transplant", "nsa")
 
 
 @dataclass
 class PositivesConfig:
     """Synthetic positives: the training fold's own normals with a defect painted in (issue 7, section 2)."""
     ratio: float = 0.25  # painted positives per training normal per epoch (0 disables)
-    kinds: list[str] = field(default_factory=lambda: list(PAINTED_KINDS))  # drawn uniformly
+    kinds: list[str] = field(default_factory=lambda: list(PAINTED_KINDS))  # drawn uniformly; any of POSITIVE_KINDS
     severity: list[float] = field(default_factory=lambda: [0.0, 1.0])  # range, 0 obvious .. 1 subtle
     curriculum: bool = True  # widen the severity range from obvious to subtle over the epochs
     texture_source: Literal["dataset", "synthetic"] = "dataset"  # perlin: another training normal, or a texture
 
     def __post_init__(self) -> None:
-        unknown = [k for k in self.kinds if k not in PAINTED_KINDS]
+        unknown = [k for k in self.kinds if k not in POSITIVE_KINDS]
         if unknown or not self.kinds:
-            raise ValueError(f"kinds {unknown or self.kinds} not allowed; choose among {', '.join(PAINTED_KINDS)}")
+            raise ValueError(f"kinds {unknown or self.kinds} not allowed; choose among {', '.join(POSITIVE_KINDS)}")
         if len(self.severity) != 2 or not 0.0 <= self.severity[0] <= self.severity[1] <= 1.0:
             raise ValueError(f"severity must be [low, high] with 0 <= low <= high <= 1, got {self.severity}")
         if self.ratio < 0:
@@ -156,16 +166,44 @@ class MaskHeadConfig:
 
 
 @dataclass
+class TilesConfig:
+    """Overlapping tiles cut from each image (competition.preprocess.Geometry): small defects keep their pixels."""
+    enabled: bool = False
+    size: int = 160  # tile side, in pixels of the image scaled by `scale`
+    overlap: float = 0.25  # least fraction of a tile shared with its neighbour
+    scale: float = 1.0  # the image is scaled by this before tiling; 1.0 = native pixels
+    reduce: Literal["max", "topk_mean"] = "max"  # an image's score from its tiles' scores
+    topk: int = 3  # tiles averaged by reduce: topk_mean
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0.0 <= self.overlap < 1.0 or self.scale <= 0 or self.topk < 1:
+            raise ValueError(f"tiles need size >= 1, overlap in [0, 1), scale > 0 and topk >= 1; got size "
+                             f"{self.size}, overlap {self.overlap}, scale {self.scale}, topk {self.topk}")
+
+
+@dataclass
 class ZooConfig:
     models: list[str] = field(default_factory=lambda: ["patchcore-resnet18", "padim-resnet18"])
     backbone_weights: bool | str = False  # false or local weights (file or folder) for zoo backbones
-    image_size: int = 128
+    # without weights: healthy (live residual branches, BatchNorm statistics of the fit images) | timm
+    backbone_init: Literal["healthy", "timm"] = "timm"
+    image_size: int = 128  # side of the square model input (canvas)
+    resize: Literal["square", "letterbox"] = "square"  # stretch to the square, or keep the aspect and pad
+    tiles: TilesConfig = field(default_factory=TilesConfig)
     batch_size: int = 32
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # input normalisation (ImageNet)
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = 0  # DataLoader workers for decoding; 0 = in the main process
+    amp: bool = True  # mixed precision, CUDA only
+    channels_last: bool = True  # CUDA only
     cache: bool = True  # on-disk feature cache shared by models over the same backbone
     confidence: float | None = None  # fixed OK/NG threshold on the score; null = F1-optimal
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per registry name: hyperparameter overrides
     min_real_defects: int = 5  # a fold with fewer real defects is also judged on painted ones
     painted_per_fold: int = 40  # painted defects (on held-out normals) for that judgement
+    # kinds of the painted defects in trained models' validation set (any of POSITIVE_KINDS, drawn
+    # uniformly); null = the painters' mix: defect kinds, CutPaste, DRAEM
+    painted_kinds: list[str] | None = None
     validation_share: float = 0.1  # training normals held out for trained models' validation
     gallery_size: int = 12  # highest-scoring test images drawn with their anomaly maps
     save_models: bool = True  # keep each fold's fitted model as model.pt beside its scores
@@ -176,6 +214,11 @@ class ZooConfig:
                 raise ValueError(f"params: zoo.params.{name} must be a mapping of hyperparameters, got {params!r}")
         if not 0.0 < self.validation_share < 1.0:
             raise ValueError(f"validation_share must be in (0, 1), got {self.validation_share}")
+        if self.painted_kinds is not None:
+            unknown = [k for k in self.painted_kinds if k not in POSITIVE_KINDS]
+            if unknown or not self.painted_kinds:
+                raise ValueError(f"painted_kinds {unknown or self.painted_kinds} not allowed; null or a list "
+                                 f"among {', '.join(POSITIVE_KINDS)}")
 
 
 @dataclass
@@ -187,8 +230,19 @@ class EnsembleConfig:
     estimator: str | None = None  # dotted sklearn class for method=sklearn
     # keyword arguments of the stacker: LogisticRegression, RankBlend (rounds) or the sklearn class
     estimator_params: dict[str, Any] = field(default_factory=dict)
+    # defect share the test threshold is tuned for: train (the out-of-fold share) | estimate (from the
+    # unlabelled test scores) | a share in (0, 1); see competition/ensemble/prior.py
+    prior: Literal["train", "estimate"] | float = "estimate"
+    prior_method: Literal["em", "bbse"] = "em"  # estimator for prior: estimate
 
     def __post_init__(self) -> None:
+        if isinstance(self.prior, str):
+            prior_ok = self.prior in ("train", "estimate")
+        else:
+            prior_ok = not isinstance(self.prior, bool) and 0.0 < self.prior < 1.0
+        if not prior_ok:
+            raise ValueError(f"prior must be train, estimate or a defect share strictly between 0 and 1 "
+                             f"(e.g. 0.5), got {self.prior!r}")
         repeated = sorted({name for name in self.models if self.models.count(name) > 1})
         if repeated:
             raise ValueError(f"models lists {', '.join(repeated)} more than once; name each model once")
@@ -212,10 +266,14 @@ class PretrainConfig:
     temperature: float = 0.2  # NT-Xent temperature
     image_size: int = 96  # side of each augmented view
     hold_size: int = 256  # images are decoded once and held with their shorter side at most this
+    # how whole images become square (competition.preprocess.Geometry): square stretches the monitor's images;
+    # letterbox holds each image on a square canvas (aspect kept, mirrored padding), as zoo.resize: letterbox shows it
+    resize: Literal["square", "letterbox"] = "square"
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])  # RandomResizedCrop area range
     projection_dim: int = 128
     projection_hidden_dim: int = 512
     # weighted sum of objectives; each entry: name (ntxent | painted) + weight + that objective's own options
+    # (ntxent: temperature; painted: kinds, a list of POSITIVE_KINDS but transplant, null = the painters' mix)
     objectives: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "ntxent", "weight": 1.0}])
     # albumentations applied to each view after the random resized crop (class name + kwargs).
     # Geometric only: photometric ones (brightness, gamma, blur, noise) teach invariance to what

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from competition.artifacts import read_json, write_csv, write_json
+from competition.artifacts import read_json, read_table, write_csv, write_json
 from competition.config import Config
 
 FOLD_COLUMNS = ["image_id", "label", "group", "fold"]
@@ -105,7 +105,7 @@ def read_folds(cfg: Config, index: pd.DataFrame | None = None) -> pd.DataFrame:
         problems.append(f"it was split with seed {meta.get('seed')}, the config has seed {cfg.seed}")
     if meta.get("fingerprint") != dataset_fingerprint(train):
         problems.append(f"the dataset at {cfg.paths.data} changed since it was written")
-    folds = pd.read_csv(csv_path, dtype={"image_id": str, "group": str})
+    folds = read_table(csv_path, id_columns=("image_id", "group"))
     if set(folds["image_id"]) != set(train["image_id"]):
         problems.append("its image ids differ from the dataset's labeled training images")
     if problems:
@@ -131,7 +131,7 @@ def parse_fold_arg(fold: str | int, n_splits: int) -> list[int]:
 
 def run(cfg: Config) -> Path:
     csv_path = write_folds(cfg)
-    folds = pd.read_csv(csv_path)
+    folds = read_table(csv_path, id_columns=("image_id", "group"))
     counts = folds.groupby("fold")["label"].agg(["count", "sum"]).rename(columns={"count": "images", "sum": "defects"})
     print(counts.to_string())
     print(csv_path)

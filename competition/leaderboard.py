@@ -17,13 +17,20 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from competition.artifacts import read_json, save_figure, write_csv, write_text
+from competition.artifacts import read_json, read_table, write_csv, write_text
 from competition.config import Config
-from competition.ensemble.gather import (ModelPredictions, experiment_names, fold_folders, is_fold_complete,
-                                         model_names, read_model)
+from competition.ensemble.gather import (
+    ModelPredictions,
+    experiment_names,
+    fold_folders,
+    is_fold_complete,
+    model_names,
+    read_model,
+)
 from competition.ensemble.stacking import cross_validation_scores, level2_features
 from competition.ensemble.submission import SubmissionError, read_submission, validate_submission
 from competition.metrics import macro_f1
+from competition.plots import plot_leaderboard
 
 ANSWER_COLUMNS = ["ImageId", "answer", "Usage"]
 USAGE_ORDER = ["Public", "Private"]
@@ -39,7 +46,7 @@ class AnswerKeyError(ValueError):
 def read_answers(path: str | Path) -> pd.DataFrame:
     """answers.csv (ImageId,answer,Usage) as strings, answers checked to be 0/1."""
     try:
-        key = pd.read_csv(path, dtype=str, keep_default_na=False)
+        key = read_table(path, all_text=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise AnswerKeyError(f"{path}: not a readable CSV ({exc})") from None
     missing = [c for c in ANSWER_COLUMNS if c not in key.columns]
@@ -137,9 +144,16 @@ def ensemble_row(experiment: str, record: dict, submission_path: Path, answers: 
     cv = {key: (math.nan if value is None else value) for key, value in record["cv"].items()}
     cv["fold_macro_f1"] = [math.nan if v is None else v for v in record["cv"].get("fold_macro_f1", [])]
     seconds = record.get("train_seconds")
+    # The submission's threshold is tuned for the test defect share; records from before it was kept
+    # used the out-of-fold threshold.
+    prior = record.get("prior") or {}
+    share = prior.get("test_share")
+    columns = {**_cv_columns(cv), "threshold": record.get("threshold", cv["threshold"]),
+               "test_share": math.nan if share is None else share,
+               "prior": (prior.get("method") or prior.get("mode") or "") if prior else ""}
     return {"experiment": experiment, "model": f"ensemble ({record.get('method', '?')}: "
                                                f"{'+'.join(record.get('models', []))})",
-            "kind": "ensemble", **_cv_columns(cv), "train_seconds": math.nan if seconds is None else seconds,
+            "kind": "ensemble", **columns, "train_seconds": math.nan if seconds is None else seconds,
             "public": scores.get("Public", math.nan), "private": scores.get("Private", math.nan)}
 
 
@@ -195,7 +209,10 @@ def collect_rows(cfg: Config, answers: pd.DataFrame | None = None) -> tuple[pd.D
         return table, notes
     fold_columns = sorted((c for c in table.columns if c.startswith("fold")), key=lambda c: int(c[4:]))
     head = ["experiment", "model", "kind", "n_folds", "cv_mean", "cv_std", "oof_macro_f1", "oof_auroc",
-            "threshold", "train_seconds", "public", "private"]
+            "threshold", "test_share", "prior", "train_seconds", "public", "private"]
+    if "test_share" not in table:  # only stacked rows have a test share
+        table["test_share"], table["prior"] = math.nan, ""
+    table["prior"] = table["prior"].fillna("")
     table = table[head + fold_columns]
     table = table.sort_values(["oof_macro_f1", "oof_auroc", "cv_mean"], ascending=False, na_position="last",
                               kind="stable").reset_index(drop=True)
@@ -209,6 +226,11 @@ def _num(value, digits: int = 4) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _test_share(share, prior: str) -> str:
+    """The share a stacked row's threshold was tuned for and where it came from: `0.482 (em)`."""
+    return f"{_num(share, 3)} ({prior})" if _num(share) and prior else _num(share, 3)
+
+
 def _duration(seconds) -> str:
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
         return ""
@@ -218,7 +240,7 @@ def _duration(seconds) -> str:
 def markdown_table(table: pd.DataFrame) -> str:
     has_answers = table["public"].notna().any() or table["private"].notna().any()
     header = ["#", "experiment", "model", "per-fold macro-F1", "mean ± std", "OOF macro-F1", "OOF AUROC",
-              "threshold", "train time"] + (["Public", "Private"] if has_answers else [])
+              "threshold", "test defect share", "train time"] + (["Public", "Private"] if has_answers else [])
     fold_columns = [c for c in table.columns if c.startswith("fold")]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in table.itertuples(index=False):
@@ -226,37 +248,12 @@ def markdown_table(table: pd.DataFrame) -> str:
         folds = " ".join(_num(row[c], 3) for c in fold_columns if not pd.isna(row[c]))
         cells = [str(row["rank"]), row["experiment"], row["model"], folds,
                  f"{_num(row['cv_mean'])} ± {_num(row['cv_std'])}", _num(row["oof_macro_f1"]),
-                 _num(row["oof_auroc"]), _num(row["threshold"]), _duration(row["train_seconds"])]
+                 _num(row["oof_auroc"]), _num(row["threshold"]), _test_share(row["test_share"], row["prior"]),
+                 _duration(row["train_seconds"])]
         if has_answers:
             cells += [_num(row["public"]), _num(row["private"])]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot_leaderboard(table: pd.DataFrame, path: Path) -> Path:
-    """Bars: out-of-fold macro-F1; whiskers: per-fold mean ± std; markers: Public and Private."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = table.iloc[::-1]  # best at the top
-    y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(rows)))
-    colors = ["tab:orange" if kind == "ensemble" else "tab:blue" for kind in rows["kind"]]
-    ax.barh(y, rows["oof_macro_f1"], color=colors, alpha=0.75, label="OOF macro-F1")
-    ax.errorbar(rows["cv_mean"], y, xerr=rows["cv_std"].fillna(0), fmt="o", color="black", ms=3,
-                label="per-fold mean ± std")
-    if rows["public"].notna().any():
-        ax.scatter(rows["public"], y, marker="^", color="tab:green", zorder=3, label="Public")
-    if rows["private"].notna().any():
-        ax.scatter(rows["private"], y, marker="s", color="tab:red", zorder=3, label="Private")
-    ax.set_yticks(y, [f"{e} / {m}" for e, m in zip(rows["experiment"], rows["model"])], fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("macro-F1")
-    ax.set_title("local leaderboard (orange: stacked ensembles)")
-    ax.legend(loc="lower right", fontsize=8)
-    return save_figure(fig, path)
 
 
 def main(cfg: Config) -> None:

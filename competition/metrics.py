@@ -48,21 +48,28 @@ def aupr(labels, scores) -> float:
     return float(average_precision_score(labels, np.asarray(scores, float)))
 
 
-def macro_f1_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+def macro_f1_curve(labels, scores, sample_weight=None) -> tuple[np.ndarray, np.ndarray]:
     """Macro-F1 for every distinct cut of the sorted scores.
 
     Returns (unique_scores ascending, f1) where f1[k] is the macro-F1 when the images whose score is
-    >= unique_scores[k] are called defective (k = len(unique) means nobody is).
+    >= unique_scores[k] are called defective (k = len(unique) means nobody is). `sample_weight`
+    counts each image that many times in the confusion matrix (e.g. to move the class shares).
     """
     labels = np.asarray(labels, int)
     scores = np.asarray(scores, float)
     uniq, inverse = np.unique(scores, return_inverse=True)
-    pos_at = np.bincount(inverse, weights=labels, minlength=len(uniq))
-    cnt_at = np.bincount(inverse, minlength=len(uniq)).astype(float)
+    if sample_weight is None:
+        pos_at = np.bincount(inverse, weights=labels, minlength=len(uniq))
+        cnt_at = np.bincount(inverse, minlength=len(uniq)).astype(float)
+        n_pos, n = labels.sum(), len(labels)
+    else:
+        weights = np.asarray(sample_weight, float)
+        pos_at = np.bincount(inverse, weights=labels * weights, minlength=len(uniq))
+        cnt_at = np.bincount(inverse, weights=weights, minlength=len(uniq))
+        n_pos, n = float((labels * weights).sum()), float(weights.sum())
     # Predicted positives for cut k: everything at index >= k.
     tp = np.concatenate([np.cumsum(pos_at[::-1])[::-1], [0.0]])
     pp = np.concatenate([np.cumsum(cnt_at[::-1])[::-1], [0.0]])
-    n_pos, n = labels.sum(), len(labels)
     fp = pp - tp
     fn = n_pos - tp
     tn = (n - n_pos) - fp
@@ -72,13 +79,14 @@ def macro_f1_curve(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     return uniq, (f1_pos + f1_neg) / 2
 
 
-def best_threshold(labels, scores, tol: float = 1e-12) -> tuple[float, float]:
+def best_threshold(labels, scores, tol: float = 1e-12, sample_weight=None) -> tuple[float, float]:
     """(threshold, macro-F1): the middle of the widest run of cuts that reach the best macro-F1.
 
     Predict defect when score >= threshold. Cut k is valid for any threshold in
     (uniq[k-1], uniq[k]]; a run of cuts a..b spans (uniq[a-1], uniq[b]] and we take its midpoint.
+    `sample_weight` weights the confusion matrix as in `macro_f1_curve`.
     """
-    uniq, f1 = macro_f1_curve(labels, scores)
+    uniq, f1 = macro_f1_curve(labels, scores, sample_weight)
     best = f1.max()
     on = f1 >= best - tol
     # widest contiguous run of best cuts (first one on ties)

@@ -1,10 +1,12 @@
-"""The figures every run writes next to its outputs: training curves, ROC and PR, confusion matrix.
+"""Every figure the stages write: training curves, ROC and PR, confusion matrix, the zoo's score
+histograms and anomaly-map galleries, the stacker's threshold, the pretraining monitor, the leaderboard.
 
-Matplotlib with the Agg backend (no display needed); every figure goes through
-`artifacts.save_figure`, so it is written atomically and closed.
+Matplotlib with the Agg backend (no display needed), chosen here and nowhere else; every figure goes
+through `artifacts.save_figure`, so it is written atomically and closed.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -13,10 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from competition.artifacts import save_figure  # noqa: E402
-from competition.metrics import aupr, auroc, binary_metrics  # noqa: E402
+from competition.metrics import aupr, auroc, binary_metrics, macro_f1_curve  # noqa: E402
 
 
 def plot_training_curves(history: pd.DataFrame, path: str | Path, title: str = "",
@@ -89,4 +92,99 @@ def plot_confusion(labels, scores, threshold: float, path: str | Path, title: st
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or f"threshold {threshold:.3g}: macro-F1 {m['macro_f1']:.3f}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_score_histogram(groups: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
+    """Overlaid score histograms, one per group (normal, defect, painted...), on shared bins."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    values = [np.asarray(v, float) for v in groups.values() if len(v)]
+    if values:
+        everything = np.concatenate(values)
+        bins = np.linspace(everything.min(), everything.max() + 1e-12, 30)
+        for (name, v), colour in zip(groups.items(), ["tab:blue", "tab:red", "tab:orange", "tab:green"]):
+            if len(v):
+                ax.hist(v, bins=bins, alpha=0.55, color=colour, label=f"{name} ({len(v)})", density=True)
+        ax.legend()
+    ax.set_xlabel("anomaly score")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_gallery(images: list[np.ndarray], maps: np.ndarray, captions: list[str], path: str | Path,
+                 title: str = "", columns: int = 4) -> Path:
+    """Each image beside its anomaly map overlay (one colour scale for the whole gallery)."""
+    n = len(images)
+    rows = max(1, math.ceil(n / columns))
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, 2.2 * rows), squeeze=False)
+    low, high = (float(np.min(maps)), float(np.max(maps))) if n else (0.0, 1.0)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, columns)
+        axes[r, 2 * c].imshow(images[i])
+        axes[r, 2 * c].set_title(captions[i], fontsize=7)
+        axes[r, 2 * c + 1].imshow(images[i])
+        axes[r, 2 * c + 1].imshow(maps[i], cmap="jet", alpha=0.5, vmin=low, vmax=high)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_stacker_threshold(labels, scores, test_scores, threshold: float, oof_macro_f1: float,
+                           path: str | Path) -> Path:
+    """Out-of-fold macro-F1 against the threshold (the chosen one marked) and the score histograms."""
+    labels, scores = np.asarray(labels, int), np.asarray(scores, float)
+    test_scores = np.asarray(test_scores, float)
+    cuts, f1 = macro_f1_curve(labels, scores)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.step(cuts, f1[:-1], where="pre", color="tab:blue")
+    left.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:.4g}")
+    left.set(xlabel="stacker score threshold (defect if >=)", ylabel="out-of-fold macro-F1",
+             title=f"nested OOF macro-F1 {oof_macro_f1:.4f}")
+    left.legend()
+    bins = np.histogram_bin_edges(np.concatenate([scores, test_scores]), bins=40)
+    right.hist(scores[labels == 0], bins=bins, alpha=0.6, density=True, label="OOF normal")
+    right.hist(scores[labels == 1], bins=bins, alpha=0.6, density=True, label="OOF defect")
+    right.hist(test_scores, bins=bins, histtype="step", density=True, color="black", label="test")
+    right.axvline(threshold, color="tab:red", linestyle="--")
+    right.set(xlabel="stacker score", ylabel="density", title="score distributions")
+    right.legend()
+    return save_figure(fig, path)
+
+
+def plot_pretraining_curves(history: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Pretraining loss per epoch and the label-free k-NN monitor's AUROC (epoch 0: before training)."""
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    trained = history[history["epoch"] > 0]
+    ax_loss.plot(trained["epoch"], trained["train_loss"], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="loss (weighted sum)", title="pretraining loss")
+    ax_auc.plot(history["epoch"], history["monitor_auroc"], marker="o", color="tab:green")
+    ax_auc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax_auc.set(xlabel="epoch (0 = before training)", ylabel="AUROC", ylim=(0.0, 1.0),
+               title="k-NN monitor: normal vs painted")
+    for ax in (ax_loss, ax_auc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_leaderboard(table: pd.DataFrame, path: str | Path) -> Path:
+    """Bars: out-of-fold macro-F1; whiskers: per-fold mean ± std; markers: Public and Private."""
+    rows = table.iloc[::-1]  # best at the top
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * len(rows)))
+    colors = ["tab:orange" if kind == "ensemble" else "tab:blue" for kind in rows["kind"]]
+    ax.barh(y, rows["oof_macro_f1"], color=colors, alpha=0.75, label="OOF macro-F1")
+    ax.errorbar(rows["cv_mean"], y, xerr=rows["cv_std"].fillna(0), fmt="o", color="black", ms=3,
+                label="per-fold mean ± std")
+    if rows["public"].notna().any():
+        ax.scatter(rows["public"], y, marker="^", color="tab:green", zorder=3, label="Public")
+    if rows["private"].notna().any():
+        ax.scatter(rows["private"], y, marker="s", color="tab:red", zorder=3, label="Private")
+    ax.set_yticks(y, [f"{e} / {m}" for e, m in zip(rows["experiment"], rows["model"])], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("macro-F1")
+    ax.set_title("local leaderboard (orange: stacked ensembles)")
+    ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, path)

@@ -18,11 +18,10 @@ normals' features; the AUROC separating the two says whether the features see de
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,27 +35,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from competition.artifacts import load_checkpoint, read_json, save_figure, write_csv, write_json, write_yaml
-from competition.config import Config, PretrainConfig
+from competition.artifacts import pretrain_dir, pretrained_weights_path, write_csv, write_json, write_yaml
+from competition.config import POSITIVE_KINDS, Config, PretrainConfig
+from competition.data.transplant import NormalPool
 from competition.metrics import auroc
+from competition.plots import plot_pretraining_curves
+from competition.preprocess import Geometry, build_albumentations, fit_to_canvas
 from competition.runtime import autocast, configure_threads, seed_everything, select_device, to_device_images
-from competition.training import load_training_state, save_training_state, warmup_cosine_schedule
+from competition.stage import RunFolder, results_config
+from competition.training import EngineConfig, fit, warmup_cosine_schedule
 from competition.weights import load_local_weights, write_state_dict
 
 log = logging.getLogger(__name__)
 
+# The second way out of a refusal: the weights live in <paths.work>/pretrain, shared by every experiment.
+OTHER_WORK_FOLDER = "use another paths.work to keep both"
+
 
 # ---------------------------------------------------------------- where the outputs go
-
-def pretrain_dir(work: str | Path) -> Path:
-    """`<paths.work>/pretrain`: a weights folder holding `<backbone>.safetensors`."""
-    return Path(work) / "pretrain"
-
-
-def pretrained_weights_path(work: str | Path, backbone: str) -> Path:
-    """Where `competition pretrain` writes (and the zoo's ssl entries look for) a backbone's weights."""
-    return pretrain_dir(work) / f"{backbone}.safetensors"
-
 
 def backbone_name(cfg: Config) -> str:
     return cfg.pretrain.backbone or cfg.model.name
@@ -64,11 +60,18 @@ def backbone_name(cfg: Config) -> str:
 
 # ---------------------------------------------------------------- images and views
 
-def hold_image(image: np.ndarray, hold_size: int) -> np.ndarray:
-    """Shrink (never enlarge) so the shorter side is at most `hold_size`: crops come from this copy."""
+def hold_image(image: np.ndarray, hold_size: int, resize: str = "square") -> np.ndarray:
+    """The copy crops come from. "square": shrunk (never enlarged) so the shorter side is at most
+    `hold_size`. "letterbox": on a square canvas of side min(hold_size, longer side), aspect kept and
+    padding mirrored (`preprocess.fit_to_canvas`), so a view of the whole canvas is what a letterboxing
+    model sees."""
     import cv2
 
     height, width = image.shape[:2]
+    if resize == "letterbox":
+        return fit_to_canvas(image, Geometry(image_size=min(hold_size, max(height, width)), resize=resize))[0]
+    if resize != "square":
+        raise ValueError(f"pretrain.resize must be square or letterbox, got {resize!r}")
     short = min(height, width)
     if short <= hold_size:
         return image
@@ -77,29 +80,12 @@ def hold_image(image: np.ndarray, hold_size: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def load_held_images(paths: list[str], hold_size: int, progress: bool = True) -> list[np.ndarray]:
+def load_held_images(paths: list[str], hold_size: int, progress: bool = True,
+                     resize: str = "square") -> list[np.ndarray]:
     from competition.data.images import read_image
 
-    return [hold_image(read_image(p), hold_size)
+    return [hold_image(read_image(p), hold_size, resize)
             for p in tqdm(paths, desc="pretrain: reading images", disable=not progress, leave=False)]
-
-
-def build_albumentations(specs: list[dict[str, Any]], key: str) -> list[A.BasicTransform]:
-    """`[{name: HorizontalFlip, p: 0.5}, ...]` -> albumentations transforms; errors name `key[i]`."""
-    transforms = []
-    for i, spec in enumerate(specs):
-        spec = dict(spec)
-        name = spec.pop("name", None)
-        cls = getattr(A, str(name), None)
-        if not isinstance(cls, type):
-            raise ValueError(f"{key}[{i}]: albumentations has no transform named {name!r} "
-                             "(give the class name, e.g. HorizontalFlip)")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
-        try:
-            transforms.append(cls(**kwargs))
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{key}[{i}] ({name}): {exc}") from None
-    return transforms
 
 
 def view_augmentation(p: PretrainConfig) -> A.Compose:
@@ -112,21 +98,32 @@ def normalisation(mean: list[float], std: list[float]) -> A.Compose:
     return A.Compose([A.Normalize(mean=mean, std=std), ToTensorV2()])
 
 
-def whole_image_transform(image_size: int, mean: list[float], std: list[float]) -> A.Compose:
-    """The whole image, resized and normalised: how the monitor (and downstream models) see it."""
-    return A.Compose([A.Resize(image_size, image_size), A.Normalize(mean=mean, std=std), ToTensorV2()])
+def whole_image_transform(image_size: int, mean: list[float], std: list[float], resize: str = "square") -> A.Compose:
+    """The whole image fitted to the square by `resize` (a stretch, or a letterbox as `preprocess.fit_to_canvas`)
+    and normalised: how the monitor (and downstream models) see it."""
+    if resize == "square":
+        fit = A.Resize(image_size, image_size)
+    else:
+        fit = A.Lambda(image=partial(_fitted_to_canvas, geometry=Geometry(image_size=image_size, resize=resize)))
+    return A.Compose([fit, A.Normalize(mean=mean, std=std), ToTensorV2()])
+
+
+def _fitted_to_canvas(image: np.ndarray, geometry: Geometry, **_: Any) -> np.ndarray:
+    return fit_to_canvas(image, geometry)[0]
 
 
 PAINT_ATTEMPTS = 5  # a painter may find nothing visible to change (a flat crop); then another draw
 
 
-def paint_anomaly(image: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
-    """`random_anomaly` of the painters, redrawn when a draw changes nothing visible; None if none did."""
+def paint_anomaly(image: np.ndarray, rng: np.random.Generator, kinds: list[str] | None = None,
+                  pool: NormalPool | None = None, exclude: str | None = None) -> np.ndarray | None:
+    """`random_anomaly` of the painters over `kinds` (None: the painters' mix; nsa reads `pool`), redrawn
+    when a draw changes nothing visible; None if none did."""
     from competition.data.painters import random_anomaly
 
     for _ in range(PAINT_ATTEMPTS):
         try:
-            return random_anomaly(image, rng)[0]
+            return random_anomaly(image, rng, kinds=kinds, pool=pool, exclude=exclude)[0]
         except RuntimeError:
             continue
     return None
@@ -137,12 +134,20 @@ class PretrainViews(Dataset):
     `painted`, a third view with an artificial defect painted in (the painters of
     `competition.data.painters`; `painted_valid` is False where no painter could change the view,
     e.g. a flat crop, and objectives skip it). Randomness is seeded by (epoch seed, i): an epoch is the same
-    whatever the order, the worker count, or a resume."""
+    whatever the order, the worker count, or a resume. `painted_kinds` as in `paint_anomaly`; nsa cuts
+    its patches from random views of the images at `normal_indices` (the training normals)."""
 
     def __init__(self, images: list[np.ndarray], augmentation: A.Compose, normalise: A.Compose,
-                 painted: bool = False):
+                 painted: bool = False, painted_kinds: list[str] | None = None, normal_indices=()):
         self.images, self.augmentation, self.normalise, self.painted = images, augmentation, normalise, painted
+        self.painted_kinds = painted_kinds
+        self.normal_pool = (NormalPool([str(int(j)) for j in normal_indices], self._view_of)
+                            if painted_kinds is not None and "nsa" in painted_kinds else None)
         self.epoch_seed = 0
+
+    def _view_of(self, image_id: str) -> np.ndarray:
+        """A random view of image `image_id`: nsa's patches come at the scale of the view they go into."""
+        return self.augmentation(image=self.images[int(image_id)])["image"]
 
     def set_epoch_seed(self, seed: int) -> None:
         self.epoch_seed = int(seed)
@@ -165,7 +170,7 @@ class PretrainViews(Dataset):
         }
         if self.painted:
             clean = view()
-            painted = paint_anomaly(clean, rng)
+            painted = paint_anomaly(clean, rng, self.painted_kinds, self.normal_pool, exclude=str(i))
             item["painted"] = self.normalise(image=clean if painted is None else painted)["image"]
             item["painted_valid"] = painted is not None
         return item
@@ -182,7 +187,7 @@ class ViewBatch:
         self.extras = extras or {}  # per-image values that are not views, e.g. painted_valid
         self._features: dict[str, torch.Tensor] | None = None
 
-    def features(self, model: "PretrainNet") -> dict[str, torch.Tensor]:
+    def features(self, model: PretrainNet) -> dict[str, torch.Tensor]:
         if self._features is None:
             names = list(self.views)
             pooled = model.backbone(torch.cat([self.views[n] for n in names]))
@@ -250,8 +255,16 @@ class PaintedObjective:
     name = "painted"
     views = ("view1", "painted")
 
-    def __init__(self, p: PretrainConfig):
+    def __init__(self, p: PretrainConfig, kinds: list[str] | None = None):
         self.criterion = nn.BCEWithLogitsLoss()  # over the clean views and the valid painted ones
+        self.kinds = None if kinds is None else list(kinds)  # None: the painters' mix
+        if self.kinds is not None:
+            unknown = [k for k in self.kinds if k not in POSITIVE_KINDS or k == "transplant"]
+            if unknown or not self.kinds:
+                allowed = ", ".join(k for k in POSITIVE_KINDS if k != "transplant")
+                raise ValueError(f"pretrain.objectives painted: kinds {unknown or self.kinds} not allowed; choose "
+                                 f"among {allowed} (transplant would put every fold's real defects, validation "
+                                 "ones included, into weights that every fold uses)")
 
     def head(self, num_features: int) -> nn.Module:
         return nn.Linear(num_features, 1)
@@ -331,7 +344,7 @@ def build_monitor_set(normals: list[np.ndarray], p: PretrainConfig, mean: list[f
     if len(held) < 2:
         log.warning("pretrain monitor off: no painter could change the held-out normals")
         return None
-    to_tensor = whole_image_transform(p.image_size, mean, std)
+    to_tensor = whole_image_transform(p.image_size, mean, std, p.resize)
 
     def stack(images: list[np.ndarray]) -> torch.Tensor:
         return torch.stack([to_tensor(image=image)["image"] for image in images])
@@ -374,86 +387,42 @@ def monitor_auroc(backbone: nn.Module, monitor: MonitorSet, device: torch.device
     return float(auroc(labels, scores))
 
 
-# ---------------------------------------------------------------- one epoch
+# ---------------------------------------------------------------- one step
 
-def train_one_epoch(model: PretrainNet, loader: DataLoader, objectives: list[tuple[float, Objective]],
-                    optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-                    device: torch.device, amp: bool, channels_last: bool, desc: str) -> dict[str, float]:
-    """Mean total loss (and each objective's) over the epoch's steps."""
-    model.train()
-    totals = {"loss": 0.0, **{f"loss_{o.name}": 0.0 for _, o in objectives}}
-    steps = 0
-    bar = tqdm(loader, desc=desc, leave=False)
-    for item in bar:
+def pretraining_step(model: PretrainNet, objectives: list[tuple[float, Objective]], device: torch.device,
+                     channels_last: bool):
+    """The engine's training step: the weighted sum of the objectives ("loss") and each one apart."""
+
+    def step(item: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         views = {k: to_device_images(v, device, channels_last) for k, v in item.items() if v.ndim == 4}
         extras = {k: v.to(device) for k, v in item.items() if v.ndim != 4 and k != "index"}
         batch = ViewBatch(views, item["index"].to(device), extras)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp):
-            parts = [(weight, objective, objective.loss(batch, model)) for weight, objective in objectives]
-            loss = sum(weight * part for weight, _, part in parts)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        steps += 1
-        totals["loss"] += float(loss.detach())
-        for _, objective, part in parts:
-            totals[f"loss_{objective.name}"] += float(part.detach())
-        bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}")
-    return {k: v / max(steps, 1) for k, v in totals.items()}
+        parts = {objective.name: (weight, objective.loss(batch, model)) for weight, objective in objectives}
+        return {"loss": sum(weight * part for weight, part in parts.values()),
+                **{name: part for name, (_, part) in parts.items()}}
+
+    return step
 
 
 # ---------------------------------------------------------------- records
 
-def pretrain_settings(cfg: Config) -> dict[str, Any]:
+# The config a pretraining run's weights depend on (less `stage.NEUTRAL_KEYS`); the backbone is
+# resolved, since `pretrain.backbone: null` means `model.name`.
+RESULTS_KEYS = ("seed", "paths.data", "data", "augment.mean", "augment.std", "pretrain")
+
+
+def pretrain_record(cfg: Config) -> dict[str, Any]:
     """Everything that shapes the weights: a resumed or finished run must have been made with these."""
-    settings = {
-        "backbone": backbone_name(cfg),
-        **{k: v for k, v in asdict(cfg.pretrain).items() if k != "backbone"},
-        "data": str(Path(cfg.paths.data).resolve()),
-        "layout": cfg.data.layout,
-        "category": cfg.data.category,
-        "seed": cfg.seed,
-        "mean": list(cfg.augment.mean),
-        "std": list(cfg.augment.std),
-    }
-    return json.loads(json.dumps(settings))  # the form it takes after a JSON round trip
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def plot_curves(history: pd.DataFrame, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    trained = history[history["epoch"] > 0]
-    ax_loss.plot(trained["epoch"], trained["loss"], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="loss (weighted sum)", title="pretraining loss")
-    ax_auc.plot(history["epoch"], history["monitor_auroc"], marker="o", color="tab:green")
-    ax_auc.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    ax_auc.set(xlabel="epoch (0 = before training)", ylabel="AUROC", ylim=(0.0, 1.0),
-               title="k-NN monitor: normal vs painted")
-    for ax in (ax_loss, ax_auc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    record = results_config(cfg, RESULTS_KEYS)
+    record["pretrain"]["backbone"] = backbone_name(cfg)
+    return record
 
 
 def write_records(log_dir: Path, history: list[dict[str, float]], summary: dict[str, Any], title: str) -> None:
     frame = pd.DataFrame(history)
     write_csv(frame, log_dir / "history.csv")
-    plot_curves(frame, log_dir / "curves.png", title)
-    # strict JSON: NaN (no monitor, no epoch yet) becomes null
-    write_json({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()},
-               log_dir / "summary.json")
+    plot_pretraining_curves(frame, log_dir / "curves.png", title)
+    write_json(summary, log_dir / "summary.json")
 
 
 def _best(history: list[dict[str, float]]) -> tuple[int | None, float | None]:
@@ -475,33 +444,24 @@ def main(cfg: Config, force: bool = False) -> Path:
     name = backbone_name(cfg)
     weights_path = pretrained_weights_path(cfg.paths.work, name)
     log_dir = pretrain_dir(cfg.paths.work) / name
-    last_path = log_dir / "last.pt"
-    summary_path = log_dir / "summary.json"
-    settings = pretrain_settings(cfg)
-
-    if force:
-        for stale in (last_path, weights_path, summary_path):
-            stale.unlink(missing_ok=True)
-    elif weights_path.exists() and summary_path.exists():
-        done = read_json(summary_path)
-        if done.get("finished"):
-            changed = _differences(done.get("settings", {}), settings)
-            if changed:
-                raise ValueError(f"{weights_path} was pretrained with other settings ({'; '.join(changed)}); "
-                                 "run `python -m competition pretrain --force` to pretrain again")
-            print(f"{weights_path} is already pretrained ({done.get('epochs_done')} epochs); --force pretrains again")
-            print(weights_path)
-            return weights_path
+    record = pretrain_record(cfg)
+    folder = RunFolder(marker=log_dir / "summary.json", required=(weights_path,),
+                       outputs=(weights_path, log_dir / "last.pt", log_dir / "history.csv"),
+                       redo="pretrain again", elsewhere=OTHER_WORK_FOLDER)
+    done = folder.prepare(record, force)
+    if done is not None:
+        print(f"{weights_path} is already pretrained ({done.get('epochs_done')} epochs); --force pretrains again")
+        print(weights_path)
+        return weights_path
 
     configure_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     device = select_device(cfg.device)
-    amp = cfg.train.amp and device.type == "cuda"
     channels_last = cfg.train.channels_last
 
     index = load_index(cfg)
     rows = index[(index["split"] == "train") | (p.include_test & (index["split"] == "test"))]
-    images = load_held_images(rows["path"].tolist(), p.hold_size)
+    images = load_held_images(rows["path"].tolist(), p.hold_size, resize=p.resize)
     if len(images) < 2:
         raise ValueError(f"pretraining needs at least 2 images; {cfg.paths.data} gave {len(images)}")
     is_normal = ((rows["split"] == "train") & (rows["label"] == 0)).fillna(False).to_numpy()
@@ -515,8 +475,10 @@ def main(cfg: Config, force: bool = False) -> Path:
 
     objectives = build_objectives(p)
     needs_painted = any("painted" in objective.views for _, objective in objectives)
+    painted_kinds = next((o.kinds for _, o in objectives if isinstance(o, PaintedObjective)), None)
     dataset = PretrainViews(images, view_augmentation(p), normalisation(cfg.augment.mean, cfg.augment.std),
-                            painted=needs_painted)
+                            painted=needs_painted, painted_kinds=painted_kinds,
+                            normal_indices=np.flatnonzero(is_normal))
     batch_size = min(p.batch_size, len(dataset))
     model = build_pretrain_net(name, p, objectives)
     if p.init_weights:
@@ -528,25 +490,11 @@ def main(cfg: Config, force: bool = False) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     scheduler = warmup_cosine_schedule(optimizer, round(p.warmup_epochs * steps_per_epoch),
                                        p.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
-    history: list[dict[str, float]] = []
-    start = 0
-    if last_path.exists():
-        saved = load_checkpoint(last_path).get("extra", {})
-        changed = _differences(saved.get("settings", {}), settings)
-        if changed:
-            raise ValueError(f"{last_path} was written with other settings ({'; '.join(changed)}); "
-                             "run `python -m competition pretrain --force` to start again")
-        resumed = load_training_state(last_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                      scaler=scaler, map_location=device)
-        start, history = resumed.next_epoch, list(resumed.extra["history"])
-        print(f"resuming pretraining of {name} after epoch {start} of {p.epochs} ({last_path})")
     write_yaml(cfg.to_dict(), log_dir / "config.yaml")
     title = f"{name}: {len(images)} images, {p.image_size}px, batch {batch_size}"
     nan = float("nan")
 
-    def summary(finished: bool) -> dict[str, Any]:
+    def summary(history: list[dict[str, Any]], finished: bool) -> dict[str, Any]:
         best_epoch, best_value = _best(history)
         trained = [row for row in history if row["epoch"] > 0]
         return {
@@ -558,41 +506,29 @@ def main(cfg: Config, force: bool = False) -> Path:
             "monitor_auroc_init": history[0]["monitor_auroc"] if history else nan,
             "monitor_auroc_final": history[-1]["monitor_auroc"] if history else nan,
             "monitor_auroc_best": best_value, "monitor_best_epoch": best_epoch,
-            "final_loss": trained[-1]["loss"] if trained else nan,
-            "seconds_per_epoch": float(np.mean([r["seconds"] for r in trained])) if trained else nan,
-            "settings": settings,
+            "final_loss": trained[-1]["train_loss"] if trained else nan,
+            "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in trained])) if trained else nan,
+            "config": record,
         }
 
-    def measure() -> float:
-        return nan if monitor is None else monitor_auroc(model.backbone, monitor, device, channels_last)
+    def validate() -> dict[str, float]:
+        return {"monitor_auroc": nan if monitor is None else monitor_auroc(model.backbone, monitor, device,
+                                                                           channels_last)}
 
-    if start == 0 and not history:
-        initial = measure()
-        history.append({"epoch": 0, "loss": nan, **{f"loss_{o.name}": nan for _, o in objectives},
-                        "monitor_auroc": initial, "lr": nan, "seconds": 0.0})
-        print(f"pretrain {name}: {len(images)} images ({counts}), {steps_per_epoch} steps/epoch on {device}; "
-              f"monitor AUROC before training {initial:.4f}")
-
-    for epoch in range(start, p.epochs):
+    def epoch_batches(epoch: int) -> DataLoader:
         # Per-epoch seeds for shuffling and augmentation: a resumed run sees the same epochs.
         dataset.set_epoch_seed(cfg.seed + epoch)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        began = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        losses = train_one_epoch(model, loader, objectives, optimizer, scheduler, scaler, device, amp,
-                                 channels_last, desc=f"pretrain epoch {epoch + 1}/{p.epochs}")
-        seconds = time.perf_counter() - began
-        value = measure()
-        history.append({"epoch": epoch + 1, **losses, "monitor_auroc": value, "lr": lr, "seconds": seconds})
-        save_training_state(last_path, epoch=epoch, model=model, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, extra={"history": history, "settings": settings})
-        write_records(log_dir, history, summary(finished=False), title)
-        print(f"pretrain epoch {epoch + 1}/{p.epochs}: loss {losses['loss']:.4f}  "
-              f"monitor AUROC {value:.4f}  ({seconds:.0f}s)")
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                          num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
+                          generator=torch.Generator().manual_seed(cfg.seed + epoch))
 
+    print(f"pretrain {name}: {len(images)} images ({counts}), {steps_per_epoch} steps/epoch on {device}")
+    engine = EngineConfig(epochs=p.epochs, name="pretrain", amp=cfg.train.amp, out=log_dir, record=record,
+                          elsewhere=OTHER_WORK_FOLDER, validate_first=True, shown_metrics=("monitor_auroc",))
+    result = fit(model, optimizer, epoch_batches, pretraining_step(model, objectives, device, channels_last),
+                 engine, device=device, validate=validate, scheduler=scheduler,
+                 after_epoch=lambda history: write_records(log_dir, history, summary(history, False), title))
     write_state_dict(model.backbone.state_dict(), weights_path)
-    write_records(log_dir, history, summary(finished=True), title)
+    write_records(log_dir, result.history, summary(result.history, finished=True), title)
     print(weights_path)
     return weights_path

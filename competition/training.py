@@ -1,42 +1,45 @@
-"""Training machinery shared by every model that trains for epochs (the classifier, the zoo's STFPM,
-EfficientAD, DRAEM, pretraining): best/last checkpoints with the tie rule, resumable state, RNG
-capture, and the warmup-cosine learning-rate schedule.
+"""The one training engine: `fit` runs the epochs of every model that trains (the classifier,
+pretraining, the zoo's trained models) and owns the mechanics, so kill, resume and config changes
+behave the same everywhere. Lightning's split: the model supplies its step and its validation.
 
-How a training loop uses it::
+`fit` owns: float16 autocast with a GradScaler (CUDA only; the CPU trains in float32), gradient
+accumulation, gradient clipping, the non-finite loss check, the per-step schedule, the best epoch
+by `CheckpointTracker` (with the tie rule), best.pt and last.pt, history.csv, early stopping and
+resume from last.pt with the RNG states, so a resumed run ends exactly as an uninterrupted one::
 
-    tracker = CheckpointTracker(metric="val_macro_f1", tie_metric="val_loss")   # max F1, then min loss
-    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps)
-    resumed = load_training_state(out / "last.pt", model=model, optimizer=optimizer,
-                                  scheduler=scheduler, scaler=scaler, tracker=tracker)
-    start = resumed.next_epoch if resumed else 0          # RNG states are restored as well
-    for epoch in range(start, epochs):
-        ...train, validate -> metrics (a dict with the two keys the tracker reads)...
-        decision = tracker.update(epoch, metrics)
-        if decision.improved:
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "metrics": metrics}, out / "best.pt")
-        save_training_state(out / "last.pt", epoch=epoch, model=model, optimizer=optimizer,
-                            scheduler=scheduler, scaler=scaler, tracker=tracker)
-        print(f"epoch {epoch}: {decision.reason}")
-        if tracker.should_stop(patience):
-            break
+    result = fit(model, optimizer, epoch_batches, training_step,
+                 EngineConfig(epochs=10, grad_clip=5.0, out=run_folder, record=results_record),
+                 device=device, validate=validate, scheduler=scheduler,
+                 tracker=CheckpointTracker(metric="val_macro_f1", tie_metric="val_loss"))
 
-Write best.pt before last.pt: a run killed in between then re-runs that epoch and rewrites both,
+`epoch_batches(epoch)` gives that epoch's batches (seeded by the epoch, with a length);
+`training_step(batch)` returns the loss, or a dict whose "loss" is backpropagated and whose other
+entries are logged; `validate()` returns the epoch's metrics. Files and messages count epochs from 1.
+
+best.pt is written before last.pt: a run killed in between re-runs that epoch and rewrites both,
 so best.pt never describes an epoch that last.pt has not recorded. Every file goes through
 `artifacts.save_checkpoint` (atomic) and is read with `weights_only=True`.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
+import time
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
+from tqdm import tqdm
 
-from competition.artifacts import load_checkpoint, save_checkpoint
+from competition.artifacts import load_checkpoint, save_checkpoint, write_csv
+from competition.runtime import autocast
+from competition.stage import ANOTHER_EXPERIMENT, refuse_changed
 
 Mode = Literal["max", "min"]
 
@@ -194,7 +197,16 @@ def load_training_state(path: str | Path, *, model: nn.Module,
     path = Path(path)
     if not path.exists():
         return None
-    state = load_checkpoint(path, map_location=map_location)
+    return restore_training_state(load_checkpoint(path, map_location=map_location), path, model=model,
+                                  optimizer=optimizer, scheduler=scheduler, scaler=scaler, tracker=tracker,
+                                  restore_rng=restore_rng)
+
+
+def restore_training_state(state: dict[str, Any], path: str | Path, *, model: nn.Module,
+                           optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                           scaler: Any = None, tracker: CheckpointTracker | None = None,
+                           restore_rng: bool = True) -> ResumedState:
+    """`load_training_state` for a state already read from `path` (named in errors)."""
     model.load_state_dict(state["model"])
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler),
                          ("tracker", tracker)):
@@ -235,3 +247,205 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, 
                            min_factor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step schedule: call `scheduler.step()` after every optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, _WarmupCosine(warmup_steps, total_steps, min_factor))
+
+
+# ---------------------------------------------------------------- the engine
+
+class Batches(Iterable, Sized, Protocol):
+    """One epoch's batches with a length (a DataLoader): the last one closes an accumulation window."""
+
+
+@dataclass
+class EngineConfig:
+    """How `fit` trains; each trainer fills it from its own config section."""
+    epochs: int
+    name: str = "train"  # names the progress bar, the epoch lines and the errors
+    grad_clip: float = 0.0  # max global gradient norm; 0 disables
+    accumulate_steps: int = 1  # batches per optimizer step
+    amp: bool = True  # float16 autocast and a GradScaler, CUDA only
+    patience: int = 0  # early stopping: epochs in a row without a new best; 0 disables
+    out: str | Path | None = None  # best.pt, last.pt, history.csv; None keeps the run in memory
+    record: dict[str, Any] | None = None  # results-relevant config, in last.pt and best.pt; resuming checks it
+    elsewhere: str = ANOTHER_EXPERIMENT  # the second way out when a resume is refused
+    validate_first: bool = False  # a row for epoch 0: validate() before any training
+    shown_metrics: tuple[str, ...] = ()  # printed in each epoch line
+    progress: bool = True  # a tqdm bar per epoch and a line per epoch
+
+
+@dataclass
+class FitResult:
+    """What `fit` did, for the trainer's summary."""
+    history: list[dict[str, Any]]  # one row per epoch, as in history.csv
+    best_epoch: int | None  # counted from 1; None without a tracker
+    stopped_early: bool  # patience ran out before `epochs`
+    resumed_after: int | None  # epochs found done in last.pt; None for a fresh run
+
+
+HISTORY_FILE = "history.csv"
+BEST_FILE = "best.pt"
+LAST_FILE = "last.pt"
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, epoch_batches: Callable[[int], Batches],
+        training_step: Callable[[Any], Tensor | dict[str, Tensor]], config: EngineConfig, *,
+        device: torch.device, validate: Callable[[], dict[str, float]] | None = None, scheduler: Any = None,
+        tracker: CheckpointTracker | None = None, parameters: Iterable[nn.Parameter] | None = None,
+        on_fresh_start: Callable[[], None] | None = None,
+        after_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        restore_extra_state: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """Train `model` for `config.epochs` epochs (see the module docstring); with a `tracker` the
+    model ends holding the best epoch's weights. `parameters` are clipped (default: the
+    optimizer's); `on_fresh_start` runs once before the first epoch of a run not resumed;
+    `after_epoch(history)` runs after each epoch's files are written; `extra_state()` (e.g. a
+    generator's state) is saved in last.pt after each epoch and handed to `restore_extra_state` on resume."""
+    out = Path(config.out) if config.out is not None else None
+    if tracker is not None and validate is None:
+        raise ValueError(f"{config.name}: choosing the best epoch needs a validate callable")
+    scaler = grad_scaler(config, device)
+    clipped = list(parameters) if parameters is not None else None
+    history: list[dict[str, Any]] = []
+    resumed = None
+    last = out / LAST_FILE if out is not None else None
+    if last is not None and last.exists():
+        state = load_checkpoint(last, map_location=device)
+        if config.record is not None:
+            refuse_changed(last, state.get("extra", {}).get("config", {}), config.record, "start it over",
+                           config.elsewhere)
+        resumed = restore_training_state(state, last, model=model, optimizer=optimizer, scheduler=scheduler,
+                                         scaler=scaler, tracker=tracker)
+        history = [dict(row) for row in resumed.extra.get("history", [])]
+        if restore_extra_state is not None:
+            restore_extra_state(resumed.extra.get("state", {}))
+        print(f"{config.name}: resuming from {last} after epoch {resumed.next_epoch}/{config.epochs}")
+    else:
+        if on_fresh_start is not None:
+            on_fresh_start()
+        if config.validate_first and validate is not None:
+            history.append({"epoch": 0, **validate()})
+            _report(config, history[-1], "")
+            if out is not None:
+                write_csv(pd.DataFrame(history), out / HISTORY_FILE)
+
+    best_state: dict[str, Tensor] | None = None
+    stopped = False
+    for epoch in range(resumed.next_epoch if resumed is not None else 0, config.epochs):
+        if tracker is not None and tracker.should_stop(config.patience):
+            stopped = True  # patience ran out (also when a resumed run had stopped there)
+            break
+        began = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        row.update(train_epoch(model, optimizer, epoch_batches(epoch), training_step, config, device=device,
+                               scheduler=scheduler, scaler=scaler, epoch=epoch, parameters=clipped))
+        if validate is not None:
+            row.update(validate())
+        row["seconds"] = time.perf_counter() - began
+        reason = ""
+        if tracker is not None:
+            decision = tracker.update(epoch + 1, row)
+            reason = decision.reason
+            if decision.improved:  # best.pt before last.pt: see the module docstring
+                if out is not None:
+                    save_checkpoint({"model": model.state_dict(), "epoch": epoch + 1, "metrics": row,
+                                     "config": config.record}, out / BEST_FILE)
+                else:
+                    best_state = copy.deepcopy(model.state_dict())
+            row["best_changed"] = decision.improved
+        history.append(row)
+        if out is not None:
+            save_training_state(last, epoch=epoch, model=model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, tracker=tracker, extra={
+                                    "config": config.record, "history": history,
+                                    "state": extra_state() if extra_state is not None else {}})
+            write_csv(pd.DataFrame(history), out / HISTORY_FILE)
+        _report(config, row, reason)
+        if after_epoch is not None:
+            after_epoch(history)
+
+    if tracker is not None:
+        if best_state is None and out is not None and (out / BEST_FILE).exists():
+            best_state = load_checkpoint(out / BEST_FILE, map_location=device)["model"]
+        if best_state is not None:
+            model.load_state_dict(best_state)
+    if stopped and config.progress:
+        print(f"{config.name}: early stop, {config.patience} epoch(s) without a better checkpoint")
+    return FitResult(history=history, best_epoch=tracker.best_epoch if tracker is not None else None,
+                     stopped_early=stopped, resumed_after=resumed.next_epoch if resumed is not None else None)
+
+
+def _batch_size(batch: Any) -> int:
+    """Images in a batch: the length of its first tensor (a dict's, a tuple's, or the batch itself)."""
+    if isinstance(batch, Tensor):
+        return len(batch)
+    values = batch.values() if isinstance(batch, dict) else batch
+    return next((len(v) for v in values if isinstance(v, Tensor)), 0)
+
+
+def grad_scaler(config: EngineConfig, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for float16 autocast; disabled (every call a no-op) on the CPU or without amp."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and config.amp)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches,
+                training_step: Callable[[Any], Tensor | dict[str, Tensor]], config: EngineConfig, *,
+                device: torch.device, scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
+                epoch: int = 0, parameters: list[nn.Parameter] | None = None) -> dict[str, Any]:
+    """One epoch of `fit`'s steps (also what bench/train_speed.py times): mean losses per batch as
+    train_loss and train_<name>, then train_images, train_seconds and the learning rate after it."""
+    started = time.perf_counter()
+    scaler = scaler if scaler is not None else grad_scaler(config, device)
+    clipped = parameters if parameters is not None else [p for group in optimizer.param_groups for p in group["params"]]
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    accumulate, total = config.accumulate_steps, len(batches)
+    sums: dict[str, float] = {}
+    steps = images = 0
+    bar = tqdm(batches, total=total, desc=f"{config.name} epoch {epoch + 1}/{config.epochs}", leave=False,
+               unit="batch", disable=not config.progress)
+    for step, batch in enumerate(bar):
+        with autocast(device, config.amp):
+            output = training_step(batch)
+        losses = output if isinstance(output, dict) else {"loss": output}
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{config.name}: the training loss became {loss.item()} in epoch {epoch + 1}, step {step + 1}; "
+                f"lower the learning rate (now {optimizer.param_groups[0]['lr']:.3g}) or clip gradients")
+        scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        if (step + 1) % accumulate == 0 or step + 1 == total:
+            if config.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(clipped, config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        steps += 1
+        images += _batch_size(batch)
+        bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}",
+                        img_s=f"{images / (time.perf_counter() - started):.1f}")
+    seconds = time.perf_counter() - started
+    row: dict[str, Any] = {("train_loss" if key == "loss" else f"train_{key}"): value / max(steps, 1)
+                           for key, value in sums.items()}
+    row.update({"train_images": images, "train_seconds": seconds, "lr": optimizer.param_groups[0]["lr"]})
+    return row
+
+
+def _report(config: EngineConfig, row: dict[str, Any], reason: str) -> None:
+    """One line per epoch: loss and speed, the shown metrics, and the tracker's decision."""
+    if not config.progress:
+        return
+    epoch = int(row["epoch"])
+    parts = [f"{config.name} epoch {epoch}/{config.epochs}:" if epoch > 0 else f"{config.name} before training:"]
+    if "train_loss" in row:
+        parts.append(f"loss {row['train_loss']:.4f} ({row['train_images'] / max(row['train_seconds'], 1e-9):.1f} "
+                     f"img/s, {row['train_seconds']:.0f} s)")
+    shown = [f"{key} {row[key]:.4f}" for key in config.shown_metrics if key in row]
+    if shown:
+        parts.append("| " + ", ".join(shown))
+    if reason:
+        parts.append(f"| {reason}")
+    print(" ".join(parts))

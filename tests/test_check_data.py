@@ -65,12 +65,13 @@ def test_clean_tree_passes(tmp_path, capsys):
     assert "OK: no problems" in printed and "12x16 (4)" in printed
 
 
-def test_missing_mask_is_a_problem_naming_the_defect(tmp_path):
+def test_missing_mask_is_a_warning_naming_the_defect(tmp_path):
     root = _clean_competition(tmp_path)
     (root / "train" / "defect_masks" / "defect_00002.png").unlink()
     report = _check(root)
-    assert any("without a mask" in p and "defect_00002.png" in p for p in report.problems)
-    assert run_check_data(root) == 1
+    assert report.problems == [] and report.counts["defects with a mask"] == 1
+    assert any("1 of 2 defect image(s) without a mask" in w and "defect_00002.png" in w for w in report.warnings)
+    assert run_check_data(root) == 0
 
 
 def test_mask_without_defect_is_a_problem(tmp_path):
@@ -140,11 +141,11 @@ def test_test_image_missing_from_submission_is_a_warning(tmp_path):
 
 def test_missing_folder_is_a_problem_showing_the_layout(tmp_path):
     root = _clean_competition(tmp_path)
-    for mask in (root / "train" / "defect_masks").iterdir():
-        mask.unlink()
-    (root / "train" / "defect_masks").rmdir()
+    for image in (root / "train" / "normal_images").iterdir():
+        image.unlink()
+    (root / "train" / "normal_images").rmdir()
     report = _check(root)
-    assert "missing train/defect_masks/" in report.problems
+    assert "missing train/normal_images/" in report.problems
     assert "FAILED" in format_report(report) and "train/defect_images/" in format_report(report)
 
 

@@ -181,7 +181,7 @@ def test_masks_follow_the_image_through_augmentation_and_grey_stays_grey(tmp_pat
 def test_unknown_transform_is_named():
     from competition.config import AugmentConfig
 
-    with pytest.raises(ValueError, match=r"augment.train\[1\].name 'Flipp'"):
+    with pytest.raises(ValueError, match=r"augment.train\[1\]: albumentations has no transform named 'Flipp'"):
         build_train_transform(AugmentConfig(train=[{"name": "HorizontalFlip"}, {"name": "Flipp"}]))
 
 

@@ -1,19 +1,21 @@
-"""The classifier's training loop on tiny data: outputs, resume equivalence, the tie rule in the loop,
-early stopping, skip/--force, and the mask head learning from real and painted masks."""
+"""The classifier's fold on tiny data: outputs, resume equivalence, the tie rule in the loop, early
+stopping, the stage rules (skip, refuse a changed config, neutral keys, --force), and the mask head
+learning from real and painted masks."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import quick_config
 
 import competition.classifier.train as train_module
+import competition.training as training_module
 from competition.artifacts import load_checkpoint, read_json, run_dir
 from competition.classifier.data import DEFECT, PAINTED, ImageStore, TrainDataset, fold_rows
 from competition.classifier.model import build_classifier, pool_top_share
 from competition.classifier.train import mask_loss, train_fold
 from competition.folds import load_index, read_folds
-from conftest import quick_config
 
 TINY_MODEL = ["model.name=test_efficientnet", "model.image_size=32", "train.batch_size=8", "train.threads=1",
               "positives.ratio=0.25", "oversample.defect_ratio=0.5"]
@@ -48,7 +50,8 @@ def test_a_fold_writes_every_output(cfg_factory):
                  "curves.png", "roc_pr.png", "confusion.png"):
         assert (out / name).is_file(), name
     folds, index = read_folds(cfg), load_index(cfg)
-    oof, test = pd.read_csv(out / "oof.csv", dtype={"image_id": str}), pd.read_csv(out / "test.csv", dtype={"image_id": str})
+    oof = pd.read_csv(out / "oof.csv", dtype={"image_id": str})
+    test = pd.read_csv(out / "test.csv", dtype={"image_id": str})
     val = folds[folds["fold"] == 0]
     assert list(oof.columns) == ["image_id", "label", "score"] and list(test.columns) == ["image_id", "score"]
     assert sorted(oof["image_id"]) == sorted(val["image_id"])
@@ -74,8 +77,13 @@ def test_finished_fold_is_skipped_unless_forced_and_config_changes_are_refused(c
     stamp = best.stat().st_mtime_ns
     _train(cfg)
     assert best.stat().st_mtime_ns == stamp
-    changed = cfg_factory("skip", "train.epochs=1", "train.lr=0.5")
-    with pytest.raises(RuntimeError, match=r"train.lr: [0-9.]+ -> 0.5.*--force"):
+    # speed-only keys are neutral: the finished fold is reused as it is
+    _train(cfg_factory("skip", "train.epochs=1", "train.threads=2", "train.cache_images=false",
+                       "train.num_workers=0", "oversample.mode=cached", "device=cpu"))
+    assert best.stat().st_mtime_ns == stamp
+    changed = cfg_factory("skip", "train.epochs=1", "train.lr=0.5", "data.skip_unreadable_train=true")
+    with pytest.raises(RuntimeError, match=r"data.skip_unreadable_train: False -> True; train.lr: [0-9.]+ -> 0.5"
+                                           r".*--force to retrain this fold, or use another `experiment`"):
         _train(changed)
     _train(changed, force=True)
     assert best.stat().st_mtime_ns != stamp
@@ -86,23 +94,42 @@ class _Killed(Exception):
     pass
 
 
+def _kill_after_first_epoch(monkeypatch) -> None:
+    real_save = training_module.save_training_state
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if kwargs["epoch"] == 0:
+            raise _Killed  # killed right after epoch 1's last.pt
+    monkeypatch.setattr(training_module, "save_training_state", save_then_die)
+
+
+def test_a_resumable_fold_with_a_changed_config_is_refused(cfg_factory, monkeypatch):
+    cfg = cfg_factory("killed", "train.epochs=2")
+    _kill_after_first_epoch(monkeypatch)
+    with pytest.raises(_Killed):
+        _train(cfg)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match=r"last.pt was written with another config \(train.grad_clip: [0-9.]+ -> 1.0"
+                                           r"\).*--force"):
+        _train(cfg_factory("killed", "train.epochs=2", "train.grad_clip=1.0"))
+    summary = _train(cfg_factory("killed", "train.epochs=2", "train.threads=2"))  # neutral: resumes
+    assert summary["epochs_run"] == 2
+    history = pd.read_csv(_out(cfg) / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+
+
 def test_resume_after_a_kill_ends_like_an_uninterrupted_run(cfg_factory, monkeypatch):
     overrides = ("train.epochs=3", "seed=5")
     straight = cfg_factory("straight", *overrides)
     _train(straight)
 
     resumed = cfg_factory("resumed", *overrides)
-    real_save = train_module.save_training_state
-
-    def save_then_die(*args, **kwargs):
-        real_save(*args, **kwargs)
-        if kwargs["epoch"] == 0:
-            raise _Killed  # killed right after epoch 1's last.pt
-    monkeypatch.setattr(train_module, "save_training_state", save_then_die)
+    _kill_after_first_epoch(monkeypatch)
     with pytest.raises(_Killed):
         _train(resumed)
     assert not (_out(resumed) / "summary.json").exists()
-    monkeypatch.setattr(train_module, "save_training_state", real_save)
+    monkeypatch.undo()
     torch.manual_seed(1234), np.random.seed(1234)  # a fresh process would have other RNG states
     _train(resumed)
 
@@ -113,7 +140,7 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(cfg_factory, monkeyp
         assert torch.equal(a["model"][key], b["model"][key]), key
     for name in ("oof.csv", "test.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(_out(straight) / name), pd.read_csv(_out(resumed) / name))
-    timing = ["train_seconds"]
+    timing = ["train_seconds", "seconds"]
     h_a = pd.read_csv(_out(straight) / "history.csv").drop(columns=timing)
     h_b = pd.read_csv(_out(resumed) / "history.csv").drop(columns=timing)
     pd.testing.assert_frame_equal(h_a, h_b)

@@ -4,8 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from competition.zoo.flow_blocks import (AllInOneCoupling, SequenceFlow, conv_subnet, fc_subnet,
-                                         gaussian_log_likelihood)
+from competition.zoo.components.flow_blocks import (
+    AllInOneCoupling,
+    SequenceFlow,
+    conv_subnet,
+    fc_subnet,
+    gaussian_log_likelihood,
+)
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
@@ -64,7 +69,7 @@ def test_conditional_vector_flow_inverts_and_log_det_matches_autograd():
     x_back, _ = flow.inverse(z, cond)
     torch.testing.assert_close(x_back, x, atol=1e-5, rtol=1e-5)  # soft (float32 rotation)
     for i in range(4):
-        expected = _autograd_log_det(lambda v: flow(v, cond[i:i + 1])[0], x[i:i + 1])
+        expected = _autograd_log_det(lambda v, c=cond[i:i + 1]: flow(v, c)[0], x[i:i + 1])
         torch.testing.assert_close(log_det[i], expected, atol=1e-5, rtol=1e-5)
     # The condition changes the output: it is really used.
     z_other, _ = flow(x, cond + 1.0)

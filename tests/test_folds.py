@@ -1,7 +1,6 @@
 """Folds: stratified, grouped, deterministic, and refused when the dataset changed."""
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -76,3 +75,18 @@ def test_stale_folds_are_refused(tiny_data, tmp_path):
         read_folds(cfg)
     write_folds(cfg)
     assert "normal_images/zz_extra.png" in set(read_folds(cfg)["image_id"])
+
+
+def test_ids_read_back_exactly_as_written(tiny_data, tmp_path):
+    # "NA" and leading zeros are ids, not a missing value or a number.
+    from competition.folds import load_index
+
+    cfg = quick_config(tiny_data, tmp_path)
+    index = load_index(cfg)
+    train_rows = index.index[index["split"] == "train"]
+    index.loc[train_rows[0], ["image_id", "group"]] = ["NA", "NA"]
+    index.loc[train_rows[1], ["image_id", "group"]] = ["0012", "0012"]
+    write_folds(cfg, index)
+    folds = read_folds(cfg, index)
+    assert {"NA", "0012"} <= set(folds["image_id"])
+    assert folds["fold"].notna().all()

@@ -165,6 +165,17 @@ def test_listing_ignores_hidden_and_non_image_files_and_reads_upper_case(tmp_pat
     assert not any("._" in i or i.endswith(".txt") for i in ids)
 
 
+def test_list_images_recursive_skips_hidden_files_and_folders(tmp_path):
+    from competition.data.layouts import list_images
+
+    for name in ("b.png", "a.JPG", "._a.png", "sub/c.png", "sub/._c.png", ".ipynb_checkpoints/d.png", "e.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)] == \
+        ["a.JPG", "b.png", "sub/c.png"]
+
+
 def test_skip_unreadable_train_drops_bad_training_image(tmp_path, caplog):
     root = _competition(tmp_path)
     bad = _image(root / "train" / "normal_images" / "normal_00009.png", size=(128, 128), noise=True)

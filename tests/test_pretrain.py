@@ -11,13 +11,15 @@ import pandas as pd
 import pytest
 import timm
 import torch
+from conftest import quick_config
 from safetensors.torch import load_file
 
 from competition import pretrain
+from competition.artifacts import read_json
 from competition.data.images import read_image
 from competition.folds import load_index
+from competition.stage import ConfigChangedError
 from competition.weights import WeightsError, load_local_weights
-from conftest import quick_config
 
 BACKBONE = "test_resnet"  # timm's tiny test network: BatchNorm, residual stages, features_only
 FAST = (f"pretrain.backbone={BACKBONE}", "pretrain.image_size=32", "pretrain.batch_size=8",
@@ -96,7 +98,7 @@ def test_views_no_painter_can_change_are_skipped_by_the_painted_objective(tiny_i
                                                                          monkeypatch):
     import competition.data.painters as painters
 
-    def nothing_visible(image, rng, severity=None):
+    def nothing_visible(image, rng, **options):
         raise RuntimeError("could not cut-paste a visible patch")
 
     monkeypatch.setattr(painters, "random_anomaly", nothing_visible)
@@ -135,8 +137,8 @@ def test_run_writes_weights_records_and_prints_path_last(finished_run):
     history = pd.read_csv(log_dir / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]
     assert history["monitor_auroc"].between(0, 1).all()  # finite AUROC before and after each epoch
-    assert history["loss"].iloc[1:].notna().all()
-    summary = pretrain.read_json(log_dir / "summary.json")
+    assert history["train_loss"].iloc[1:].notna().all()
+    summary = read_json(log_dir / "summary.json")
     assert summary["finished"] and summary["epochs_done"] == 2
     assert summary["images"] == {"train_normal": 60, "train_defect": 12, "test": 40}
 
@@ -178,33 +180,51 @@ def test_init_weights_of_another_architecture_are_refused(finished_run, tiny_dat
         pretrain.main(cfg)
 
 
+def _killed_in_second_epoch(monkeypatch) -> None:
+    """The monitor's third call (before training, after epoch 1, after epoch 2) raises: the run dies
+    after training its second epoch and before that epoch's last.pt."""
+    real_monitor = pretrain.monitor_auroc
+    calls = []
+
+    def monitor(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_monitor(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "monitor_auroc", monitor)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(finished_run, tiny_data, tmp_path, monkeypatch, capsys):
     _, reference_path, _ = finished_run
     cfg = fast_config(tiny_data, tmp_path)
-    real_epoch = pretrain.train_one_epoch
-    calls = []
-
-    def killed_in_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain, "train_one_epoch", killed_in_second_epoch)
+    _killed_in_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(cfg)
     path = pretrain.pretrained_weights_path(cfg.paths.work, BACKBONE)
     assert not path.exists() and (path.parent / BACKBONE / "last.pt").exists()
 
-    monkeypatch.setattr(pretrain, "train_one_epoch", real_epoch)
+    monkeypatch.undo()
     assert pretrain.main(cfg) == path
-    assert "resuming pretraining" in capsys.readouterr().out
+    assert "resuming from" in capsys.readouterr().out
     resumed, reference = load_file(str(path)), load_file(str(reference_path))
     assert resumed.keys() == reference.keys()
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
     history = pd.read_csv(path.parent / BACKBONE / "history.csv")
     assert history["epoch"].tolist() == [0, 1, 2]
+
+
+def test_a_resumable_run_with_changed_settings_is_refused(tiny_data, tmp_path, monkeypatch):
+    cfg = fast_config(tiny_data, tmp_path)
+    _killed_in_second_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(cfg)
+    monkeypatch.undo()
+    changed = fast_config(tiny_data, tmp_path, "pretrain.crop_scale=[0.5, 1.0]")
+    with pytest.raises(ConfigChangedError, match=r"last.pt was written with another config "
+                                                 r"\(pretrain.crop_scale: \[0.2, 1.0\] -> \[0.5, 1.0\]\)"):
+        pretrain.main(changed)
 
 
 def test_finished_run_is_kept_changed_settings_stop_and_force_restarts(finished_run, tiny_data, tmp_path,
@@ -216,12 +236,16 @@ def test_finished_run_is_kept_changed_settings_stop_and_force_restarts(finished_
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run trained again")
 
-    monkeypatch.setattr(pretrain, "train_one_epoch", must_not_train)
+    monkeypatch.setattr(pretrain, "build_pretrain_net", must_not_train)
     assert pretrain.main(cfg) == path
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(path)
+    # speed-only keys are neutral
+    assert pretrain.main(fast_config(tiny_data, tmp_path, "pretrain.epochs=1", "train.threads=2",
+                                     "train.num_workers=2", "device=cpu")) == path
 
     changed = fast_config(tiny_data, tmp_path, "pretrain.epochs=1", "pretrain.temperature=0.5")
-    with pytest.raises(ValueError, match=r"temperature: 0\.2 -> 0\.5.*--force"):
+    with pytest.raises(ConfigChangedError, match=r"pretrain.temperature: 0\.2 -> 0\.5\)\. Pass --force to pretrain "
+                                                 r"again, or use another paths.work"):
         pretrain.main(changed)
     with pytest.raises(AssertionError, match="trained again"):
         pretrain.main(changed, force=True)

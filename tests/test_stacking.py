@@ -183,7 +183,7 @@ def test_threshold_is_the_middle_of_the_best_plateau_not_its_edge():
     feature = np.r_[np.linspace(0.0, 0.4, 30), np.linspace(0.8, 1.0, 10)]  # gap (0.4, 0.8) separates
     oof = pd.DataFrame({"image_id": [f"i{i}" for i in range(40)], "label": labels, "fold": folds, "m": feature})
     test = pd.DataFrame({"image_id": ["t0", "t1", "t2"], "m": [0.55, 0.65, 0.9]})
-    result = stack(oof, test, EnsembleConfig(method="rank_blend"))
+    result = stack(oof, test, EnsembleConfig(method="rank_blend", prior="train"))
     assert result.stacker["weights"] == {"m": 1.0}
     assert result.threshold == pytest.approx(0.6)
     assert result.threshold == best_threshold(labels, result.oof["score"])[0]

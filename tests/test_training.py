@@ -1,18 +1,26 @@
-"""The shared training machinery: the tie rule, early stopping, RNG capture, resumable state, LR schedule."""
+"""The training engine and its parts: the tie rule, RNG capture, resumable state, the LR schedule, and
+`fit` itself (accumulation, clipping, the non-finite check, exact resume, best epoch, early stopping,
+the resume check of the results-relevant config)."""
 from __future__ import annotations
 
 import math
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+from competition import training
 from competition.artifacts import load_checkpoint
+from competition.stage import ConfigChangedError
 from competition.training import (
     CheckpointTracker,
+    EngineConfig,
+    FitResult,
     capture_rng_state,
+    fit,
     load_training_state,
     restore_rng_state,
     save_training_state,
@@ -141,3 +149,188 @@ def test_warmup_cosine_shape():
     assert factors[20] == pytest.approx(0.0, abs=1e-12)
     assert warmup_cosine_factor(0, 0, 10) == pytest.approx(1.0)
     assert warmup_cosine_factor(10, 0, 10, min_factor=0.1) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- the engine
+
+class _Toy:
+    """A small regression with dropout (torch's global RNG) and epoch-seeded batches: enough to
+    see every mechanic of `fit` on the CPU in milliseconds."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.05, dropout: float = 0.3, batches: int = 4,
+                 batch_size: int = 8):
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 1))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
+        self.n_batches, self.batch_size = batches, batch_size
+        self.steps: list[int] = []  # optimizer steps seen by the schedule
+
+    def epoch_batches(self, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(100 + epoch)
+        x = torch.randn(self.n_batches * self.batch_size, 4, generator=generator)
+        y = x.sum(dim=1, keepdim=True)
+        return list(zip(x.split(self.batch_size), y.split(self.batch_size)))
+
+    def training_step(self, batch) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.model(x), y)
+
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        x = torch.randn(32, 4, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            loss = float(nn.functional.mse_loss(self.model(x), x.sum(dim=1, keepdim=True)))
+        return {"val_score": round(-loss, 1), "val_loss": loss}  # rounded: ties happen
+
+    def fit(self, engine: EngineConfig, tracker: CheckpointTracker | None = None, **kwargs) -> FitResult:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.steps.append(step) or 1.0)
+        self.steps.clear()  # LambdaLR's call at construction
+        return fit(self.model, self.optimizer, self.epoch_batches, self.training_step, engine,
+                   device=torch.device("cpu"), validate=self.validate, scheduler=scheduler, tracker=tracker,
+                   **kwargs)
+
+
+def _tracker() -> CheckpointTracker:
+    return CheckpointTracker(metric="val_score", tie_metric="val_loss")
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_accumulated_small_batches_step_like_one_large_batch():
+    small = _Toy(dropout=0.0, batches=6, batch_size=4)
+    small.fit(EngineConfig(epochs=1, accumulate_steps=2, progress=False))
+    large = _Toy(dropout=0.0, batches=3, batch_size=8)  # the same samples, two small batches per large one
+    large.fit(EngineConfig(epochs=1, progress=False))
+    assert len(small.steps) == len(large.steps) == 3  # one schedule step per optimizer step
+    for key, value in _weights(large.model).items():
+        torch.testing.assert_close(_weights(small.model)[key], value, rtol=1e-5, atol=1e-6)
+    odd = _Toy(dropout=0.0, batches=5, batch_size=4)
+    odd.fit(EngineConfig(epochs=1, accumulate_steps=2, progress=False))
+    assert len(odd.steps) == 3  # the last, incomplete window still steps
+
+
+def test_gradient_clipping_bounds_the_update():
+    toy = _Toy(dropout=0.0, lr=1.0, batches=1)
+    before = _weights(toy.model)
+    toy.fit(EngineConfig(epochs=1, grad_clip=0.01, progress=False))
+    step = torch.cat([(after - before[k]).flatten() for k, after in _weights(toy.model).items()])
+    assert float(step.norm()) == pytest.approx(0.01, rel=1e-4)  # SGD, lr 1: the update is the clipped gradient
+    unclipped = _Toy(dropout=0.0, lr=1.0, batches=1)
+    unclipped.fit(EngineConfig(epochs=1, progress=False))
+    step = torch.cat([(after - before[k]).flatten() for k, after in _weights(unclipped.model).items()])
+    assert float(step.norm()) > 0.1
+
+
+def test_a_non_finite_loss_stops_with_the_epoch_and_step():
+    toy = _Toy()
+    real_step = toy.training_step
+    calls = []
+
+    def step(batch):
+        calls.append(1)
+        return real_step(batch) * (math.nan if len(calls) == 7 else 1.0)  # epoch 2, step 3 (4 steps per epoch)
+
+    with pytest.raises(FloatingPointError, match=r"train: the training loss became nan in epoch 2, step 3"):
+        fit(toy.model, toy.optimizer, toy.epoch_batches, step, EngineConfig(epochs=3, progress=False),
+            device=torch.device("cpu"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight = _Toy()
+    straight.fit(EngineConfig(epochs=4, out=tmp_path / "straight", grad_clip=1.0, progress=False), _tracker())
+
+    killed = _Toy()
+    real_save = training.save_training_state
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if kwargs["epoch"] == 1:
+            raise _Killed
+    monkeypatch.setattr(training, "save_training_state", save_then_die)
+    engine = EngineConfig(epochs=4, out=tmp_path / "resumed", grad_clip=1.0, progress=False)
+    with pytest.raises(_Killed):
+        killed.fit(engine, _tracker())
+    monkeypatch.undo()
+
+    resumed = _Toy(seed=99)  # another initialisation and another global RNG state, as after a restart
+    result = resumed.fit(engine, _tracker())
+    assert result.resumed_after == 2
+    for key, value in _weights(straight.model).items():
+        assert torch.equal(_weights(resumed.model)[key], value), key
+    a, b = (load_checkpoint(tmp_path / name / "best.pt") for name in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    timing = ["train_seconds", "seconds"]
+    h_a = pd.read_csv(tmp_path / "straight" / "history.csv").drop(columns=timing)
+    h_b = pd.read_csv(tmp_path / "resumed" / "history.csv").drop(columns=timing)
+    pd.testing.assert_frame_equal(h_a, h_b)
+    assert list(h_b["epoch"]) == [1, 2, 3, 4]
+
+
+def test_the_tie_rule_picks_best_pt_and_the_model_ends_holding_it(tmp_path):
+    toy = _Toy()
+    scripted = iter([{"val_score": 0.8, "val_loss": 0.6}, {"val_score": 0.9, "val_loss": 0.5},
+                     {"val_score": 0.9, "val_loss": 0.3}, {"val_score": 0.9, "val_loss": 0.4}])
+    snapshots = []
+    result = fit(toy.model, toy.optimizer, toy.epoch_batches, toy.training_step,
+                 EngineConfig(epochs=4, out=tmp_path, progress=False), device=torch.device("cpu"),
+                 validate=lambda: next(scripted), tracker=_tracker(),
+                 after_epoch=lambda history: snapshots.append(_weights(toy.model)))
+    assert result.best_epoch == 3 and [row["best_changed"] for row in result.history] == [True, True, True, False]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
+    for key, value in snapshots[2].items():  # epoch 3's weights, not the last epoch's
+        assert torch.equal(toy.model.state_dict()[key], value), key
+    assert not torch.equal(snapshots[3]["0.weight"], snapshots[2]["0.weight"])
+
+
+def test_without_a_folder_the_best_epoch_is_kept_in_memory():
+    toy = _Toy()
+    scripted = iter([{"val_score": 0.9, "val_loss": 0.5}, {"val_score": 0.5, "val_loss": 0.1}])
+    snapshots = []
+    fit(toy.model, toy.optimizer, toy.epoch_batches, toy.training_step, EngineConfig(epochs=2, progress=False),
+        device=torch.device("cpu"), validate=lambda: next(scripted), tracker=_tracker(),
+        after_epoch=lambda history: snapshots.append(_weights(toy.model)))
+    assert all(torch.equal(toy.model.state_dict()[k], v) for k, v in snapshots[0].items())
+
+
+def test_early_stopping_and_a_stopped_run_does_not_train_on(tmp_path):
+    scores = [0.7, 0.8, 0.6, 0.6, 0.9, 0.9]
+    toy = _Toy()
+    scripted = iter({"val_score": s, "val_loss": 0.5} for s in scores)
+    engine = EngineConfig(epochs=6, patience=2, out=tmp_path, progress=False)
+    result = fit(toy.model, toy.optimizer, toy.epoch_batches, toy.training_step, engine, device=torch.device("cpu"),
+                 validate=lambda: next(scripted), tracker=_tracker())
+    assert result.stopped_early and len(result.history) == 4 and result.best_epoch == 2
+
+    again = _Toy()
+    result = fit(again.model, again.optimizer, again.epoch_batches, lambda batch: 1 / 0, engine,
+                 device=torch.device("cpu"), validate=lambda: 1 / 0, tracker=_tracker())
+    assert result.stopped_early and result.resumed_after == 4 and len(result.history) == 4
+
+
+def test_resume_refuses_a_changed_record_but_not_a_neutral_key(tmp_path, monkeypatch):
+    record = {"train": {"lr": 0.05, "threads": 1}, "seed": 1}
+    toy = _Toy()
+    toy.fit(EngineConfig(epochs=1, out=tmp_path, record=record, progress=False), _tracker())
+    changed = {"train": {"lr": 0.5, "threads": 1}, "seed": 1}
+    with pytest.raises(ConfigChangedError, match=r"last.pt was written with another config "
+                                                 r"\(train.lr: 0.05 -> 0.5\)\. Pass --force"):
+        _Toy().fit(EngineConfig(epochs=2, out=tmp_path, record=changed, progress=False), _tracker())
+    neutral = {"train": {"lr": 0.05, "threads": 2}, "seed": 1}
+    result = _Toy().fit(EngineConfig(epochs=2, out=tmp_path, record=neutral, progress=False), _tracker())
+    assert result.resumed_after == 1 and len(result.history) == 2
+    assert load_checkpoint(tmp_path / "last.pt")["extra"]["config"] == neutral
+
+
+def test_validate_first_adds_an_epoch_zero_row(tmp_path):
+    toy = _Toy()
+    result = toy.fit(EngineConfig(epochs=2, out=tmp_path, validate_first=True, progress=False))
+    assert [row["epoch"] for row in result.history] == [0, 1, 2]
+    assert "train_loss" not in result.history[0] and "val_loss" in result.history[0]
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert list(history["epoch"]) == [0, 1, 2] and history["train_loss"].iloc[1:].notna().all()

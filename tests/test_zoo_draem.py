@@ -11,15 +11,15 @@ from PIL import Image
 from competition.data.painters import paint_defect
 from competition.data.textures import make_texture
 from competition.metrics import auroc
-from competition.zoo.base import ImageSet, ZooSettings
-from competition.zoo.draem import DRAEMNetwork, focal_loss, ssim
+from competition.zoo.api import ImageSet, ZooSettings
+from competition.zoo.models.draem import DRAEMModel, focal_loss, ssim
 from competition.zoo.registry import build_model
 
 SIZE = 64
 
 
 def test_networks_keep_the_image_size():
-    net = DRAEMNetwork(8, 4)
+    net = DRAEMModel(8, 4)
     images = torch.rand(2, 3, SIZE, SIZE)
     reconstruction, logits = net.reconstruct_and_segment(images)
     assert reconstruction.shape == images.shape and logits.shape == (2, 2, SIZE, SIZE)
@@ -63,7 +63,8 @@ def test_training_samples_paint_perlin_anomalies_inside_their_mask(tmp_path):
     assert str(tmp_path) in folder_model.fit_summary()["anomaly_source"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
-        build_model("draem", ZooSettings(image_size=SIZE), {"anomaly_source": str(tmp_path / "empty")}).anomaly_sources()
+        empty = build_model("draem", ZooSettings(image_size=SIZE), {"anomaly_source": str(tmp_path / "empty")})
+        empty.anomaly_sources()
 
 
 def test_draem_trains_and_separates(tmp_path):

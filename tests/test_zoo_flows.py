@@ -10,15 +10,16 @@ import pandas as pd
 import pytest
 import torch
 
+from competition import training
 from competition.data.painters import paint_defect
 from competition.data.textures import make_texture
 from competition.metrics import auroc
-from competition.zoo.base import AnomalyModel, ImageSet, ZooSettings
-from competition.zoo.cflow import positional_encoding_2d
-from competition.zoo.fastflow import FastFlowNetwork
-from competition.zoo.flow_blocks import gaussian_log_likelihood
-from competition.zoo.registry import build_model, get_entry
-from competition.zoo.uflow import log10_nfa_map, nfa_decisions
+from competition.zoo.api import ImageSet, ZooSettings
+from competition.zoo.components.flow_blocks import gaussian_log_likelihood
+from competition.zoo.models.cflow import positional_encoding_2d
+from competition.zoo.models.fastflow import FastFlowModel
+from competition.zoo.models.uflow import UFlowModel, log10_nfa_map, nfa_decisions
+from competition.zoo.registry import build_model, load_model
 
 SIZE = 64
 
@@ -59,25 +60,32 @@ def test_flow_trains_separates_and_reloads(name, tmp_path):
     assert np.isfinite(prediction.scores).all() and np.isfinite(prediction.maps).all()
     assert auroc(labels, prediction.scores) > 0.6
     # The frozen backbone is never trained and stays in eval mode.
-    backbone = model.network.features.backbone
+    backbone = model.model.features.backbone
     assert not any(p.requires_grad for p in backbone.parameters())
-    model.network.train()
+    model.model.train()
     assert not backbone.training
     model.save(tmp_path / "model.pt")
-    again = AnomalyModel.load(tmp_path / "model.pt", settings)
+    again = load_model(tmp_path / "model.pt", settings)
     np.testing.assert_allclose(again.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["cflow-resnet18", "uflow-resnet18"])
-def test_resumed_fit_equals_uninterrupted(name, tmp_path):
+def test_resumed_fit_equals_uninterrupted(name, tmp_path, monkeypatch):
     """CFlow draws random fiber batches every step; U-Flow stands for the deterministic flows."""
     normals, test, _ = _texture_sets(seed=1)
-    # A constant lr: with a schedule, the "cut" run's first fit would decay over 1 epoch instead of 2.
-    params = {**TINY[name], "epochs": 2, "schedule": "constant"}
+    params = {**TINY[name], "epochs": 2}
     whole = build_model(name, _settings(tmp_path / "whole"), params).fit(normals)
-    build_model(name, _settings(tmp_path / "cut"), {**params, "epochs": 1}).fit(normals)
+    with monkeypatch.context() as patch:
+        real_save = training.save_training_state
+
+        def save_then_die(*args, **kwargs):
+            real_save(*args, **kwargs)
+            raise KeyboardInterrupt  # killed right after the first epoch's last.pt
+        patch.setattr(training, "save_training_state", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            build_model(name, _settings(tmp_path / "cut"), params).fit(normals)
     resumed = build_model(name, _settings(tmp_path / "cut"), params).fit(normals)
-    assert resumed.fit_info["resumed_from_epoch"] == 0
+    assert resumed.fit_info["resumed_from_epoch"] == 1
     history_whole = pd.read_csv(tmp_path / "whole" / "history.csv")
     history_cut = pd.read_csv(tmp_path / "cut" / "history.csv")
     np.testing.assert_allclose(history_cut["train_loss"], history_whole["train_loss"], rtol=1e-5)
@@ -87,13 +95,15 @@ def test_resumed_fit_equals_uninterrupted(name, tmp_path):
 def test_fastflow_loss_is_the_negative_log_likelihood_up_to_a_constant():
     latents = [torch.randn(3, 4, 5, 5), torch.randn(3, 8, 2, 2)]
     log_dets = [torch.randn(3), torch.randn(3)]
-    loss = FastFlowNetwork.loss(latents, log_dets)
+    loss = FastFlowModel.loss(latents, log_dets)
     nll = -sum(gaussian_log_likelihood(z, ld).mean() for z, ld in zip(latents, log_dets))
     constant = 0.5 * math.log(2 * math.pi) * (4 * 25 + 8 * 4)
     assert loss.item() == pytest.approx(nll.item() - constant, rel=1e-5)
-    # The map is -exp(-0.5 mean_c z^2): -1 where z = 0, towards 0 where z is large.
-    maps = FastFlowNetwork.anomaly_map([torch.zeros(1, 4, 2, 2), torch.full((1, 4, 1, 1), 10.0)], (4, 4))
+    # The map is -exp(-0.5 mean_c z^2): -1 where z = 0, towards 0 where z is large; U-Flow's is 1 + FastFlow's.
+    latents = [torch.zeros(1, 4, 2, 2), torch.full((1, 4, 1, 1), 10.0)]
+    maps = FastFlowModel.anomaly_map(latents, (4, 4))
     torch.testing.assert_close(maps, torch.full((1, 4, 4), -0.5))
+    torch.testing.assert_close(UFlowModel.anomaly_map(latents, (4, 4)), torch.full((1, 4, 4), 0.5))
 
 
 def test_cflow_positional_encoding_tells_every_position_apart():
@@ -111,7 +121,7 @@ def test_cflow_positional_encoding_tells_every_position_apart():
 def test_uflow_latents_keep_every_feature_dimension():
     """The U-shaped flow is a bijection: its latents hold exactly as many numbers as the features."""
     model = build_model("uflow-resnet18", _settings("unused"), TINY["uflow-resnet18"])
-    network = model.build_network().eval()
+    network = model.build_model().eval()
     images = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         features = network.features(images)
@@ -156,9 +166,10 @@ def test_runner_reports_uflow_nfa_decision_beside_the_score(tiny_data, tmp_path)
     """One fold through `competition zoo`: the score feeds oof.csv, the NFA OK/NG goes to the results."""
     import json
 
+    from conftest import quick_config
+
     from competition.folds import write_folds
     from competition.zoo.runner import main as zoo_main
-    from conftest import quick_config
 
     tiny = ", ".join(f"{k}: {v}" for k, v in {**TINY["uflow-resnet18"], "epochs": 1}.items())
     cfg = quick_config(tiny_data, tmp_path, f"zoo.params={{uflow-resnet18: {{{tiny}}}}}", "zoo.gallery_size=2")
@@ -175,8 +186,3 @@ def test_runner_reports_uflow_nfa_decision_beside_the_score(tiny_data, tmp_path)
     assert set(decisions["own_decision"]) <= {"OK", "NG"}
     assert own["test_ng"] == int((decisions["own_decision"] == "NG").sum())
     assert np.isfinite(decisions["own_decision_strength"]).all()
-
-
-def test_registry_names_start_with_the_family():
-    for name in TINY:
-        assert name.startswith(get_entry(name).model_class.family)

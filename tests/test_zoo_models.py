@@ -8,9 +8,9 @@ import torch
 from competition.data.painters import paint_defect, perlin_anomaly
 from competition.data.textures import make_texture
 from competition.metrics import auroc
-from competition.zoo.base import AnomalyModel, ImageSet, NotFittedError, ZooSettings
-from competition.zoo.coreset import coreset_indices, greedy_coreset, greedy_coreset_naive
-from competition.zoo.registry import build_model
+from competition.zoo.api import AnomalyModel, ImageSet, NotFittedError, ZooSettings
+from competition.zoo.components.coreset import coreset_indices, greedy_coreset, greedy_coreset_naive
+from competition.zoo.registry import build_model, load_model
 
 SIZE = 64
 N_TEST = 12
@@ -19,7 +19,8 @@ LOCAL = "local"
 GLOBAL = "global"
 AE = {"epochs": 20, "lr": 1e-3, "batch_size": 8}  # 100 steps: enough to separate, seconds on one core
 # (name, hyperparameters, test set, least AUROC): the OC-SVM sees one global code per image, a weak
-# signal for a small defect (about 0.74 here), so its bar is lower.
+# signal for a small defect, so its bar is lower (about 0.62 here: the autoencoder trains on 32 of
+# the 40 normals and keeps the epoch its 16-image validation set prefers).
 CASES = [
     ("patchcore-resnet18", {}, LOCAL, 0.75),
     ("padim-resnet18", {}, LOCAL, 0.75),
@@ -27,7 +28,7 @@ CASES = [
     ("dfm-resnet18", {}, GLOBAL, 0.75),
     ("dfkde-resnet18", {}, GLOBAL, 0.75),
     ("autoencoder-recon", AE, LOCAL, 0.75),
-    ("autoencoder-ocsvm", AE, LOCAL, 0.65),
+    ("autoencoder-ocsvm", AE, LOCAL, 0.6),
 ]
 
 
@@ -74,8 +75,12 @@ def test_model_interface_persistence_and_separation(name, params, kind, least, t
     path = model.save(tmp_path / "model.pt")
     checkpoint = torch.load(path, weights_only=True)  # tensors and plain values only
     assert checkpoint["family"] == model.family
-    reloaded = AnomalyModel.load(path)
+    assert checkpoint["state"].keys() == model.model.state_dict().keys()  # the module's state is the checkpoint
+    reloaded = load_model(path)
     assert type(reloaded) is type(model) and reloaded.get_params() == model.get_params()
+    assert type(model).load(path).get_params() == model.get_params()
+    with pytest.raises(TypeError, match="registry.load_model"):
+        AnomalyModel.load(path)
     np.testing.assert_allclose(reloaded.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
 
 
@@ -86,7 +91,7 @@ def test_autoencoder_trains_and_the_two_scores_share_one_network(texture_sets):
     assert recon.fit_info["final_loss"] < recon.fit_info["first_loss"]
     svm = build_model("autoencoder-ocsvm", settings, params).fit(texture_sets["fit"])
     assert svm.fit_info["network_reused"] and not recon.fit_info["network_reused"]
-    for a, b in zip(recon.network.state_dict().values(), svm.network.state_dict().values()):
+    for a, b in zip(recon.model.network.state_dict().values(), svm.model.network.state_dict().values()):
         assert torch.equal(a, b)
     tta = build_model("autoencoder-recon-tta", settings, params).fit(texture_sets["fit"])
     assert not np.allclose(tta.score_samples(texture_sets[LOCAL]), recon.score_samples(texture_sets[LOCAL]))
@@ -95,12 +100,12 @@ def test_autoencoder_trains_and_the_two_scores_share_one_network(texture_sets):
 def test_one_class_svm_scorer_equals_sklearn():
     from sklearn.svm import OneClassSVM
 
-    from competition.zoo.autoencoder import OneClassSVMScorer
+    from competition.zoo.models.autoencoder import OneClassSVMScorer
 
     rng = np.random.default_rng(0)
     codes = torch.tensor(rng.normal(size=(60, 5)) * [1, 2, 3, 4, 5])
     test = torch.tensor(rng.normal(size=(9, 5)) * 3)
-    scorer = OneClassSVMScorer.fit(codes, nu=0.1, seed=0)
+    scorer = OneClassSVMScorer().fit(codes, nu=0.1)
     low, high = codes.numpy().min(0), codes.numpy().max(0)
     reference = OneClassSVM(nu=0.1, gamma="scale").fit((codes.numpy() - low) / (high - low))
     expected = -reference.decision_function((test.numpy() - low) / (high - low))
@@ -111,8 +116,8 @@ def test_ledoit_wolf_and_kde_match_their_references():
     from scipy.stats import gaussian_kde
     from sklearn.covariance import ledoit_wolf_shrinkage as sklearn_shrinkage
 
-    from competition.zoo.dfkde import GaussianKDE
-    from competition.zoo.padim import ledoit_wolf_shrinkage
+    from competition.zoo.models.dfkde import GaussianKDE
+    from competition.zoo.models.padim import ledoit_wolf_shrinkage
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, 10)) * rng.uniform(0.5, 2.0, 10)
@@ -122,19 +127,21 @@ def test_ledoit_wolf_and_kde_match_their_references():
     assert float(ledoit_wolf_shrinkage(emp, fourth, 40)[0]) == pytest.approx(sklearn_shrinkage(x), rel=1e-9)
 
     points, queries = rng.normal(size=(50, 4)), rng.normal(size=(7, 4))
-    kde = GaussianKDE.fit(torch.tensor(points, dtype=torch.float32))
+    kde = GaussianKDE().fit(torch.tensor(points, dtype=torch.float32))
     expected = -gaussian_kde(points.T).logpdf(queries.T)
     np.testing.assert_allclose(kde(torch.tensor(queries, dtype=torch.float32)).numpy(), expected, rtol=1e-4)
 
 
 def test_patchcore_reweighting_follows_eq7():
     """s = (1 - exp(d*) / sum_{N_b(m*)} exp(d)) * s*, with m* the nearest memory patch of the worst test patch."""
-    from competition.zoo.patchcore import PatchCoreScorer
+    from competition.zoo.models.patchcore import PatchCoreModel
 
     rng = np.random.default_rng(2)
     bank = torch.tensor(rng.normal(size=(30, 6)), dtype=torch.float32)
     patches = torch.tensor(rng.normal(size=(1, 6, 2, 2)), dtype=torch.float32)
-    scores, patch_map = PatchCoreScorer(bank, num_neighbours=4)(patches)
+    scorer = PatchCoreModel(num_neighbours=4)
+    scorer.set_memory_bank(bank)
+    scores, patch_map = scorer.score_embeddings(patches)
     flat = patches.permute(0, 2, 3, 1).reshape(-1, 6)
     dist = torch.cdist(flat, bank)
     nn_dist, nn_idx = dist.min(1)
@@ -145,7 +152,8 @@ def test_patchcore_reweighting_follows_eq7():
     expected = (1 - torch.exp(d[0]) / torch.exp(d).sum()) * nn_dist[worst]
     assert float(scores[0]) == pytest.approx(float(expected), rel=1e-4)
     np.testing.assert_allclose(patch_map.reshape(-1).numpy(), nn_dist.numpy(), rtol=1e-4)
-    unweighted, _ = PatchCoreScorer(bank, num_neighbours=1)(patches)
+    scorer.num_neighbours = 1
+    unweighted, _ = scorer.score_embeddings(patches)
     assert float(unweighted[0]) == pytest.approx(float(nn_dist.max()), rel=1e-5)
 
 

@@ -10,10 +10,14 @@ import torch
 from competition.data.painters import paint_defect
 from competition.data.textures import make_texture
 from competition.metrics import auroc
-from competition.zoo.base import AnomalyModel, ImageSet, ZooSettings
-from competition.zoo.registry import build_model, get_entry
-from competition.zoo.reverse_distillation import OneClassBottleneck, ReverseDistillationNetwork, ReverseResNetDecoder
-from competition.zoo.stfpm import STFPMNetwork
+from competition.zoo.api import AnomalyModel, ImageSet, ZooSettings
+from competition.zoo.models.reverse_distillation import (
+    OneClassBottleneck,
+    ReverseDistillationModel,
+    ReverseResNetDecoder,
+)
+from competition.zoo.models.stfpm import STFPMModel
+from competition.zoo.registry import build_model, load_model
 
 SIZE = 64
 
@@ -41,15 +45,16 @@ def _fit_and_check(name: str, params: dict, tmp_path, min_auroc: float = 0.6) ->
     assert auroc(labels, prediction.scores) > min_auroc
     # The saved model scores the same.
     model.save(tmp_path / "model.pt")
-    again = AnomalyModel.load(tmp_path / "model.pt", settings)
+    again = load_model(tmp_path / "model.pt", settings)
     np.testing.assert_allclose(again.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
     return model
 
 
 def test_stfpm_trains_and_separates(tmp_path):
     model = _fit_and_check("stfpm-resnet18", {"epochs": 3, "batch_size": 8}, tmp_path)
-    assert not any(p.requires_grad for p in model.network.teacher.parameters())
-    assert not model.network.teacher.training  # frozen teacher stays in eval mode
+    assert not any(p.requires_grad for p in model.model.teacher.parameters())
+    model.model.train()
+    assert not model.model.teacher.training and model.model.student.training  # the frozen teacher stays in eval
 
 
 def test_reverse_distillation_trains_and_separates(tmp_path):
@@ -58,19 +63,25 @@ def test_reverse_distillation_trains_and_separates(tmp_path):
                     "decoder_blocks": [1, 1, 1]}, tmp_path)
 
 
-def test_stfpm_map_is_zero_when_student_equals_teacher_and_loss_matches_the_paper():
+def test_stfpm_map_and_loss_are_one_minus_cosine():
+    """Per position 1/2 ||t/|t| - s/|s| ||^2 = 1 - cos(t, s): the loss is, per layer, the mean over the
+    positions of 1 - cos summed over the batch; zero for an identical student, blind to the student's scale."""
+    torch.manual_seed(0)
     t = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]
-    net = STFPMNetwork(torch.nn.Identity(), torch.nn.Identity())
+    net = STFPMModel(torch.nn.Identity(), torch.nn.Identity())
     assert torch.allclose(net.anomaly_map(t, t, (8, 8)), torch.zeros(2, 8, 8))
+    assert net.loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
     s = [x + 0.3 * torch.randn_like(x) for x in t]
-    expected = sum(0.5 / (x.shape[2] * x.shape[3]) *
-                   ((x / x.norm(dim=1, keepdim=True) - y / y.norm(dim=1, keepdim=True)) ** 2).sum()
-                   for x, y in zip(t, s))
+    one_minus_cos = [1 - torch.nn.functional.cosine_similarity(x, y, dim=1) for x, y in zip(t, s)]  # (B, h, w)
+    expected = sum(c.sum() / (c.shape[1] * c.shape[2]) for c in one_minus_cos)
     assert net.loss(t, s).item() == pytest.approx(expected.item(), rel=1e-5)
-    # per position 1/2 ||t^ - s^||^2 = 1 - cos(t, s)
-    cos = torch.nn.functional.cosine_similarity(t[0], s[0], dim=1)
-    sum_net = STFPMNetwork(torch.nn.Identity(), torch.nn.Identity(), map_combination="sum")
-    assert torch.allclose(sum_net.anomaly_map(t[:1], s[:1], (4, 4)), 1 - cos, atol=1e-5)
+    assert net.loss(t, [3.0 * y for y in s]).item() == pytest.approx(expected.item(), rel=1e-5)
+    sum_net = STFPMModel(torch.nn.Identity(), torch.nn.Identity(), map_combination="sum")
+    assert torch.allclose(sum_net.anomaly_map(t[:1], s[:1], (4, 4)), one_minus_cos[0], atol=1e-5)
+    product = net.anomaly_map(t, s, (4, 4))  # the paper's product: layer 2 upsampled to layer 1's grid
+    upsampled = torch.nn.functional.interpolate(one_minus_cos[1][:, None], size=(4, 4), mode="bilinear",
+                                                align_corners=False)[:, 0]
+    assert torch.allclose(product, one_minus_cos[0] * upsampled, atol=1e-5)
 
 
 @pytest.mark.parametrize("channels,expansion", [((64, 128, 256), 1), ((256, 512, 1024), 4)])
@@ -81,13 +92,8 @@ def test_reverse_distillation_decoder_mirrors_the_encoder(channels, expansion):
     assert embedding.shape == (1, 2 * channels[2], 2, 2)  # resnet layer4 shape
     decoded = ReverseResNetDecoder(channels, expansion, [1, 1, 1])(embedding)
     assert [tuple(d.shape) for d in decoded] == [tuple(f.shape) for f in features]
-    net = ReverseDistillationNetwork(torch.nn.Identity(), bottleneck, ReverseResNetDecoder(channels, expansion, [1, 1, 1]))
-    loss = net.loss(features, decoded).detach()
-    flat = [1 - torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1)) for a, b in zip(features, decoded)]
-    assert loss.item() == pytest.approx(float(sum(f.mean() for f in flat).detach()), rel=1e-5)
-
-
-def test_registry_names_start_with_the_family():
-    for name in ("stfpm-resnet18", "reverse-distillation-resnet18", "reverse-distillation-wide-resnet50"):
-        entry = get_entry(name)
-        assert name.startswith(entry.model_class.family)
+    # the loss compares whole maps by their cosine: 0 for a perfect student at any scale, 2 per scale when opposite
+    loss = ReverseDistillationModel.loss
+    assert loss(features, [2.0 * f for f in features]).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(features, [-f for f in features]).item() == pytest.approx(2.0 * len(features), rel=1e-6)
+    assert 0.0 < loss(features, decoded).item() < 2.0 * len(features)

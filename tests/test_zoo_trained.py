@@ -2,6 +2,9 @@
 and evaluation that never sees the training augmentation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,8 +13,10 @@ from torch import nn
 
 from competition.artifacts import load_checkpoint
 from competition.data.textures import make_texture
-from competition.zoo.base import AnomalyModel, ImageSet, ZooSettings
-from competition.zoo.trained import TrainedAnomalyModel, evaluation_tensors, train_defaults
+from competition.stage import ConfigChangedError
+from competition.zoo.api import ImageSet, ZooSettings
+from competition.zoo.registry import get_entry, load_model, register, temporary_entries
+from competition.zoo.trained import TrainedAnomalyModel, TrainParams, evaluation_tensors
 from competition.zoo.validation import split_validation
 
 SIZE = 32
@@ -36,9 +41,18 @@ class MeanImageNet(nn.Module):
         self.dropout = nn.Dropout(0.5)
 
 
+@dataclass
+class MeanImageParams(TrainParams):
+    epochs: int = 3
+    batch_size: int = 4
+    lr: float = 0.05
+    weight_decay: float = 0.0
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+
+
 class MeanImageModel(TrainedAnomalyModel):
     family = "test-mean-image"
-    DEFAULTS = train_defaults(epochs=3, batch_size=4, lr=0.05, weight_decay=0.0, optimizer="adam")
+    params_class = MeanImageParams
     kill_at_step = -1
 
     def __init__(self, settings=None, **params):
@@ -46,25 +60,35 @@ class MeanImageModel(TrainedAnomalyModel):
         self.seen_training: list[torch.Tensor] = []
         self.seen_scoring: list[torch.Tensor] = []
 
-    def build_network(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         return MeanImageNet()
 
     def training_step(self, batch):
         self.seen_training.append(batch["image"].detach().clone())
         if len(self.seen_training) == self.kill_at_step:
             raise KeyboardInterrupt
-        return ((self.network.dropout(batch["image"]) - self.network.mean_image) ** 2).mean()
+        return ((self.model.dropout(batch["image"]) - self.model.mean_image) ** 2).mean()
 
     def score_batch(self, images):
         self.seen_scoring.append(images.detach().clone())
-        maps = ((images - self.network.mean_image) ** 2).mean(1) * self.network.sign
+        maps = ((images - self.model.mean_image) ** 2).mean(1) * self.model.sign
         return maps.flatten(1).mean(1), maps
 
 
-def test_history_checkpoints_and_loss_going_down(tmp_path):
+@pytest.fixture
+def registered_test_model():
+    """The test model as a registry entry for the block of one test (loading finds classes there), then gone."""
+    with temporary_entries():
+        register("test-mean-image", MeanImageModel, "learns the mean normal image")
+        yield
+    with pytest.raises(ValueError, match="unknown zoo model"):  # nothing leaks into the global registry
+        get_entry("test-mean-image")
+
+
+def test_history_checkpoints_and_loss_going_down(tmp_path, registered_test_model):
     model = MeanImageModel(_settings(tmp_path)).fit(_normals())
     history = pd.read_csv(tmp_path / "history.csv")
-    assert list(history["epoch"]) == [0, 1, 2]
+    assert list(history["epoch"]) == [1, 2, 3]  # counted from 1, as printed
     for column in ("train_loss", "val_auroc", "val_auroc_painted", "lr", "seconds"):
         assert column in history.columns
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
@@ -74,7 +98,8 @@ def test_history_checkpoints_and_loss_going_down(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == model.fit_info["best_epoch"]
     # save / load round trip gives the same scores
     model.save(tmp_path / "model.pt")
-    again = AnomalyModel.load(tmp_path / "model.pt")
+    again = load_model(tmp_path / "model.pt")
+    assert type(again) is MeanImageModel
     np.testing.assert_allclose(again.score_samples(_normals(4, seed=9)), model.score_samples(_normals(4, seed=9)))
 
 
@@ -85,25 +110,35 @@ def test_real_defects_enter_the_validation_auroc(tmp_path):
     assert model.fit_info["training_normals"] == 19
 
 
+@dataclass
+class SignFlippingParams(TrainParams):
+    epochs: int = 4
+    batch_size: int = 4
+    steps_per_epoch: int = 1
+    optimizer: Literal["adamw", "adam", "sgd"] = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
 class SignFlippingModel(MeanImageModel):
     """SGD on the sign of the score: one step per epoch takes it to +1, 0, -1, 0. Epoch 0 or 2 has
     the best validation AUROC (whichever sign ranks the painted defects higher); the last epoch
     scores every image 0 (AUROC 0.5), so a loop that kept the last weights would fail."""
 
     family = "test-sign-flipping"
-    DEFAULTS = train_defaults(epochs=4, batch_size=4, steps_per_epoch=1, optimizer="sgd", lr=1.0,
-                              momentum=0.0, weight_decay=0.0)
+    params_class = SignFlippingParams
     directions = (-1.0, 1.0, 1.0, -1.0)
 
     def training_step(self, batch):
         direction = self.directions[len(self.seen_training)]
         self.seen_training.append(batch["image"])
-        return direction * self.network.sign.sum() + 0.0 * self.network.mean_image.sum()
+        return direction * self.model.sign.sum() + 0.0 * self.model.mean_image.sum()
 
     def before_training(self, normals):
         with torch.no_grad():
-            self.network.mean_image.copy_(torch.from_numpy(normals).permute(0, 3, 1, 2).float().mean(0) / 255)
-            self.network.sign.zero_()
+            self.model.mean_image.copy_(torch.from_numpy(normals).permute(0, 3, 1, 2).float().mean(0) / 255)
+            self.model.sign.zero_()
 
 
 def test_best_checkpoint_is_chosen_by_validation_auroc(tmp_path):
@@ -112,8 +147,8 @@ def test_best_checkpoint_is_chosen_by_validation_auroc(tmp_path):
     auc = history["val_auroc"].to_numpy()
     assert auc[1] == auc[3] == 0.5 and auc[0] == pytest.approx(1 - auc[2]) and auc[0] != 0.5
     best = int(np.argmax(auc))
-    assert model.fit_info["best_epoch"] == best
-    assert model.network.sign.item() == pytest.approx(1.0 if best == 0 else -1.0)  # best weights
+    assert model.fit_info["best_epoch"] == best + 1  # epochs count from 1
+    assert model.model.sign.item() == pytest.approx(1.0 if best == 0 else -1.0)  # best weights
     assert load_checkpoint(tmp_path / "last.pt")["model"]["sign"].item() == pytest.approx(0.0)
 
 
@@ -129,8 +164,8 @@ def test_resume_continues_exactly(tmp_path):
         interrupted.fit(_normals())
     torch.manual_seed(1234)  # a new process: its global RNG state must not matter
     resumed = MeanImageModel(_settings(tmp_path / "resumed"), **params).fit(_normals())
-    assert resumed.fit_info["resumed_from_epoch"] == 1
-    assert len(resumed.seen_training) == len(straight.seen_training) // 3  # only epoch 2 ran
+    assert resumed.fit_info["resumed_from_epoch"] == 2
+    assert len(resumed.seen_training) == len(straight.seen_training) // 3  # only the third epoch ran
 
     a = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
@@ -162,10 +197,16 @@ def test_evaluation_never_sees_the_augmentation():
     assert np.isfinite(prediction.scores).all()
 
 
-def test_a_finished_fold_refitted_starts_over(tmp_path):
-    first = MeanImageModel(_settings(tmp_path), epochs=2).fit(_normals())
+def test_a_refit_resumes_at_the_end_and_refuses_changed_hyperparameters(tmp_path):
+    MeanImageModel(_settings(tmp_path), epochs=2).fit(_normals())
     again = MeanImageModel(_settings(tmp_path), epochs=2).fit(_normals())
-    assert again.fit_info["resumed_from_epoch"] == 1 and not again.seen_training  # unfinished: resume (at its end)
-    (tmp_path / "summary.json").write_text("{}")  # the runner's mark of a finished fold
-    forced = MeanImageModel(_settings(tmp_path), epochs=2).fit(_normals())
-    assert forced.fit_info["resumed_from_epoch"] is None and len(forced.seen_training) == len(first.seen_training)
+    assert again.fit_info["resumed_from_epoch"] == 2 and not again.seen_training  # resumed at its end
+    with pytest.raises(ConfigChangedError, match=r"last.pt was written with another config \(zoo.params.lr: "
+                                                 r"0.05 -> 0.5\)"):
+        MeanImageModel(_settings(tmp_path), epochs=2, lr=0.5).fit(_normals())
+    with pytest.raises(ConfigChangedError, match=r"zoo.image_size: 32 -> 64"):
+        settings = ZooSettings(image_size=64, batch_size=8, progress=False, run_dir=str(tmp_path))
+        MeanImageModel(settings, epochs=2).fit(_normals())
+    neutral = ZooSettings(image_size=SIZE, batch_size=8, progress=False, run_dir=str(tmp_path), num_workers=1,
+                          channels_last=False)
+    assert MeanImageModel(neutral, epochs=2).fit(_normals()).fit_info["resumed_from_epoch"] == 2

@@ -1,11 +1,12 @@
 """`check-data`: validate a dataset before any training and print what is wrong with it.
 
-Problems (exit 1) are what would break a run or corrupt a score: missing folders, defects without
-masks or masks without defects, masks of another size than their image, files that do not decode
-fully, a sample_submission.csv that is not exactly `ImageId,answer` or names missing/duplicate
-images. Warnings are worth a look but do not stop anything (test images not in the submission,
-empty masks, test sizes or modes unseen in training). Every image is decoded with the project's
-loader, so "readable here" means "readable by training and inference".
+Problems (exit 1) are what would break a run or corrupt a score: missing folders, masks without
+defects, masks of another size than their image, files that do not decode fully, a
+sample_submission.csv that is not exactly `ImageId,answer` or names missing/duplicate images.
+Warnings are worth a look but do not stop anything (no train/defect_masks/ or defects without a
+mask: masks are optional, and training uses the image label alone for those defects; test images
+not in the submission, empty masks, test sizes or modes unseen in training). Every image is decoded
+with the project's loader, so "readable here" means "readable by training and inference".
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from competition.data.layouts import (
     resolve_image_ids,
     sample_submission,
 )
+from competition.messages import first_few
 
 # Lines of one kind listed one by one before the rest is summarised in a count.
 _LINES_PER_KIND = 20
@@ -66,11 +68,6 @@ class _ImageToCheck:
     mask: Path | None = None
 
 
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:_NAMES_PER_LINE])
-    return shown if len(names) <= _NAMES_PER_LINE else f"{shown} ... and {len(names) - _NAMES_PER_LINE} more"
-
-
 def _add_capped(target: list[str], lines: list[str], what: str) -> None:
     target.extend(lines[:_LINES_PER_KIND])
     if len(lines) > _LINES_PER_KIND:
@@ -97,7 +94,7 @@ def _note_ignored_files(folder: Path, show: _Shower, report: CheckReport) -> Non
     if ignored:
         report.warnings.append(
             f"{show(folder)}/: ignored {len(ignored)} entries that are not image files "
-            f"({' '.join(IMAGE_EXTENSIONS)}): {_names(ignored)}")
+            f"({' '.join(IMAGE_EXTENSIONS)}): {first_few(ignored, _NAMES_PER_LINE)}")
 
 
 def _check_competition_files(root: Path, report: CheckReport) -> list[_ImageToCheck]:
@@ -110,7 +107,7 @@ def _check_competition_files(root: Path, report: CheckReport) -> list[_ImageToCh
         "test": root / "test" / "images",
     }
     submission_path = root / "test" / "sample_submission.csv"
-    missing = [f"{show(folder)}/" for folder in folders.values() if not folder.is_dir()]
+    missing = [f"{show(folder)}/" for kind, folder in folders.items() if kind != "mask" and not folder.is_dir()]
     if not submission_path.is_file():
         missing.append(show(submission_path))
     for name in missing:
@@ -151,7 +148,11 @@ def _check_competition_files(root: Path, report: CheckReport) -> list[_ImageToCh
 
 def _pair_defects_with_masks(defects: list[Path], masks: list[Path], folders: dict[str, Path],
                              show: _Shower, report: CheckReport) -> list[_ImageToCheck]:
+    report.counts["defects with a mask"] = 0
     if not folders["mask"].is_dir():
+        if defects:
+            report.warnings.append(f"no {show(folders['mask'])}/: the {len(defects)} defect image(s) have image labels "
+                                   "only (no mask head targets, no transplanted defects, no pixel metrics)")
         return [_ImageToCheck(path, "train") for path in defects]
     lookup = FileLookup(masks)
     without_mask, ambiguous, used = [], [], set()
@@ -165,16 +166,19 @@ def _pair_defects_with_masks(defects: list[Path], masks: list[Path], folders: di
         (ambiguous if candidates else without_mask).append(defect.name)
         to_check.append(_ImageToCheck(defect, "train"))
     mask_dir = show(folders["mask"])
+    report.counts["defects with a mask"] = len(used)
     if without_mask:
-        report.problems.append(f"{len(without_mask)} defect image(s) without a mask in {mask_dir}/ "
-                               f"(expected the same file name): {_names(without_mask)}")
+        # Masks are optional: those defects train with their image label alone.
+        report.warnings.append(f"{len(without_mask)} of {len(defects)} defect image(s) without a mask in {mask_dir}/ "
+                               f"(expected the same file name; they train with their image label alone): "
+                               f"{first_few(without_mask, _NAMES_PER_LINE)}")
     if ambiguous:
         report.problems.append(f"{len(ambiguous)} defect image(s) with several masks of the same stem in "
-                               f"{mask_dir}/ (keep one): {_names(ambiguous)}")
+                               f"{mask_dir}/ (keep one): {first_few(ambiguous, _NAMES_PER_LINE)}")
     orphans = [mask.name for mask in masks if mask not in used]
     if orphans:
         report.problems.append(f"{len(orphans)} mask(s) in {mask_dir}/ without a defect image in "
-                               f"{show(folders['defect'])}/: {_names(orphans)}")
+                               f"{show(folders['defect'])}/: {first_few(orphans, _NAMES_PER_LINE)}")
     return to_check
 
 
@@ -200,23 +204,24 @@ def _check_sample_submission(root: Path, test_files: list[Path], show: _Shower, 
         report.problems.append(f"{csv_name}: {blank} row(s) with an empty ImageId")
     duplicated = sorted({image_id for image_id, n in Counter(image_ids).items() if n > 1})
     if duplicated:
-        report.problems.append(f"{csv_name}: duplicate ImageId(s): {_names(duplicated)}")
+        report.problems.append(f"{csv_name}: duplicate ImageId(s): {first_few(duplicated, _NAMES_PER_LINE)}")
     matched, not_found, ambiguous = resolve_image_ids(dict.fromkeys(i for i in image_ids if i.strip()),
                                                       FileLookup(test_files))
     if not_found:
         report.problems.append(f"{csv_name}: {len(not_found)} ImageId(s) match no file in "
-                               f"{show(root / 'test' / 'images')}/: {_names(not_found)}")
+                               f"{show(root / 'test' / 'images')}/: {first_few(not_found, _NAMES_PER_LINE)}")
     if ambiguous:
         report.problems.append(f"{csv_name}: {len(ambiguous)} ImageId(s) match several files of the same stem "
-                               f"in {show(root / 'test' / 'images')}/: {_names(ambiguous)}")
+                               f"in {show(root / 'test' / 'images')}/: {first_few(ambiguous, _NAMES_PER_LINE)}")
     shared = Counter(matched.values())
     doubled = sorted(path.name for path, n in shared.items() if n > 1)
     if doubled:
-        report.warnings.append(f"{csv_name}: several ImageIds name the same test file: {_names(doubled)}")
+        report.warnings.append(f"{csv_name}: several ImageIds name the same test file: "
+                               f"{first_few(doubled, _NAMES_PER_LINE)}")
     unreferenced = sorted(path.name for path in test_files if path not in shared)
     if unreferenced:
         report.warnings.append(f"{len(unreferenced)} test image(s) not in {csv_name} (they will not be "
-                               f"predicted): {_names(unreferenced)}")
+                               f"predicted): {first_few(unreferenced, _NAMES_PER_LINE)}")
 
 
 def _check_index(root: Path, layout: str, category: str | None, report: CheckReport) -> list[_ImageToCheck]:
@@ -245,11 +250,12 @@ def _check_index(root: Path, layout: str, category: str | None, report: CheckRep
                 report.counts[f"{split} defect type {defect_type}"] = int(n)
     if not is_normal.any():
         report.problems.append("no normal images found")
+    report.counts["defects with a mask"] = int((is_defect & (index["mask_path"] != "")).sum())
     defects_without_mask = index.loc[is_defect & (index["mask_path"] == ""), "path"].tolist()
     if defects_without_mask:
         # Benchmarks ship a mask per defect; the folder layout only has them when masks/ exists.
         line = f"{len(defects_without_mask)} defect image(s) without a mask: " \
-               f"{_names([show(p) for p in defects_without_mask])}"
+               f"{first_few([show(p) for p in defects_without_mask], _NAMES_PER_LINE)}"
         if layout in CATEGORY_LAYOUTS:
             report.problems.append(line)
         elif (root / "masks").is_dir():
@@ -288,7 +294,8 @@ def _decode_all(to_check: list[_ImageToCheck], root: Path, report: CheckReport, 
     _add_capped(report.problems, unreadable, "unreadable files")
     _add_capped(report.problems, wrong_size, "masks of the wrong size")
     if empty_masks:
-        report.warnings.append(f"{len(empty_masks)} mask(s) with no defect pixel: {_names(empty_masks)}")
+        report.warnings.append(f"{len(empty_masks)} mask(s) with no defect pixel: "
+                               f"{first_few(empty_masks, _NAMES_PER_LINE)}")
     _compare_train_and_test(report, modes_by_split)
 
 
@@ -303,7 +310,7 @@ def _compare_train_and_test(report: CheckReport, modes_by_split: dict[str, Count
         if outside:
             report.warnings.append(
                 f"test image sizes (height x width) outside the training range "
-                f"{min(heights)}..{max(heights)} x {min(widths)}..{max(widths)}: {_names(outside)}")
+                f"{min(heights)}..{max(heights)} x {min(widths)}..{max(widths)}: {first_few(outside, _NAMES_PER_LINE)}")
     train_modes, test_modes = modes_by_split.get("train", Counter()), modes_by_split.get("test", Counter())
     if train_modes and test_modes:
         unseen_modes = sorted(set(test_modes) - set(train_modes))

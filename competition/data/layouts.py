@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+from competition.artifacts import read_table
 from competition.data.images import ImageReadError, find_unreadable
+from competition.messages import first_few
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ SUBMISSION_COLUMNS = ("ImageId", "answer")
 COMPETITION_LAYOUT = """\
   <root>/train/normal_images/   normal training images
   <root>/train/defect_images/   defect training images
-  <root>/train/defect_masks/    one mask per defect image, same file name (extension may differ)
+  <root>/train/defect_masks/    optional: a mask per defect image, same file name (extension may differ)
   <root>/train/groups.csv       optional: image_id,group (e.g. normal_images/a.png,part_7)
   <root>/test/images/           test images
   <root>/test/sample_submission.csv   columns ImageId,answer"""
@@ -43,21 +45,21 @@ def _absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(path))
 
 
-def _name_some(names: Sequence[str], limit: int = _NAMES_SHOWN) -> str:
-    shown = ", ".join(str(name) for name in names[:limit])
-    return shown if len(names) <= limit else f"{shown} ... and {len(names) - limit} more"
-
-
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name.
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files directly in ``folder`` (and in its subfolders when ``recursive``), sorted by path.
 
-    Hidden files are skipped: macOS archives carry "._name.png" resource forks that are not images.
+    Hidden files and folders are skipped: macOS archives carry "._name.png" resource forks that are
+    not images, and tools keep their own copies in folders such as ".ipynb_checkpoints".
     """
-    return sorted((p for p in folder.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: p.name)
+    folder = Path(folder)
+    if not recursive:
+        return sorted((p for p in folder.iterdir() if p.is_file() and is_image_file(p)), key=lambda p: p.name)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]))
 
 
 def list_subfolders(folder: Path) -> list[Path]:
@@ -100,7 +102,7 @@ class FileLookup:
         """The unique match for ``name``, None when there is none; several raise ValueError."""
         matches = self.candidates(name)
         if len(matches) > 1:
-            raise ValueError(f"{what} {name!r} is ambiguous: it matches {_name_some([str(m) for m in matches])}; "
+            raise ValueError(f"{what} {name!r} is ambiguous: it matches {first_few(matches, _NAMES_SHOWN)}; "
                              "keep one file per name")
         return matches[0] if matches else None
 
@@ -131,7 +133,7 @@ def index_frame(rows: list[dict]) -> pd.DataFrame:
             frame[column] = frame[column].astype(str)
     duplicated = frame.loc[frame["image_id"].duplicated(), "image_id"].tolist()
     if duplicated:
-        raise ValueError(f"duplicate image_id values in the index: {_name_some(duplicated)}; "
+        raise ValueError(f"duplicate image_id values in the index: {first_few(duplicated, _NAMES_SHOWN)}; "
                          "every image needs a unique id")
     return frame.reset_index(drop=True)
 
@@ -144,7 +146,7 @@ def sample_submission(root: str | os.PathLike) -> pd.DataFrame:
     """test/sample_submission.csv as strings, ImageIds exactly as written (no NaN, no int casts)."""
     path = _absolute(root) / "test" / "sample_submission.csv"
     _require_file(path, COMPETITION_LAYOUT)
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    return read_table(path, all_text=True)
 
 
 def resolve_image_ids(image_ids: Iterable[str], lookup: FileLookup) -> tuple[dict[str, Path], list[str], list[str]]:
@@ -165,20 +167,20 @@ def resolve_image_ids(image_ids: Iterable[str], lookup: FileLookup) -> tuple[dic
 
 def read_groups(path: Path, train_ids: Iterable[str]) -> dict[str, str]:
     """train/groups.csv (image_id,group) -> {image_id: group}; ids must be training image ids."""
-    groups = pd.read_csv(path, dtype=str, keep_default_na=False)
+    groups = read_table(path, all_text=True)
     missing = [column for column in ("image_id", "group") if column not in groups.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected columns image_id,group, "
                          f"found {','.join(map(str, groups.columns))}")
     duplicated = groups.loc[groups["image_id"].duplicated(), "image_id"].tolist()
     if duplicated:
-        raise ValueError(f"{path}: image_id listed more than once: {_name_some(duplicated)}")
+        raise ValueError(f"{path}: image_id listed more than once: {first_few(duplicated, _NAMES_SHOWN)}")
     known = set(train_ids)
     unknown = [image_id for image_id in groups["image_id"] if image_id not in known]
     if unknown:
         example = next(iter(sorted(known)), "normal_images/normal_00001.png")
-        raise ValueError(f"{path}: image_id(s) not among the training images: {_name_some(unknown)}; "
-                         f"ids are paths relative to train/, e.g. {example}")
+        raise ValueError(f"{path}: image_id(s) not among the training images: "
+                         f"{first_few(unknown, _NAMES_SHOWN)}; ids are paths relative to train/, e.g. {example}")
     # An empty group cell means "no group": the image stays on its own.
     return {image_id: group for image_id, group in zip(groups["image_id"], groups["group"]) if group != ""}
 
@@ -216,9 +218,10 @@ def competition_test_rows(root: Path) -> list[dict]:
     if not_found or ambiguous:
         details = []
         if not_found:
-            details.append(f"matching no file: {_name_some(not_found)}")
+            details.append(f"matching no file: {first_few(not_found, _NAMES_SHOWN)}")
         if ambiguous:
-            details.append(f"matching several files (same stem, different extensions): {_name_some(ambiguous)}")
+            details.append("matching several files (same stem, different extensions): "
+                           f"{first_few(ambiguous, _NAMES_SHOWN)}")
         raise ValueError(f"sample_submission.csv ImageIds not resolvable in {test_images} - "
                          f"{'; '.join(details)}. An ImageId is a file name, with or without its extension.")
     return [_row(image_id, matched[image_id], None, "test", "") for image_id in image_ids]
@@ -293,7 +296,7 @@ def read_visa(root: str | os.PathLike, category: str) -> pd.DataFrame:
     root = _absolute(root)
     csv_path = root / "split_csv" / "1cls.csv"
     _require_file(csv_path, VISA_LAYOUT)
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    table = read_table(csv_path, all_text=True)
     missing = [c for c in ("object", "split", "label", "image", "mask") if c not in table.columns]
     if missing:
         raise ValueError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected "
@@ -343,7 +346,8 @@ def _drop_unreadable_train(index: pd.DataFrame) -> pd.DataFrame:
     if test_failures:
         (path, reason), others = test_failures[0], test_failures[1:]
         if others:
-            reason += f"; {len(others)} more unreadable test image(s): {_name_some([p for p, _ in others])}"
+            shown = first_few([p for p, _ in others], _NAMES_SHOWN)
+            reason += f"; {len(others)} more unreadable test image(s): {shown}"
         raise ImageReadError(path, reason + " (test images are never skipped: replace the file)")
     train_failures = find_unreadable(index.loc[~is_test, "path"])
     for path, reason in train_failures:

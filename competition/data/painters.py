@@ -4,16 +4,25 @@
 stain, cut/fold, missing pattern) at a chosen severity; `cutpaste` follows CutPaste (Li et al.,
 CVPR 2021) and `perlin_anomaly` follows DRAEM (Zavrtanik et al., ICCV 2021). Every function takes
 a uint8 image (H, W) or (H, W, C), never modifies it, and returns a new image plus a uint8 0/255
-mask of the region it changed: pixels outside the mask are bit-identical to the input.
+mask of the region it changed: pixels outside the mask are bit-identical to the input, and some
+pixel inside it differs. No painter raises on an image it cannot change (a flat or binary surface,
+a tiny image): it tries other placements, then another kind, and logs the substitution.
 """
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from competition.data.textures import OTHER_FAMILIES, make_texture, rotate_and_crop
+from competition.preprocess import rotate
+
+if TYPE_CHECKING:
+    from competition.data.transplant import DefectBank, NormalPool
 
 DEFECT_KINDS: tuple[str, ...] = ("scratch", "crack", "hole", "stain", "cut", "missing_pattern")
 
@@ -21,9 +30,24 @@ DEFECT_KINDS: tuple[str, ...] = ("scratch", "crack", "hole", "stain", "cut", "mi
 # mask is exactly the set of pixels that may differ from the input.
 _COVERAGE_THRESHOLD = 0.15
 
-# Painter signature: (float image (H, W, C), rng, severity) -> (target image, coverage in [0, 1],
-# strength in (0, 1]). The result is input + (target - input) * coverage * strength.
-_Painter = Callable[[np.ndarray, np.random.Generator, float], tuple[np.ndarray, np.ndarray, float]]
+# Placement: (float image (H, W, C), rng) -> the defect's centre as (x, y) pixel coordinates.
+_Placement = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# Painter signature: (float image (H, W, C), rng, severity, placement) -> (target image, coverage in
+# [0, 1], strength in (0, 1]). The result is input + (target - input) * coverage * strength.
+_Painter = Callable[[np.ndarray, np.random.Generator, float, _Placement], tuple[np.ndarray, np.ndarray, float]]
+
+RANDOM_PLACEMENTS = 10  # draws of the asked kind anywhere on the image (the first draws, always)
+GUIDED_PLACEMENTS = 10  # then draws centred where the image has structure to change
+FALLBACK_PLACEMENTS = 3  # then draws of each other kind, in a random order
+
+log = logging.getLogger(__name__)
+# (asked kind, what was painted instead) -> count, in this process; each pair is logged once.
+_substitutions: Counter[tuple[str, str]] = Counter()
+
+
+def substitution_counts() -> dict[tuple[str, str], int]:
+    """How often, in this process, a painter could not change an image and another kind stood in."""
+    return dict(_substitutions)
 
 
 def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
@@ -32,6 +56,10 @@ def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
 
     `severity` 0 gives an obvious defect (large, high contrast), 1 a subtle one (small, low
     contrast); None draws it uniformly from [0, 1], so about a third of defects are subtle.
+
+    A draw that changes nothing visible (a crack on a black patch, a smeared-out pattern on a flat
+    region) is redrawn elsewhere; when the image gives `kind` nothing to change, another kind
+    stands in (see `substitution_counts`), so a training run never stops on an awkward image.
     """
     try:
         painter = _PAINTERS[kind]
@@ -39,15 +67,54 @@ def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
         raise ValueError(f"unknown defect kind {kind!r}; allowed: {', '.join(DEFECT_KINDS)}") from None
     work = _as_float_hwc(image)
     severity = _check_severity(rng.uniform(0.0, 1.0) if severity is None else severity)
-    for _ in range(10):
-        target, coverage, strength = painter(work, rng, severity)
+    painted = _paint_visible(image, work, painter, rng, severity, _random_centre, RANDOM_PLACEMENTS)
+    if painted is None:
+        # Blurring or warping a constant patch leaves it constant: centre the defect on structure.
+        guided = _structure_placement(work)
+        if guided is not None:
+            painted = _paint_visible(image, work, painter, rng, severity, guided, GUIDED_PLACEMENTS)
+    if painted is not None:
+        return painted
+    return _substitute(image, work, kind, rng, severity)
+
+
+def _paint_visible(image: np.ndarray, work: np.ndarray, painter: _Painter, rng: np.random.Generator,
+                   severity: float, place: _Placement, attempts: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first of `attempts` draws that changes a pixel, as (new image, 0/255 mask); None if none did."""
+    for _ in range(attempts):
+        target, coverage, strength = painter(work, rng, severity, place)
         mask = coverage >= _COVERAGE_THRESHOLD
         blended = work + (target - work) * (coverage * strength)[..., None]
         out = _to_uint8_like(np.where(mask[..., None], blended, work), image)
         # A defect that rounds away to nothing (e.g. a dark crack on a black patch) is redrawn.
         if mask.any() and np.any(out != image):
             return out, _mask_to_uint8(mask)
-    raise RuntimeError(f"could not paint a visible {kind!r} defect on a {image.shape} image")
+    return None
+
+
+def _substitute(image: np.ndarray, work: np.ndarray, asked: str, rng: np.random.Generator,
+                severity: float) -> tuple[np.ndarray, np.ndarray]:
+    """Another defect kind in place of `asked`, which could not change `image`; an inverted spot if none can.
+
+    The other kinds are tried in a random order; most lighten or darken towards a contrasting
+    value, which changes even a constant image.
+    """
+    others = [kind for kind in DEFECT_KINDS if kind != asked]
+    painted, used = None, "inverted_spot"
+    for index in rng.permutation(len(others)):
+        painted = _paint_visible(image, work, _PAINTERS[others[int(index)]], rng, severity, _random_centre,
+                                 FALLBACK_PLACEMENTS)
+        if painted is not None:
+            used = others[int(index)]
+            break
+    if painted is None:
+        # Inverting a pixel always changes it (255 - v == v has no integer solution), so this cannot fail.
+        painted = _paint_visible(image, work, _inverted_spot, rng, severity, _random_centre, 1)
+    _substitutions[(asked, used)] += 1
+    if _substitutions[(asked, used)] == 1:
+        log.warning("could not paint a visible %r on a %s image; painted a %r defect instead "
+                    "(logged once per pair of kinds in this process)", asked, image.shape, used)
+    return painted
 
 
 def cutpaste(image: np.ndarray, rng: np.random.Generator, scar: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -55,11 +122,13 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator, scar: bool = False) ->
 
     Patch area is 2-15% of the image with aspect ratio in [0.3, 3.3] (the paper's defaults). The
     scar variant cuts a thin long patch (2-16 x 10-25 px at 256 px, scaled with the image) and
-    rotates it by up to 45 degrees before pasting.
+    rotates it by up to 45 degrees before pasting. A patch from a constant surface pasted onto the
+    same surface changes nothing (jitter scales black to black); after ten such draws a painted
+    defect stands in.
     """
     work = _as_uint8_hwc(image)
     height, width = work.shape[:2]
-    for _ in range(10):
+    for _ in range(RANDOM_PLACEMENTS):
         out = work.copy()
         mask = np.zeros((height, width), bool)
         if scar:
@@ -68,7 +137,8 @@ def cutpaste(image: np.ndarray, rng: np.random.Generator, scar: bool = False) ->
             _paste_rectangle(work, out, mask, rng)
         if mask.any() and np.any(out[mask] != work[mask]):
             return _restore_layout(out, image), _mask_to_uint8(mask)
-    raise RuntimeError(f"could not cut-paste a visible patch on a {image.shape} image")
+    asked = "cutpaste_scar" if scar else "cutpaste"
+    return _substitute(image, _as_float_hwc(image), asked, rng, float(rng.uniform(0.0, 1.0)))
 
 
 def perlin_noise(shape: tuple[int, int], rng: np.random.Generator,
@@ -110,6 +180,8 @@ def perlin_anomaly(image: np.ndarray, rng: np.random.Generator, texture_source: 
     texture is `texture_source` (resized to the image) or, if None, a fresh texture from
     `OTHER_FAMILIES`; it gets three random DRAEM augmentations and is blended with opacity `beta`
     (drawn from [0.1, 1.0] if None): inside the mask, out = (1 - beta) * image + beta * anomaly.
+    A draw that changes nothing (a flat source augmented to the image's own value) is redrawn;
+    after ten, a painted defect stands in.
     """
     work = _as_uint8_hwc(image)
     height, width, channels = work.shape
@@ -117,27 +189,35 @@ def perlin_anomaly(image: np.ndarray, rng: np.random.Generator, texture_source: 
         beta = float(rng.uniform(0.1, 1.0))
     if not 0.1 <= beta <= 1.0:
         raise ValueError(f"beta (anomaly opacity) must lie in [0.1, 1.0], got {beta}")
-    mask = _perlin_mask(height, width, rng)
-    if texture_source is None:
-        family = OTHER_FAMILIES[int(rng.integers(len(OTHER_FAMILIES)))]
-        source = make_texture(family, (height, width), rng)
-    else:
-        source = cv2.resize(_as_uint8_hwc(texture_source), (width, height), interpolation=cv2.INTER_LINEAR)
-    source = _match_channels(source.reshape(height, width, -1), channels)
-    anomaly = _draem_augment(source, rng).astype(np.float32)
-    base = work.astype(np.float32)
-    blended = (1.0 - beta) * base + beta * anomaly
-    out = np.where(mask[..., None], np.clip(blended + 0.5, 0, 255).astype(np.uint8), work)
-    return _restore_layout(out, image), _mask_to_uint8(mask)
+    for _ in range(RANDOM_PLACEMENTS):
+        mask = _perlin_mask(height, width, rng)
+        if texture_source is None:
+            family = OTHER_FAMILIES[int(rng.integers(len(OTHER_FAMILIES)))]
+            source = make_texture(family, (height, width), rng)
+        else:
+            source = cv2.resize(_as_uint8_hwc(texture_source), (width, height), interpolation=cv2.INTER_LINEAR)
+        source = _match_channels(source.reshape(height, width, -1), channels)
+        anomaly = _draem_augment(source, rng).astype(np.float32)
+        base = work.astype(np.float32)
+        blended = (1.0 - beta) * base + beta * anomaly
+        out = np.where(mask[..., None], np.clip(blended + 0.5, 0, 255).astype(np.uint8), work)
+        if np.any(out != work):
+            return _restore_layout(out, image), _mask_to_uint8(mask)
+    severity = float(np.clip((1.0 - beta) / 0.9, 0.0, 1.0))  # the inverse of random_anomaly's beta
+    return _substitute(image, work.astype(np.float32), "perlin", rng, severity)
 
 
-def random_anomaly(image: np.ndarray, rng: np.random.Generator,
-                   severity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """An artificial positive: a uniform pick among the defect kinds, CutPaste and DRAEM.
+def random_anomaly(image: np.ndarray, rng: np.random.Generator, severity: float | None = None,
+                   kinds: Sequence[str] | None = None, bank: DefectBank | None = None,
+                   pool: NormalPool | None = None, exclude: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An artificial positive: a uniform pick among `kinds` (see `paint_kind`); None = the defect kinds,
+    CutPaste (normal or scar variant, half each) and DRAEM.
 
     `severity` steers painted defects and DRAEM's opacity (beta = 1 - 0.9 * severity); CutPaste
-    has no severity (normal or scar variant, half each).
+    has no severity.
     """
+    if kinds is not None:
+        return paint_kind(image, kinds[int(rng.integers(len(kinds)))], rng, severity, bank, pool, exclude)
     choices = DEFECT_KINDS + ("cutpaste", "perlin")
     choice = choices[int(rng.integers(len(choices)))]
     if choice == "cutpaste":
@@ -146,6 +226,25 @@ def random_anomaly(image: np.ndarray, rng: np.random.Generator,
         beta = None if severity is None else 1.0 - 0.9 * _check_severity(severity)
         return perlin_anomaly(image, rng, beta=beta)
     return paint_defect(image, choice, rng, severity)
+
+
+def paint_kind(image: np.ndarray, kind: str, rng: np.random.Generator, severity: float | None = None,
+               bank: DefectBank | None = None, pool: NormalPool | None = None,
+               exclude: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One anomaly of a named kind (`config.POSITIVE_KINDS`): a defect kind, cutpaste, cutpaste_scar, perlin,
+    or the kinds that read other training images: transplant (a real defect of `bank`) and nsa
+    (patches of `pool`'s normals other than `exclude`; see `competition.data.transplant`)."""
+    if kind in ("cutpaste", "cutpaste_scar"):
+        return cutpaste(image, rng, scar=kind == "cutpaste_scar")
+    if kind == "perlin":
+        return perlin_anomaly(image, rng, beta=None if severity is None else 1.0 - 0.9 * _check_severity(severity))
+    if kind == "transplant":
+        from competition.data.transplant import transplant  # that module builds on this one's helpers
+        return transplant(image, rng, bank, severity)
+    if kind == "nsa":
+        from competition.data.transplant import nsa
+        return nsa(image, rng, pool, exclude)
+    return paint_defect(image, kind, rng, severity)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +330,26 @@ def _random_centre(work: np.ndarray, rng: np.random.Generator, margin: float = 0
     return np.array([rng.uniform(margin, 1 - margin) * width, rng.uniform(margin, 1 - margin) * height])
 
 
+def _structure_placement(work: np.ndarray) -> _Placement | None:
+    """Centres drawn in proportion to local detail (|image - its blur|); None on a flat image.
+
+    Binary boards and blank margins leave most random centres on a constant patch, where a
+    smeared or warped pattern changes nothing; edges are where such a defect shows.
+    """
+    detail = np.abs(work - cv2.GaussianBlur(work, (0, 0), 2.0).reshape(work.shape)).sum(axis=2).ravel()
+    total = float(detail.sum())
+    if not total > 0:
+        return None
+    weights = detail / total
+    width = work.shape[1]
+
+    def place(work: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        index = int(rng.choice(len(weights), p=weights))
+        return np.array([index % width + 0.5, index // width + 0.5])
+
+    return place
+
+
 def _wandering_path(centre: np.ndarray, length: float, n_points: int, turn_sd: float,
                     rng: np.random.Generator) -> np.ndarray:
     """(n, 2) x/y points of a path of `length` through `centre` whose heading drifts by `turn_sd`."""
@@ -289,11 +408,12 @@ def _contrasting_target(work: np.ndarray, coverage: np.ndarray, rng: np.random.G
 # Defect painters
 # ----------------------------------------------------------------------------------------------
 
-def _scratch(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _scratch(work: np.ndarray, rng: np.random.Generator, severity: float,
+             place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
     """A thin, gently curving line, usually bright (scratches on most surfaces catch the light)."""
     shape = work.shape[:2]
     length = _defect_extent(work, severity) * rng.uniform(1.0, 1.8)
-    path = _wandering_path(_random_centre(work, rng), length, 24, rng.uniform(0.01, 0.08), rng)
+    path = _wandering_path(place(work, rng), length, 24, rng.uniform(0.01, 0.08), rng)
     thickness = _line_px(work) * _lerp(rng.uniform(1.5, 3.0), 1.0, severity)
     coverage = _draw_polyline(shape, path, thickness)
     # Depth varies along the scratch, so it fades in and out rather than being a uniform stroke.
@@ -302,12 +422,13 @@ def _scratch(work: np.ndarray, rng: np.random.Generator, severity: float) -> tup
     return _contrasting_target(work, coverage, rng, prefer_light=0.7), coverage, _strength(severity, rng)
 
 
-def _crack(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _crack(work: np.ndarray, rng: np.random.Generator, severity: float,
+           place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
     """A dark jagged fissure, tapering towards its ends, with a few short branches."""
     shape = work.shape[:2]
     length = _defect_extent(work, severity) * rng.uniform(1.0, 1.6)
     n_points = 18
-    main = _wandering_path(_random_centre(work, rng), length, n_points, 0.45, rng)
+    main = _wandering_path(place(work, rng), length, n_points, 0.45, rng)
     base_width = _line_px(work) * _lerp(rng.uniform(2.0, 3.5), 1.0, severity)
     coverage = np.zeros(shape, np.float32)
     taper = np.sin(np.linspace(0.15, np.pi - 0.15, n_points - 1))
@@ -322,12 +443,13 @@ def _crack(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple
     return target, coverage, _strength(severity, rng)
 
 
-def _hole(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _hole(work: np.ndarray, rng: np.random.Generator, severity: float,
+          place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
     """A puncture: an irregular opening showing the (contrasting) background, with a frayed rim."""
     shape = work.shape[:2]
     channels = work.shape[2]
     radius = max(2.0, _defect_extent(work, severity) * rng.uniform(0.2, 0.4))
-    centre = _random_centre(work, rng)
+    centre = place(work, rng)
     opening = _irregular_blob(shape, centre, radius, rng.uniform(0.1, 0.35), rng)
     rim = cv2.GaussianBlur(opening, (0, 0), max(0.8, radius * 0.25))
     coverage = np.maximum(opening, np.clip(rim * 1.5, 0.0, 1.0))
@@ -340,12 +462,13 @@ def _hole(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[
     return target, coverage, _strength(severity, rng)
 
 
-def _stain(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _stain(work: np.ndarray, rng: np.random.Generator, severity: float,
+           place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
     """Contamination: a soft irregular blot of oil, rust, water or residue, denser in patches."""
     shape = work.shape[:2]
     channels = work.shape[2]
     radius = max(3.0, _defect_extent(work, severity) * rng.uniform(0.3, 0.6))
-    centre = _random_centre(work, rng)
+    centre = place(work, rng)
     blot = _irregular_blob(shape, centre, radius, rng.uniform(0.2, 0.5), rng)
     blot = cv2.GaussianBlur(blot, (0, 0), max(1.0, radius * 0.2))
     density = 0.75 + 0.25 * np.clip(perlin_noise(shape, rng, (4, 4)), -1.0, 1.0)
@@ -366,17 +489,19 @@ def _stain(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple
     return target, coverage, _strength(severity, rng)
 
 
-def _cut(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _cut(work: np.ndarray, rng: np.random.Generator, severity: float,
+         place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
     """A cut (dark slit with a lit edge) or a fold (displaced band, bright on one side, dark on the other)."""
     if rng.random() < 0.5:
-        return _slit(work, rng, severity)
-    return _fold(work, rng, severity)
+        return _slit(work, rng, severity, place)
+    return _fold(work, rng, severity, place)
 
 
-def _slit(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _slit(work: np.ndarray, rng: np.random.Generator, severity: float,
+          place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
     shape = work.shape[:2]
     length = _defect_extent(work, severity) * rng.uniform(1.0, 1.8)
-    path = _wandering_path(_random_centre(work, rng), length, 8, 0.03, rng)
+    path = _wandering_path(place(work, rng), length, 8, 0.03, rng)
     width = _line_px(work) * _lerp(rng.uniform(2.0, 4.0), 1.0, severity)
     gap = _draw_polyline(shape, path, width)
     direction = path[-1] - path[0]
@@ -389,9 +514,10 @@ def _slit(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[
     return target, coverage, _strength(severity, rng)
 
 
-def _fold(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _fold(work: np.ndarray, rng: np.random.Generator, severity: float,
+          place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
     height, width = work.shape[:2]
-    centre = _random_centre(work, rng)
+    centre = place(work, rng)
     angle = rng.uniform(0, np.pi)
     along_dir = np.array([np.cos(angle), np.sin(angle)], np.float32)
     normal = np.array([-along_dir[1], along_dir[0]], np.float32)
@@ -417,12 +543,13 @@ def _fold(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[
     return target, coverage, _strength(severity, rng)
 
 
-def _missing_pattern(work: np.ndarray, rng: np.random.Generator, severity: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _missing_pattern(work: np.ndarray, rng: np.random.Generator, severity: float,
+                     place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
     """Missing or broken pattern: a patch where the structure is smeared out or misaligned."""
     shape = work.shape[:2]
     height, width = shape
     extent = _defect_extent(work, severity)
-    centre = _random_centre(work, rng)
+    centre = place(work, rng)
     if rng.random() < 0.5:
         # Missing threads/rows: a band along a random direction.
         long_side, short_side = extent * rng.uniform(0.8, 1.5), extent * rng.uniform(0.15, 0.35)
@@ -444,6 +571,17 @@ def _missing_pattern(work: np.ndarray, rng: np.random.Generator, severity: float
         target = cv2.warpAffine(work, matrix, (width, height), flags=cv2.INTER_LINEAR,
                                 borderMode=cv2.BORDER_REFLECT).reshape(work.shape)
     return target, coverage, _strength(severity, rng)
+
+
+def _inverted_spot(work: np.ndarray, rng: np.random.Generator, severity: float,
+                   place: _Placement = _random_centre) -> tuple[np.ndarray, np.ndarray, float]:
+    """The last resort when no kind changes an image: a small disc with its values inverted."""
+    height, width = work.shape[:2]
+    centre = place(work, rng)
+    coverage = np.zeros((height, width), np.float32)
+    radius = max(1, int(round(min(height, width) * _lerp(0.12, 0.05, severity))))
+    cv2.circle(coverage, (int(centre[0]), int(centre[1])), radius, 1.0, -1)
+    return 255.0 - work, coverage, 1.0
 
 
 _PAINTERS: dict[str, _Painter] = {
@@ -594,5 +732,4 @@ def _equalize(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _rotate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     height, width = image.shape[:2]
-    matrix = cv2.getRotationMatrix2D((width / 2.0, height / 2.0), rng.uniform(-45, 45), 1.0)
-    return cv2.warpAffine(image, matrix, (width, height), borderMode=cv2.BORDER_REFLECT).reshape(image.shape)
+    return rotate(image, rng.uniform(-45, 45), border=cv2.BORDER_REFLECT, centre=(width / 2.0, height / 2.0))

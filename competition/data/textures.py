@@ -8,7 +8,7 @@ vectorised numpy plus cv2 resizing/filtering: a few milliseconds per 256x256 ima
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np

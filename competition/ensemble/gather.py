@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.artifacts import OOF_COLUMNS, TEST_COLUMNS, model_dir, read_json
+from competition.artifacts import OOF_COLUMNS, TEST_COLUMNS, model_dir, read_json, read_table
 from competition.config import Config
+from competition.messages import first_few
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ PREDICTION_FILES = ("oof.csv", "test.csv")
 # summary.json keys that may hold a fold's training time, in order of preference.
 TIME_KEYS = ("train_seconds", "fit_seconds", "seconds", "elapsed_seconds")
 _FOLD_DIR = re.compile(r"^fold(\d+)$")
-_SHOWN = 5
 
 
 class MissingRunsError(RuntimeError):
@@ -66,12 +66,6 @@ class Gathered:
     folds: pd.DataFrame  # image_id, label, fold
     test_ids: list[str]
     index: pd.DataFrame  # the dataset index the runs were checked against
-
-
-def _some(values) -> str:
-    values = [str(v) for v in values]
-    shown = ", ".join(repr(v) for v in values[:_SHOWN])
-    return shown if len(values) <= _SHOWN else f"{shown} ... and {len(values) - _SHOWN} more"
 
 
 def fold_folders(model_path: Path) -> dict[int, Path]:
@@ -130,7 +124,7 @@ def make_command(cfg: Config, model_name: str, folds: list[int], force: bool = F
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     # Ids stay strings exactly as written ("0001" is not 1, "NA" is not missing).
     try:
-        frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
+        frame = read_table(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise MissingRunsError(f"{path}: not a readable CSV ({exc}); re-run the fold that wrote it") from None
     missing = [c for c in columns if c not in frame.columns]
@@ -141,11 +135,11 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     frame["score"] = pd.to_numeric(frame["score"], errors="coerce")
     bad = frame.loc[~np.isfinite(frame["score"].to_numpy(float)), "image_id"].tolist()
     if bad:
-        raise MissingRunsError(f"{path}: {len(bad)} score(s) are missing or not finite, for {_some(bad)}; "
-                               "re-run the fold that wrote it")
+        raise MissingRunsError(f"{path}: {len(bad)} score(s) are missing or not finite, for "
+                               f"{first_few(bad, quote=True)}; re-run the fold that wrote it")
     duplicated = frame.loc[frame["image_id"].duplicated(), "image_id"].tolist()
     if duplicated:
-        raise MissingRunsError(f"{path}: image ids listed more than once: {_some(duplicated)}")
+        raise MissingRunsError(f"{path}: image ids listed more than once: {first_few(duplicated, quote=True)}")
     return frame
 
 
@@ -179,7 +173,8 @@ def read_model(model_path: Path, folds: list[int], check_disjoint: bool = True) 
     duplicated = oof.loc[oof["image_id"].duplicated(), "image_id"].unique().tolist()
     if duplicated and check_disjoint:
         raise MissingRunsError(f"{model_path}: images appear in the oof.csv of more than one fold: "
-                               f"{_some(duplicated)}; the folds were written with different fold assignments")
+                               f"{first_few(duplicated, quote=True)}; the folds were written with different "
+                               "fold assignments")
     return ModelPredictions(model_path.name, oof, pd.concat(tests, ignore_index=True), summaries)
 
 
@@ -231,22 +226,25 @@ def check_alignment(model: ModelPredictions, folds: pd.DataFrame, test_ids: list
         lacking = sorted(set(expected.index) - set(got.index))
         where = f"{root / f'fold{k}' / 'oof.csv'}"
         if extra:
-            problems.append(f"{where}: {len(extra)} image id(s) not in fold {k} of folds.csv: {_some(extra)}")
+            problems.append(f"{where}: {len(extra)} image id(s) not in fold {k} of folds.csv: "
+                            f"{first_few(extra, quote=True)}")
         if lacking:
-            problems.append(f"{where}: {len(lacking)} image id(s) of fold {k} missing: {_some(lacking)}")
+            problems.append(f"{where}: {len(lacking)} image id(s) of fold {k} missing: "
+                            f"{first_few(lacking, quote=True)}")
         both = expected.rename("expected").to_frame().join(got.rename("got"), how="inner")
         wrong = both.index[both["expected"] != both["got"]].tolist()
         if wrong:
-            problems.append(f"{where}: labels differ from folds.csv for {_some(wrong)}")
+            problems.append(f"{where}: labels differ from folds.csv for {first_few(wrong, quote=True)}")
         test = model.test[model.test["fold"] == k]
         test_where = f"{root / f'fold{k}' / 'test.csv'}"
         extra = sorted(set(test["image_id"]) - set(test_ids))
         present = set(test["image_id"])
         lacking = [i for i in test_ids if i not in present]
         if extra:
-            problems.append(f"{test_where}: {len(extra)} image id(s) that are not test images: {_some(extra)}")
+            problems.append(f"{test_where}: {len(extra)} image id(s) that are not test images: "
+                            f"{first_few(extra, quote=True)}")
         if lacking:
-            problems.append(f"{test_where}: {len(lacking)} test image id(s) missing: {_some(lacking)}")
+            problems.append(f"{test_where}: {len(lacking)} test image id(s) missing: {first_few(lacking, quote=True)}")
         if len(problems) > before:
             bad_folds.append(k)
     if problems:

@@ -13,31 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from competition.artifacts import save_figure, write_csv, write_json, write_yaml
+from competition.artifacts import json_safe, write_csv, write_json, write_yaml
 from competition.config import Config
 from competition.ensemble.gather import Gathered, gather
+from competition.ensemble.prior import PriorDecision
 from competition.ensemble.stacking import StackResult, cross_validation_scores, level2_features, stack
 from competition.ensemble.submission import build_submission, expected_image_ids, write_submission
-from competition.metrics import macro_f1_curve
+from competition.plots import plot_stacker_threshold
 
 ENSEMBLE_DIR = "_ensemble"  # under <paths.work>/<experiment>/; model folders never start with "_"
 
 
-def json_safe(value: Any) -> Any:
-    """NaN and infinities become null, so the record stays strict JSON."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def ensemble_record(cfg: Config, gathered: Gathered, result: StackResult, seconds: float) -> dict[str, Any]:
-    """What `submissions/<experiment>.json` keeps: models, weights, threshold, CV scores, config."""
+    """What `submissions/<experiment>.json` keeps: models, weights, threshold, test defect share, CV scores, config."""
     oof = result.oof
     model_cv = {name: cross_validation_scores(oof["label"], oof[name], oof["fold"]) for name in result.models}
     times = [model.train_seconds() for model in gathered.models]
@@ -48,6 +36,7 @@ def ensemble_record(cfg: Config, gathered: Gathered, result: StackResult, second
         "normalise": cfg.ensemble.normalise,
         "stacker": result.stacker,
         "threshold": result.threshold,
+        "prior": result.prior,
         "cv": result.cv,
         "model_cv": model_cv,
         "n_folds": int(oof["fold"].nunique()),
@@ -60,38 +49,14 @@ def ensemble_record(cfg: Config, gathered: Gathered, result: StackResult, second
     })
 
 
-def plot_threshold(result: StackResult, path: Path) -> Path:
-    """Out-of-fold macro-F1 against the threshold (the chosen one marked) and the score histograms."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels, scores = result.oof["label"].to_numpy(int), result.oof["score"].to_numpy(float)
-    cuts, f1 = macro_f1_curve(labels, scores)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.step(cuts, f1[:-1], where="pre", color="tab:blue")
-    left.axvline(result.threshold, color="tab:red", linestyle="--", label=f"threshold {result.threshold:.4g}")
-    left.set(xlabel="stacker score threshold (defect if >=)", ylabel="out-of-fold macro-F1",
-             title=f"nested OOF macro-F1 {result.cv['oof_macro_f1']:.4f}")
-    left.legend()
-    bins = np.histogram_bin_edges(np.concatenate([scores, result.test["score"].to_numpy(float)]), bins=40)
-    right.hist(scores[labels == 0], bins=bins, alpha=0.6, density=True, label="OOF normal")
-    right.hist(scores[labels == 1], bins=bins, alpha=0.6, density=True, label="OOF defect")
-    right.hist(result.test["score"], bins=bins, histtype="step", density=True, color="black", label="test")
-    right.axvline(result.threshold, color="tab:red", linestyle="--")
-    right.set(xlabel="stacker score", ylabel="density", title="score distributions")
-    right.legend()
-    return save_figure(fig, path)
-
-
 def write_ensemble_outputs(cfg: Config, result: StackResult, record: dict[str, Any]) -> Path:
     out = Path(cfg.paths.work) / cfg.experiment / ENSEMBLE_DIR
     write_csv(result.oof, out / "oof.csv")
     write_csv(result.test, out / "test.csv")
     write_yaml(cfg.to_dict(), out / "config.yaml")
     write_json({k: v for k, v in record.items() if k != "config"}, out / "metrics.json")
-    plot_threshold(result, out / "threshold.png")
+    plot_stacker_threshold(result.oof["label"], result.oof["score"], result.test["score"], result.threshold,
+                           result.cv["oof_macro_f1"], out / "threshold.png")
     return out
 
 
@@ -115,7 +80,8 @@ def main(cfg: Config) -> None:
         print(f"  {name:<{width}}  {cv['oof_macro_f1']:12.4f}  {_fmt(cv['oof_auroc']):>9}")
     cv = result.cv
     print(f"  {'ensemble':<{width}}  {cv['oof_macro_f1']:12.4f}  {_fmt(cv['oof_auroc']):>9}"
-          f"   (per fold {cv['cv_mean']:.4f} ± {_fmt(cv['cv_std'])}, threshold {result.threshold:.4g})")
+          f"   (per fold {cv['cv_mean']:.4f} ± {_fmt(cv['cv_std'])}, threshold {cv['threshold']:.4g})")
+    print(f"  {PriorDecision(**result.prior).describe()}")
     print(f"  {record['n_test_defect_predicted']} of {record['n_test']} test images predicted defective")
     print(f"  stacker outputs: {out}")
     print(paths["submission"])

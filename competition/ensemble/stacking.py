@@ -16,8 +16,10 @@ Stackers (`ensemble.method`): logistic regression on standardised features; `Ran
 non-negative weighted mean of the normalised scores whose weights come from greedy ensemble
 selection with replacement (Caruana et al., 2004); or any scikit-learn classifier by dotted name.
 The stacker's own out-of-fold scores come from `cross_val_predict` over a `PredefinedSplit` of the
-same folds, so the prediction for fold k never saw fold k's labels. The threshold is
-`metrics.best_threshold` on those scores (the middle of the best plateau).
+same folds, so the prediction for fold k never saw fold k's labels. The CV threshold is
+`metrics.best_threshold` on those scores (the middle of the best plateau); the test threshold is
+the same rule with the out-of-fold classes reweighted to the test set's defect share
+(`ensemble.prior`, `competition.ensemble.prior`).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from sklearn.preprocessing import StandardScaler
 
 from competition.config import EnsembleConfig
 from competition.ensemble.gather import ModelPredictions
+from competition.ensemble.prior import decide_threshold
 from competition.metrics import auroc, auroc_columns, best_threshold, macro_f1
 
 KEY_COLUMNS = ["image_id", "label", "fold"]
@@ -163,7 +166,8 @@ def import_estimator(dotted: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        raise ValueError(f"ensemble.estimator {dotted!r}: module {module_name!r} cannot be imported ({example})") from None
+        raise ValueError(f"ensemble.estimator {dotted!r}: module {module_name!r} cannot be imported "
+                         f"({example})") from None
     cls = getattr(module, class_name, None)
     if not inspect.isclass(cls):
         raise ValueError(f"ensemble.estimator {dotted!r}: {module_name} has no class {class_name!r} ({example})")
@@ -255,15 +259,17 @@ class StackResult:
     models: list[str]
     oof: pd.DataFrame  # image_id, label, fold, features, score (the stacker's nested OOF score)
     test: pd.DataFrame  # image_id, features, score, answer
-    threshold: float
-    cv: dict[str, Any]
+    threshold: float  # applied to the test scores: tuned for the test defect share (see `prior`)
+    cv: dict[str, Any]  # out-of-fold figures at the training share (cv["threshold"])
     stacker: dict[str, Any] = field(default_factory=dict)
+    prior: dict[str, Any] = field(default_factory=dict)  # prior.PriorDecision.as_record()
 
 
 def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: EnsembleConfig,
           seed: int = 0) -> StackResult:
     """Nested out-of-fold scores and CV figures, then the stacker refit on all out-of-fold rows
-    scores the test features and the threshold turns them into 0/1."""
+    scores the test features and the threshold, tuned for the test defect share that
+    `ensemble.prior` gives (`prior.decide_threshold`), turns them into 0/1."""
     names = feature_names(oof_features)
     X = oof_features[names].to_numpy(float)
     y = oof_features["label"].to_numpy(int)
@@ -273,6 +279,8 @@ def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: Ens
     cv = cross_validation_scores(y, oof_scores, folds)
     fitted = clone(stacker).fit(X, y)
     test_scores = stacker_scores(fitted, test_features[names].to_numpy(float))
+    decision = decide_threshold(y, oof_scores, test_scores, ensemble.prior, ensemble.prior_method)
     oof = oof_features.assign(score=oof_scores)
-    test = test_features.assign(score=test_scores, answer=(test_scores >= cv["threshold"]).astype(int))
-    return StackResult(names, oof, test, cv["threshold"], cv, describe_stacker(fitted, names))
+    test = test_features.assign(score=test_scores, answer=(test_scores >= decision.threshold).astype(int))
+    return StackResult(names, oof, test, decision.threshold, cv, describe_stacker(fitted, names),
+                       decision.as_record())

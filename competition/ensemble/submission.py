@@ -6,27 +6,22 @@ into place, so a failed run never leaves a half-written or wrong file behind.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 
-from competition.artifacts import atomic_path, write_json
+from competition.artifacts import atomic_path, read_table, write_json
 from competition.config import Config
 from competition.data.layouts import IMAGE_EXTENSIONS, SUBMISSION_COLUMNS
+from competition.messages import first_few
 
 ANSWERS = ("0", "1")
-_SHOWN = 5
 
 
 class SubmissionError(ValueError):
     """A submission breaks the format; the message lists every problem found."""
-
-
-def _some(values) -> str:
-    values = list(values)
-    shown = ", ".join(repr(v) for v in values[:_SHOWN])
-    return shown if len(values) <= _SHOWN else f"{shown} ... and {len(values) - _SHOWN} more"
 
 
 def _without_extension(image_id: str) -> str:
@@ -37,7 +32,7 @@ def _without_extension(image_id: str) -> str:
 def read_submission(path: str | Path) -> pd.DataFrame:
     """A submission CSV as strings, exactly as written (no NaN, no int casts)."""
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return read_table(path, all_text=True)
     except FileNotFoundError:
         raise
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -63,21 +58,21 @@ def submission_problems(submission: pd.DataFrame, expected_ids: list[str], in_or
     ids = submission["ImageId"].astype(str).tolist()
     blank = [row for row, image_id in enumerate(ids, start=1) if not image_id.strip()]
     if blank:
-        problems.append(f"empty ImageId in row(s) {_some(blank)}")
+        problems.append(f"empty ImageId in row(s) {first_few(blank, quote=True)}")
     seen, duplicated = set(), []
     for image_id in ids:
         if image_id in seen and image_id not in duplicated:
             duplicated.append(image_id)
         seen.add(image_id)
     if duplicated:
-        problems.append(f"ImageIds listed more than once: {_some(duplicated)}")
+        problems.append(f"ImageIds listed more than once: {first_few(duplicated, quote=True)}")
     expected_set = set(expected_ids)
     unknown = [i for i in dict.fromkeys(ids) if i.strip() and i not in expected_set]
     lacking = [i for i in expected_ids if i not in seen]
     if unknown:
-        problems.append(f"{len(unknown)} ImageId(s) not in {reference}: {_some(unknown)}")
+        problems.append(f"{len(unknown)} ImageId(s) not in {reference}: {first_few(unknown, quote=True)}")
     if lacking:
-        problems.append(f"{len(lacking)} ImageId(s) of {reference} missing: {_some(lacking)}")
+        problems.append(f"{len(lacking)} ImageId(s) of {reference} missing: {first_few(lacking, quote=True)}")
     if unknown and lacking:
         by_stem = {_without_extension(i): i for i in expected_ids}
         renamed = [(i, by_stem[_without_extension(i)]) for i in unknown if _without_extension(i) in by_stem]
@@ -93,9 +88,7 @@ def submission_problems(submission: pd.DataFrame, expected_ids: list[str], in_or
     answers = submission["answer"].astype(str).tolist()
     bad = [(row, value) for row, value in enumerate(answers, start=1) if value not in ANSWERS]
     if bad:
-        shown = ", ".join(f"{value!r} in row {row}" for row, value in bad[:_SHOWN])
-        more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-        problems.append(f"answer must be 0 or 1; found {shown}{more}")
+        problems.append(f"answer must be 0 or 1; found {first_few(f'{value!r} in row {row}' for row, value in bad)}")
     return problems
 
 
@@ -126,7 +119,7 @@ def build_submission(expected_ids: list[str], answers: Mapping[str, int] | pd.Se
     answers = pd.Series(answers)
     lacking = [i for i in expected_ids if i not in answers.index]
     if lacking:
-        raise SubmissionError(f"no prediction for {len(lacking)} test image(s): {_some(lacking)}")
+        raise SubmissionError(f"no prediction for {len(lacking)} test image(s): {first_few(lacking, quote=True)}")
     values = answers.loc[list(expected_ids)].astype(int).to_numpy()
     return pd.DataFrame({"ImageId": list(expected_ids), "answer": values})
 

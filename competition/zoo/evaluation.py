@@ -1,4 +1,4 @@
-"""How a zoo model is judged on a fold: AUROC, AUPR, and decisions at four thresholds; the plots.
+"""How a zoo model is judged on a fold: AUROC, AUPR, and decisions at four thresholds.
 
 The four thresholds (predict defect when score >= threshold), all reported with accuracy,
 precision, recall, F1 of the defect class, macro-F1 (the competition metric) and the confusion:
@@ -12,17 +12,11 @@ see how separable a fold is; stacking sets the submission's threshold on its own
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import matplotlib
+import numpy as np
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from competition.artifacts import save_figure  # noqa: E402
-from competition.metrics import aupr, auroc, binary_metrics, macro_f1  # noqa: E402
+from competition.metrics import aupr, auroc, binary_metrics, macro_f1
 
 
 def _best_of(labels, scores, candidates) -> float:
@@ -80,39 +74,3 @@ def evaluate_scores(labels, scores) -> dict:
         for name, rule in THRESHOLDS.items():
             out["thresholds"][name] = binary_metrics(labels, scores, rule(labels, scores))
     return out
-
-
-def plot_score_histogram(groups: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
-    """Overlaid score histograms, one per group (normal, defect, painted...), on shared bins."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    values = [np.asarray(v, float) for v in groups.values() if len(v)]
-    if values:
-        everything = np.concatenate(values)
-        bins = np.linspace(everything.min(), everything.max() + 1e-12, 30)
-        for (name, v), colour in zip(groups.items(), ["tab:blue", "tab:red", "tab:orange", "tab:green"]):
-            if len(v):
-                ax.hist(v, bins=bins, alpha=0.55, color=colour, label=f"{name} ({len(v)})", density=True)
-        ax.legend()
-    ax.set_xlabel("anomaly score")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    return save_figure(fig, path)
-
-
-def plot_gallery(images: list[np.ndarray], maps: np.ndarray, captions: list[str], path: str | Path,
-                 title: str = "", columns: int = 4) -> Path:
-    """Each image beside its anomaly map overlay (one colour scale for the whole gallery)."""
-    n = len(images)
-    rows = max(1, math.ceil(n / columns))
-    fig, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, 2.2 * rows), squeeze=False)
-    low, high = (float(np.min(maps)), float(np.max(maps))) if n else (0.0, 1.0)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for i in range(n):
-        r, c = divmod(i, columns)
-        axes[r, 2 * c].imshow(images[i])
-        axes[r, 2 * c].set_title(captions[i], fontsize=7)
-        axes[r, 2 * c + 1].imshow(images[i])
-        axes[r, 2 * c + 1].imshow(maps[i], cmap="jet", alpha=0.5, vmin=low, vmax=high)
-    fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)

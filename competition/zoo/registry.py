@@ -1,21 +1,24 @@
-"""Named, ready-to-run zoo configurations (`patchcore-resnet18`, `padim-resnet18`, ...), timm-style.
+"""The zoo's one registry: named, ready-to-run configurations (`patchcore-resnet18`, `padim-ssl`, ...), timm-style.
 
-Each model module declares its own entries at import time with `register(name, ModelClass,
-description, **hyperparameters)`; this module imports every module of `competition.zoo` to find
-them, so adding a model never edits a shared file. A config overrides any entry's
-hyperparameters with `zoo.params: {NAME: {key: value}}`.
+Each module of `competition.zoo.models` declares its entries at import time with `register(name,
+ModelClass, description, **hyperparameters)`; `discover` imports every module of that package to
+find them, so adding a model never edits a shared file. A config overrides any entry's
+hyperparameters with `zoo.params: {NAME: {key: value}}`, checked against the model's params dataclass.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from competition.zoo.base import AnomalyModel, ZooSettings
+from competition.artifacts import load_checkpoint
+from competition.zoo.api import AnomalyModel, ZooSettings, build_params
 
-# Modules of the package that hold the frame, not models: not imported when discovering.
-FRAME_MODULES = {"base", "registry", "runner", "features", "evaluation", "validation", "coreset"}
+MODELS_PACKAGE = "competition.zoo.models"
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,7 @@ def register(name: str, model_class: type[AnomalyModel], description: str, **par
     if not family or not (name == family or name.startswith(family + "-")):
         raise ValueError(f"zoo entry {name!r}: the name must start with its model's family {family!r} "
                          f"(e.g. {family}-resnet18)")
-    unknown = sorted(set(params) - set(model_class.DEFAULTS))
-    if unknown:
-        raise ValueError(f"zoo entry {name!r}: unknown parameter(s) {', '.join(unknown)} for {family}; "
-                         f"known: {', '.join(sorted(model_class.DEFAULTS))}")
+    build_params(model_class.params_class, params, f"zoo entry {name!r} ({family})")
     existing = _ENTRIES.get(name)
     if existing is not None and existing.module != model_class.__module__:
         raise ValueError(f"zoo entry {name!r} is registered twice: by {existing.module} and "
@@ -50,17 +50,27 @@ def register(name: str, model_class: type[AnomalyModel], description: str, **par
     return entry
 
 
+@contextmanager
+def temporary_entries() -> Iterator[None]:
+    """Entries registered inside the block are removed after it (tests register their own models)."""
+    discover()
+    saved = dict(_ENTRIES)
+    try:
+        yield
+    finally:
+        _ENTRIES.clear()
+        _ENTRIES.update(saved)
+
+
 def discover() -> None:
-    """Import every model module of the package once (their `register` calls fill the registry)."""
+    """Import every module of `competition.zoo.models` once (their `register` calls fill the registry)."""
     global _DISCOVERED
     if _DISCOVERED:
         return
-    import competition.zoo as package
-
+    package = importlib.import_module(MODELS_PACKAGE)
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name.startswith("_") or info.name in FRAME_MODULES:
-            continue
-        importlib.import_module(f"{package.__name__}.{info.name}")
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{MODELS_PACKAGE}.{info.name}")
     _DISCOVERED = True
 
 
@@ -82,24 +92,40 @@ def list_models() -> list[tuple[str, str]]:
     return [(e.name, e.description) for e in entries().values()]
 
 
-def resolved_params(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The entry's hyperparameters with config overrides on top, checked against the model's DEFAULTS."""
+def model_class(family: str) -> type[AnomalyModel]:
+    """The model class of a family (what a checkpoint records)."""
+    classes = {entry.model_class.family: entry.model_class for entry in entries().values()}
+    if family not in classes:
+        raise ValueError(f"no zoo model of family {family!r}; known: {', '.join(sorted(classes))}")
+    return classes[family]
+
+
+def resolved_params(name: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The entry's hyperparameters with config overrides on top, as the model's checked params dataclass."""
     entry = get_entry(name)
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(entry.model_class.DEFAULTS))
-    if unknown:
-        raise ValueError(f"zoo.params.{name}: unknown key(s) {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(entry.model_class.DEFAULTS))}")
-    return {**entry.params, **overrides}
+    return build_params(entry.model_class.params_class, {**entry.params, **(overrides or {})}, f"zoo.params.{name}",
+                        noun="key(s)")
 
 
 def build_model(name: str, settings: ZooSettings, overrides: dict[str, Any] | None = None) -> AnomalyModel:
     """An unfitted model for the registry entry `name`, with `overrides` (from `zoo.params`) applied."""
     entry = get_entry(name)
-    return entry.model_class(settings, **resolved_params(name, overrides))
+    resolved_params(name, overrides)  # errors name zoo.params.<name>
+    return entry.model_class(settings, **{**entry.params, **(overrides or {})})
 
 
 def build_from_config(name: str, cfg, run_dir=None) -> AnomalyModel:
     """`build_model` with settings and `zoo.params[name]` taken from the config."""
     settings = ZooSettings.from_config(cfg, run_dir=run_dir)
     return build_model(name, settings, cfg.zoo.params.get(name))
+
+
+def load_model(path: str | Path, settings: ZooSettings | None = None) -> AnomalyModel:
+    """A fitted model from `AnomalyModel.save`'s file, whatever its class (found by the family it records)."""
+    checkpoint = load_checkpoint(path)
+    family = checkpoint.get("family")
+    try:
+        cls = model_class(family)
+    except ValueError as exc:
+        raise ValueError(f"{path}: saved by model family {family!r}, which no zoo module defines; {exc}") from None
+    return cls.from_checkpoint(checkpoint, path, settings)

@@ -6,15 +6,20 @@ then scores fold K's images (`oof.csv`) and every test image (`test.csv`). Writt
 `<paths.work>/<experiment>/<NAME>/fold<K>/`: oof.csv, test.csv, config.yaml, results.json
 (AUROC, AUPR, metrics at four thresholds, the OK/NG rule), fit_images.csv, histogram.png,
 gallery.png, test_decisions.csv, model.pt (when `zoo.save_models`) and, last, summary.json,
-whose presence marks the fold finished. A fold with fewer than `zoo.min_real_defects` real
+whose presence marks the fold finished. `competition.stage` decides what a second call does: a
+finished fold is reused if its results-relevant config (`zoo_record`: the data, folds, `zoo.*` and
+this model's resolved `zoo.params`) is unchanged and refused, naming the changed keys, if not;
+`--force` clears the folder and fits again. A fold with fewer than `zoo.min_real_defects` real
 defects is also judged on `zoo.painted_per_fold` defects painted onto its own normal images,
 reported separately (`results.json: painted`), never mixed into oof.csv.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,19 +29,36 @@ from competition.artifacts import run_dir, write_csv, write_json, write_predicti
 from competition.config import Config
 from competition.folds import load_index, parse_fold_arg, read_folds
 from competition.metrics import best_threshold, binary_metrics
+from competition.plots import plot_gallery, plot_score_histogram
+from competition.preprocess import fit_to_canvas
 from competition.runtime import configure_threads, seed_everything
-from competition.zoo.base import AnomalyModel, ImageSet, resize_image
-from competition.zoo.evaluation import evaluate_scores, plot_gallery, plot_score_histogram
-from competition.zoo.registry import build_from_config, get_entry
+from competition.stage import RunFolder, json_form, results_config
+from competition.zoo.api import AnomalyModel, ImageSet
+from competition.zoo.evaluation import evaluate_scores
+from competition.zoo.registry import build_from_config, get_entry, resolved_params
 from competition.zoo.validation import painted_copies, split_validation
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
+# The config sections a zoo fold's results depend on (less `stage.NEUTRAL_KEYS`); `zoo.models` and
+# the other models' `zoo.params` are not among them.
+RESULTS_KEYS = ("seed", "paths.data", "data", "folds", "zoo")
 
-def is_finished(out: Path) -> bool:
-    return (out / SUMMARY_FILE).exists()
+
+def zoo_record(cfg: Config, name: str) -> dict[str, Any]:
+    """The results-relevant config of model `name`'s folds, its `zoo.params` resolved (registry
+    defaults plus the config's overrides), so `zoo.params.lr: 0.001 -> 0.01` names a change."""
+    record = results_config(cfg, RESULTS_KEYS)
+    record["zoo"].pop("models")
+    record["zoo"]["params"] = dataclasses.asdict(resolved_params(name, cfg.zoo.params.get(name)))
+    return json_form(record)
+
+
+def run_folder(out: Path) -> RunFolder:
+    """A fold's folder: summary.json, written last, marks it finished; --force clears the whole folder."""
+    return RunFolder(marker=out / SUMMARY_FILE, outputs=(out,), redo="refit this fold")
 
 
 def _defect_masks(rows: pd.DataFrame) -> list[np.ndarray | None]:
@@ -54,10 +76,10 @@ def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path) 
     validation = None
     if model.uses_validation:
         defect_rows = train_rows[train_rows["label"] == 1]
-        share = float(model.params.get("validation_share", cfg.zoo.validation_share))
+        share = float(getattr(model.params, "validation_share", cfg.zoo.validation_share))
         fit_images, validation = split_validation(
             fit_images, ImageSet.from_frame(defect_rows), share, cfg.seed + 1000 * fold,
-            defect_masks=_defect_masks(defect_rows))
+            defect_masks=_defect_masks(defect_rows), kinds=cfg.zoo.painted_kinds)
     write_csv(pd.DataFrame({"image_id": fit_images.ids}), out / "fit_images.csv")
     started = time.perf_counter()
     model.fit(fit_images, validation)
@@ -70,14 +92,16 @@ def _gallery(model: AnomalyModel, test_images: ImageSet, scores: np.ndarray, siz
     top = np.argsort(-scores, kind="stable")[:size]
     subset = test_images.subset(top.tolist())
     maps = model.anomaly_maps(subset)
-    shown = [resize_image(subset.read(i), model.settings.image_size) for i in range(len(subset))]
+    whole_image = dataclasses.replace(model.settings.geometry, tiles=False)  # tiled maps come back stitched
+    shown = [fit_to_canvas(subset.read(i), whole_image)[0] for i in range(len(subset))]
     captions = [f"{subset.ids[i]}  {scores[j]:.3g}" for i, j in enumerate(top)]
     plot_gallery(shown, maps, captions, path, title)
 
 
 def run_fold(cfg: Config, name: str, fold: int, index: pd.DataFrame, folds: pd.DataFrame, force: bool) -> Path:
     out = run_dir(cfg.paths.work, cfg.experiment, name, fold)
-    if is_finished(out) and not force:
+    record = zoo_record(cfg, name)
+    if run_folder(out).prepare(record, force) is not None:
         log.info("%s fold %d is finished (%s); --force refits it", name, fold, out)
         return out
     seed_everything(cfg.seed + fold)
@@ -155,7 +179,7 @@ def run_fold(cfg: Config, name: str, fold: int, index: pd.DataFrame, folds: pd.D
         "n_oof": len(held_out), "n_test": len(test_rows),
         "auroc": results["oof"]["auroc"], "aupr": results["oof"]["aupr"],
         "painted_auroc": results.get("painted", {}).get("auroc"),
-        "threshold": threshold, "fit_info": model.fit_info,
+        "threshold": threshold, "fit_info": model.fit_info, "config": record,
     }
     write_json(summary, out / SUMMARY_FILE)
     return out
@@ -179,5 +203,6 @@ def main(cfg: Config, model: str | None, fold: str, force: bool) -> None:
             from competition.artifacts import read_json
 
             s = read_json(summary_path)
-            print(f"{name} fold {k}: AUROC {s.get('auroc', float('nan')):.4f}  fit {s.get('fit_seconds')} s  "
-                  f"{s.get('images_per_second')} img/s  -> {out}")
+            auroc = s.get("auroc")  # null when the fold's labels are one class (strict JSON has no NaN)
+            print(f"{name} fold {k}: AUROC {float('nan') if auroc is None else auroc:.4f}  "
+                  f"fit {s.get('fit_seconds')} s  {s.get('images_per_second')} img/s  -> {out}")

@@ -1,25 +1,30 @@
 """Artificial defects for judging zoo models where real ones are scarce, without touching held-out data.
 
 `painted_copies` paints one random defect (the foundation's painters: drawn defects, CutPaste,
-DRAEM Perlin anomalies) onto each of some normal images. `split_validation` gives trained models
-their validation signal inside the training folds: a held-out slice of the training normals, the
-same images with painted defects, and the real defects of the training folds.
+DRAEM Perlin anomalies; or the kinds asked, transplanted real defects and NSA among them) onto each
+of some normal images. `split_validation` gives trained models their validation signal inside the
+training folds: a held-out slice of the training normals, the same images with painted defects, and
+the real defects of the training folds (those with masks are also the transplant bank).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from competition.zoo.base import ImageSet, ValidationSet
+from competition.data.transplant import DefectBank, NormalPool
+from competition.zoo.api import ImageSet, ValidationSet
 
 
-def painted_copies(images: ImageSet, indices, seed: int, prefix: str = "painted") -> tuple[ImageSet, list[np.ndarray]]:
-    """One painted defect per image of `indices`; returns the painted images and their masks."""
+def painted_copies(images: ImageSet, indices, seed: int, prefix: str = "painted", kinds: list[str] | None = None,
+                   bank: DefectBank | None = None, pool: NormalPool | None = None) -> tuple[ImageSet, list[np.ndarray]]:
+    """One painted defect per image of `indices` (`painters.random_anomaly` over `kinds`; None = its own
+    mix); returns the painted images and their masks. transplant reads `bank`, nsa `pool`."""
     from competition.data.painters import random_anomaly
 
     rng = np.random.default_rng(seed)
     painted, masks, ids = [], [], []
     for i in indices:
-        image, mask = random_anomaly(images.read(int(i)), rng)
+        image, mask = random_anomaly(images.read(int(i)), rng, kinds=kinds, bank=bank, pool=pool,
+                                     exclude=images.ids[int(i)])
         painted.append(np.ascontiguousarray(image, dtype=np.uint8))
         masks.append(mask)
         ids.append(f"{prefix}:{images.ids[int(i)]}")
@@ -27,17 +32,28 @@ def painted_copies(images: ImageSet, indices, seed: int, prefix: str = "painted"
 
 
 def split_validation(normals: ImageSet, defects: ImageSet | None, share: float, seed: int,
-                     defect_masks: list[np.ndarray | None] | None = None) -> tuple[ImageSet, ValidationSet]:
+                     defect_masks: list[np.ndarray | None] | None = None,
+                     kinds: list[str] | None = None) -> tuple[ImageSet, ValidationSet]:
     """(normals to fit on, validation set): `share` of the normals held out, with painted copies of them.
 
-    The real `defects` (training folds only) join the validation set as they are.
+    The real `defects` (training folds only) join the validation set as they are; painted copies
+    draw from `kinds` (None: the painters' own mix). transplant moves those of the real defects
+    that have a mask; nsa cuts patches from the other held-out normals (all normals if one is held).
     """
     n = len(normals)
     n_held = min(max(1, int(round(share * n))), n - 1) if n > 1 else 0
     order = np.random.default_rng(seed).permutation(n)
     held, kept = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
     held_set = normals.subset(held)
-    painted, painted_masks = painted_copies(held_set, range(len(held_set)), seed + 1)
+    bank = pool = None
+    if kinds is not None and "transplant" in kinds:
+        masks = defect_masks if defects is not None and defect_masks is not None else []
+        bank = DefectBank.from_pairs((defects.ids[i], defects.read(i), mask) for i, mask in enumerate(masks))
+    if kinds is not None and "nsa" in kinds:
+        sources = held_set if len(held_set) > 1 else normals
+        position = {image_id: i for i, image_id in enumerate(sources.ids)}
+        pool = NormalPool(list(sources.ids), lambda image_id: sources.read(position[image_id]))
+    painted, painted_masks = painted_copies(held_set, range(len(held_set)), seed + 1, kinds=kinds, bank=bank, pool=pool)
     images = held_set + painted
     labels = [0] * len(held_set) + [1] * len(painted)
     kinds = ["normal"] * len(held_set) + ["painted"] * len(painted)

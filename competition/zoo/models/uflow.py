@@ -12,17 +12,19 @@ NFA (the a-contrario threshold): under the null hypothesis each pixel's ||z||^2 
 C degrees of freedom, so a pixel exceeds the chi2 quantile `probability_threshold` with probability
 1 - q, independently. In a window around each pixel the count of such pixels is binomial; its tail
 probability is that pixel's p-value at that scale. (The authors' code counts channel-wise chi2(1)
-exceedances and averages the count over channels, which is not binomial; the per-pixel statistic is.) Scales are combined with Fisher's method (the
-authors' code multiplies the p-values instead, which is not a p-value: on pure N(0, I) latents it
-flagged 58% of images at NFA < 1 in our simulation; Fisher's flags under 1%), and
-log10 NFA = log10(number of tests) + log10 p, with one test per latent pixel of every scale.
-A pixel is detected where NFA < epsilon (epsilon = 1: on average at most one false detection per
-image); an image is NG when any of its pixels is.
+exceedances and averages the count over channels, which is not binomial; the per-pixel statistic
+is.) Scales are combined with Fisher's method (the authors' code multiplies the p-values instead,
+which is not a p-value: on pure N(0, I) latents it flagged 58% of images at NFA < 1 in our
+simulation; Fisher's flags under 1%), and log10 NFA = log10(number of tests) + log10 p, with one
+test per latent pixel of every scale. A pixel is detected where NFA < epsilon (epsilon = 1: on
+average at most one false detection per image); an image is NG when any of its pixels is.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -30,11 +32,35 @@ from scipy import stats
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from competition.zoo.base import ImageSet
-from competition.zoo.features import create_backbone
-from competition.zoo.flow_blocks import AllInOneCoupling, FrozenFeatures, SequenceFlow, conv_subnet
+from competition.zoo.api import BackboneParams, ImageSet
+from competition.zoo.components.features import create_backbone
+from competition.zoo.components.flow_blocks import (
+    AllInOneCoupling,
+    FrozenFeatures,
+    SequenceFlow,
+    conv_subnet,
+    likelihood_map,
+)
 from competition.zoo.registry import register
-from competition.zoo.trained import TrainedAnomalyModel, evaluation_tensors, train_defaults
+from competition.zoo.trained import TrainedAnomalyModel, TrainParams, evaluation_tensors
+
+
+@dataclass
+class UFlowParams(TrainParams, BackboneParams):
+    # Reference: Adam, lr 1e-3, weight decay 1e-5, linear lr decay to 0.4x; epochs CPU-sized.
+    epochs: int = 8
+    batch_size: int = 8
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-5
+    layers: tuple[int, ...] = (1, 2, 3)  # timm feature indices: resnet layer1..layer3 (the reference's resnet setting)
+    flow_steps: int = 4  # AllInOne blocks per scale
+    clamp: float = 2.0
+    subnet_ratio: float = 1.0
+    permute_soft: bool = False
+    nfa_epsilon: float = 1.0  # detect where NFA < epsilon: the expected false detections per image
+    nfa_window: int = 5  # window side at the finest latent scale; halves per coarser scale
+    nfa_probability: float = 0.9  # chi2 quantile a pixel's ||z||^2 must exceed to count in a window
 
 
 def uflow_stage(channels: int, flow_steps: int, clamp: float, subnet_ratio: float, permute_soft: bool,
@@ -46,7 +72,7 @@ def uflow_stage(channels: int, flow_steps: int, clamp: float, subnet_ratio: floa
         for step in range(flow_steps)])
 
 
-class UFlowNetwork(nn.Module):
+class UFlowModel(nn.Module):
     """Images in [0, 1] -> latents (finest scale first) and the total log|det J|.
 
     Consecutive feature scales must differ by a factor 2 in resolution (resnet layers do).
@@ -99,9 +125,7 @@ class UFlowNetwork(nn.Module):
     @staticmethod
     def anomaly_map(latents: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         """(B, H, W) in [0, 1]: 1 - mean over scales of the upsampled exp(-0.5 mean_c z^2)."""
-        maps = [F.interpolate(torch.exp(-0.5 * torch.mean(z.float() ** 2, dim=1, keepdim=True)), size=size,
-                              mode="bilinear", align_corners=False) for z in latents]
-        return 1.0 - torch.stack(maps, dim=-1).mean(-1)[:, 0]
+        return 1.0 - likelihood_map(latents, size)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         latents, _ = self.encode(images)
@@ -152,52 +176,44 @@ def nfa_decisions(log_nfa: Tensor, epsilon: float = 1.0) -> tuple[np.ndarray, np
 
 # ---------------------------------------------------------------- the zoo model
 
-class UFlowModel(TrainedAnomalyModel):
+class UFlow(TrainedAnomalyModel):
     family = "uflow"
-    DEFAULTS = {
-        # Reference: Adam, lr 1e-3, weight decay 1e-5, linear lr decay to 0.4x; epochs CPU-sized.
-        **train_defaults(epochs=8, batch_size=8, optimizer="adam", lr=1.0e-3, weight_decay=1.0e-5),
-        "backbone": "resnet18",
-        "layers": (1, 2, 3),  # timm feature indices: resnet layer1..layer3 (the reference's resnet setting)
-        "flow_steps": 4,  # AllInOne blocks per scale
-        "clamp": 2.0,
-        "subnet_ratio": 1.0,
-        "permute_soft": False,
-        "nfa_epsilon": 1.0,  # detect where NFA < epsilon: the expected false detections per image
-        "nfa_window": 5,  # window side at the finest latent scale; halves per coarser scale
-        "nfa_probability": 0.9,  # chi2 quantile a pixel's ||z||^2 must exceed to count in a window
-    }
+    params_class = UFlowParams
+    params: UFlowParams
 
-    def build_network(self) -> nn.Module:
-        backbone = create_backbone(self.backbone, self.layers, self.settings.backbone_weights, self.settings.seed)
-        return UFlowNetwork(FrozenFeatures(backbone), flow_steps=self.flow_steps, clamp=self.clamp,
-                            subnet_ratio=self.subnet_ratio, permute_soft=self.permute_soft, seed=self.settings.seed)
+    def build_model(self) -> nn.Module:
+        p = self.params
+        backbone = create_backbone(p.backbone, p.layers, self.settings.backbone_weights, self.settings.seed,
+                                   init=self.settings.backbone_init)
+        return UFlowModel(FrozenFeatures(backbone), flow_steps=p.flow_steps, clamp=p.clamp,
+                          subnet_ratio=p.subnet_ratio, permute_soft=p.permute_soft, seed=self.settings.seed)
 
     def training_step(self, batch: dict[str, Tensor]) -> Tensor:
-        latents, log_det = self.network.encode(batch["image"])
-        return self.network.loss(latents, log_det)
+        latents, log_det = self.model.encode(batch["image"])
+        return self.model.loss(latents, log_det)
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.network(images)
+        return self.model(images)
 
     @property
     def own_decision_rule(self) -> str:
-        return (f"NG where some pixel has NFA < {self.nfa_epsilon:g} (a-contrario: {self.nfa_window}-pixel windows, "
-                f"chi2 quantile {self.nfa_probability:g}, Fisher over scales); no labels used")
+        p = self.params
+        return (f"NG where some pixel has NFA < {p.nfa_epsilon:g} (a-contrario: {p.nfa_window}-pixel windows, "
+                f"chi2 quantile {p.nfa_probability:g}, Fisher over scales); no labels used")
 
     @torch.no_grad()
     def own_decisions(self, images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
         """The label-free OK/NG rule: (NG per image where some pixel has NFA < nfa_epsilon,
         -min log10 NFA per image, a continuous strength of that evidence)."""
         self._check_fitted()
-        self.network.eval()
-        tensors = evaluation_tensors(images, self.settings.image_size)
+        self.model.eval()
+        tensors = evaluation_tensors(images, self.settings.image_size, self.settings.resize)
         ng, strength = [], []
         for start in range(0, len(tensors), self.settings.batch_size):
             batch = tensors[start:start + self.settings.batch_size].to(self.device)
-            latents, _ = self.network.encode(batch)
-            log_nfa = log10_nfa_map(latents, self.nfa_window, self.nfa_probability)
-            batch_ng, batch_strength = nfa_decisions(log_nfa, self.nfa_epsilon)
+            latents, _ = self.model.encode(batch)
+            log_nfa = log10_nfa_map(latents, self.params.nfa_window, self.params.nfa_probability)
+            batch_ng, batch_strength = nfa_decisions(log_nfa, self.params.nfa_epsilon)
             ng.append(batch_ng)
             strength.append(batch_strength)
         if not ng:
@@ -205,5 +221,5 @@ class UFlowModel(TrainedAnomalyModel):
         return np.concatenate(ng), np.concatenate(strength)
 
 
-register("uflow-resnet18", UFlowModel,
+register("uflow-resnet18", UFlow,
          "U-Flow: U-shaped multi-scale flow on resnet18 layer1-3; likelihood map score and a-contrario NFA OK/NG")

@@ -45,7 +45,7 @@ _SECONDS_PER_CLUSTER = 2e-5  # rough cost of visiting one cluster in a pruned st
 
 
 def random_projection(features: torch.Tensor, dim: int, seed: int, chunk: int = 65536) -> torch.Tensor:
-    """(N, D) -> (N, dim) float32 with a seeded Gaussian matrix scaled by 1/sqrt(dim) (distances preserved on average)."""
+    """(N, D) -> (N, dim) float32 with a seeded Gaussian matrix scaled by 1/sqrt(dim) (distances kept on average)."""
     n, d = features.shape
     if dim <= 0 or dim >= d:
         return features.float()
@@ -217,7 +217,8 @@ class _FarthestPointTraversal:
         """One step through the clusters; False if more than `reach_limit` were in reach and it went dense."""
         k, centre = self._add_centre()
         self.stats["pruned"] += 1
-        x, x_low, mindist, radius, tol, low_dims = self.x, self.x_low, self.mindist, self.radius, self.tol, self.low_dims
+        x, x_low, mindist, radius = self.x, self.x_low, self.mindist, self.radius
+        tol, low_dims = self.tol, self.low_dims
         members, neg_dist = self.members, self.neg_dist
         # Clusters the new centre c can reach: d(a, c) < 2 r(a), else no member p (d(p, a) <= r(a))
         # gets closer. Screen with the leading coordinates (a lower bound), confirm in full.

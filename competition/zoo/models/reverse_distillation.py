@@ -10,22 +10,44 @@ the batch of 1 - cos(teacher, student), each map flattened to one vector (the re
 Anomaly map: sum over scales of the per-position 1 - cos, upsampled to the image, Gaussian
 smoothed (sigma 4); image score: its maximum.
 
-Offline, the encoder is the shared extractor's backbone with `zoo.backbone_weights` or a seeded
-random initialisation (the paper uses ImageNet weights). ResNet-style timm backbones only.
+Offline, the encoder is the shared extractor's backbone with `backbone_weights` (by default
+`zoo.backbone_weights`) or a seeded random initialisation (the paper uses ImageNet weights).
+ResNet-style timm backbones only.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
-from competition.zoo.base import gaussian_blur_maps
-from competition.zoo.features import create_backbone
+from competition.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from competition.zoo.api import BackboneParams
+from competition.zoo.components.features import create_backbone
+from competition.zoo.components.frozen import WithFrozenParts, freeze
+from competition.zoo.components.maps import gaussian_blur_maps
+from competition.zoo.components.normalise import ImageNormalise
 from competition.zoo.registry import register
-from competition.zoo.trained import ImageNormalise, TrainedAnomalyModel, train_defaults
+from competition.zoo.trained import TrainedAnomalyModel, TrainParams
+
+
+@dataclass
+class ReverseDistillationParams(TrainParams, BackboneParams):
+    # The paper: Adam lr 0.005, betas (0.5, 0.999), batch 16, 200 epochs, 256 px, wide_resnet50_2.
+    epochs: int = 200
+    batch_size: int = 16
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0
+    oce_blocks: int = 2  # blocks of the one-class embedding stage (reference: 2 for resnet18, 3 for WRN-50)
+    decoder_blocks: tuple[int, ...] = (2, 2, 2)  # blocks per decoder stage, deep to shallow (resnet18: 2, 2, 2)
+    width_per_group: int = 64  # bottleneck width (128 for wide resnets)
+    map_sigma: float = 4.0
 
 
 def _conv_bn_relu(inplanes: int, planes: int) -> nn.Sequential:
@@ -132,23 +154,19 @@ class ReverseResNetDecoder(nn.Module):
         return outputs[::-1]  # shallow to deep, like the encoder's maps
 
 
-class ReverseDistillationNetwork(nn.Module):
+class ReverseDistillationModel(WithFrozenParts):
+    """[0, 1] images -> frozen encoder maps and the decoder's reconstruction of them; forward: (scores, maps)."""
+
+    frozen_parts = ("encoder",)
+
     def __init__(self, encoder: nn.Module, bottleneck: nn.Module, decoder: nn.Module, map_sigma: float = 4.0,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         self.normalise = ImageNormalise(mean, std)
-        self.encoder = encoder
+        self.encoder = freeze(encoder)
         self.bottleneck = bottleneck
         self.decoder = decoder
         self.map_sigma = map_sigma
-        for p in self.encoder.parameters():
-            p.requires_grad_(False)
-        self.encoder.eval()
-
-    def train(self, mode: bool = True) -> "ReverseDistillationNetwork":
-        super().train(mode)
-        self.encoder.eval()
-        return self
 
     def encode_decode(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         with torch.no_grad():
@@ -174,35 +192,29 @@ class ReverseDistillationNetwork(nn.Module):
 
 class ReverseDistillation(TrainedAnomalyModel):
     family = "reverse-distillation"
-    # The paper: Adam lr 0.005, betas (0.5, 0.999), batch 16, 200 epochs, 256 px, wide_resnet50_2.
-    DEFAULTS = {
-        **train_defaults(epochs=200, batch_size=16, optimizer="adam", lr=0.005, betas=(0.5, 0.999), weight_decay=0.0),
-        "backbone": "resnet18",
-        "oce_blocks": 2,  # blocks of the one-class embedding stage (reference: 2 for resnet18, 3 for WRN-50)
-        "decoder_blocks": (2, 2, 2),  # blocks per decoder stage, deep to shallow (resnet18: 2, 2, 2)
-        "width_per_group": 64,  # bottleneck width (128 for wide resnets)
-        "map_sigma": 4.0,
-    }
+    params_class = ReverseDistillationParams
+    params: ReverseDistillationParams
 
-    def build_network(self) -> nn.Module:
-        encoder = create_backbone(self.backbone, (1, 2, 3), self.settings.backbone_weights, self.settings.seed)
+    def build_model(self) -> nn.Module:
+        p = self.params
+        encoder = create_backbone(p.backbone, (1, 2, 3), self.settings.backbone_weights, self.settings.seed,
+                                  init=self.settings.backbone_init)
         channels = list(encoder.feature_info.channels())
         expansion = channels[0] // 64
         if expansion not in (1, 4) or channels != [channels[0], 2 * channels[0], 4 * channels[0]]:
-            raise ValueError(f"reverse-distillation: backbone {self.backbone!r} has layer1-3 channels {channels}; "
+            raise ValueError(f"reverse-distillation: backbone {p.backbone!r} has layer1-3 channels {channels}; "
                              "a ResNet-style backbone (resnet18/34/50, wide_resnet50_2) is needed")
-        bottleneck = OneClassBottleneck(channels, expansion, int(self.oce_blocks), int(self.width_per_group))
-        decoder = ReverseResNetDecoder(channels, expansion, [int(b) for b in self.decoder_blocks],
-                                       int(self.width_per_group))
-        return ReverseDistillationNetwork(encoder, bottleneck, decoder, float(self.map_sigma),
-                                          self.settings.mean, self.settings.std)
+        bottleneck = OneClassBottleneck(channels, expansion, int(p.oce_blocks), int(p.width_per_group))
+        decoder = ReverseResNetDecoder(channels, expansion, [int(b) for b in p.decoder_blocks], int(p.width_per_group))
+        return ReverseDistillationModel(encoder, bottleneck, decoder, float(p.map_sigma),
+                                        self.settings.mean, self.settings.std)
 
     def training_step(self, batch: dict[str, Tensor]) -> Tensor:
-        teacher, student = self.network.encode_decode(batch["image"])
-        return self.network.loss(teacher, student)
+        teacher, student = self.model.encode_decode(batch["image"])
+        return self.model.loss(teacher, student)
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.network(images)
+        return self.model(images)
 
     def fit_summary(self) -> dict:
         weights = self.settings.backbone_weights

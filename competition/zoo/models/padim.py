@@ -11,14 +11,28 @@ Gaussian of sigma 4; the image score is the map's maximum. Moments are accumulat
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from competition.zoo.base import AnomalyModel, ImageSet, ValidationSet, gaussian_blur_maps, upsample_maps
-from competition.zoo.features import shared_extractor
+from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
+from competition.zoo.components.features import shared_extractor, with_backbone_statistics
+from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
 from competition.zoo.registry import register
+
+
+@dataclass
+class PaDiMParams(BackboneParams):
+    layers: tuple[int, ...] = (1, 2, 3)
+    n_channels: int = 100  # d: random channel subset (100 for resnet18, 550 for wide_resnet50_2 in the paper)
+    # ledoit_wolf (the better one on the small set) | epsilon (Sigma + eps*I, the paper)
+    shrinkage: Literal["ledoit_wolf", "epsilon"] = "ledoit_wolf"
+    epsilon: float = 0.01
+    blur_sigma: float = 4.0
 
 
 def padim_embedding(maps: list[torch.Tensor], channels: torch.Tensor) -> torch.Tensor:
@@ -29,19 +43,35 @@ def padim_embedding(maps: list[torch.Tensor], channels: torch.Tensor) -> torch.T
     return joined.index_select(1, channels.to(joined.device))
 
 
-class GaussianPositions(nn.Module):
-    """Per-position Gaussians -> Mahalanobis distance maps."""
+class PaDiMModel(nn.Module):
+    """Backbone maps -> (B, h, w) Mahalanobis distance maps to per-position Gaussians.
 
-    def __init__(self, mean: torch.Tensor, inv_cov: torch.Tensor):
+    Fitted state, buffers registered empty: the random channel subset, and per position the mean
+    (P, d) and inverse covariance (P, d, d).
+    """
+
+    def __init__(self):
         super().__init__()
-        self.register_buffer("mean", mean.float())  # (P, d)
-        self.register_buffer("inv_cov", inv_cov.float())  # (P, d, d)
+        self.register_buffer("channels", torch.empty(0, dtype=torch.long))
+        self.register_buffer("mean", torch.empty(0, 0))
+        self.register_buffer("inv_cov", torch.empty(0, 0, 0))
+        self.register_buffer("backbone_statistics", torch.empty(0))  # BatchNorm statistics of a healthy random backbone
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+    def set_gaussians(self, mean: torch.Tensor, inv_cov: torch.Tensor) -> None:
+        self.mean = mean.float()
+        self.inv_cov = inv_cov.float()
+
+    def embed(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return padim_embedding(maps, self.channels)
+
+    def distances(self, embedding: torch.Tensor) -> torch.Tensor:
         b, d, h, w = embedding.shape
         delta = embedding.reshape(b, d, h * w).permute(0, 2, 1) - self.mean[None]  # (B, P, d)
         m2 = torch.einsum("bpd,pde,bpe->bp", delta, self.inv_cov, delta).clamp_(min=0)
         return m2.sqrt().reshape(b, h, w)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        return self.distances(self.embed(maps))
 
 
 def ledoit_wolf_shrinkage(emp_cov: torch.Tensor, fourth: torch.Tensor, n: int) -> torch.Tensor:
@@ -61,38 +91,29 @@ def ledoit_wolf_shrinkage(emp_cov: torch.Tensor, fourth: torch.Tensor, n: int) -
 
 class PaDiM(AnomalyModel):
     family = "padim"
-    DEFAULTS = {
-        "backbone": "resnet18",
-        "layers": [1, 2, 3],
-        "n_channels": 100,  # d: random channel subset (100 for resnet18, 550 for wide_resnet50_2 in the paper)
-        # ledoit_wolf (measured better on the small set: 0.76 vs 0.72 OOF AUROC) | epsilon (Sigma + eps*I, the paper)
-        "shrinkage": "ledoit_wolf",
-        "epsilon": 0.01,
-        "blur_sigma": 4.0,
-    }
+    params_class = PaDiMParams
+    params: PaDiMParams
 
-    def __init__(self, settings=None, **params):
-        super().__init__(settings, **params)
-        if self.shrinkage not in ("epsilon", "ledoit_wolf"):
-            raise ValueError(f"padim: shrinkage must be 'epsilon' or 'ledoit_wolf', got {self.shrinkage!r}")
-        self.channels: torch.Tensor | None = None
-        self.gaussian: GaussianPositions | None = None
+    def build_model(self) -> PaDiMModel:
+        return PaDiMModel()
 
     def _extractor(self):
-        return shared_extractor(self.backbone, self.layers, self.settings)
+        return shared_extractor(self.params.backbone, self.params.layers, self.settings)
 
-    def _embeddings(self, extractor, images: ImageSet, desc: str):
+    def _embeddings(self, model: PaDiMModel, extractor, images: ImageSet, desc: str):
         for idx, maps in extractor.extract(images, desc=desc):
-            yield idx, padim_embedding(extractor.select(maps, self.layers), self.channels).double()
+            yield idx, model.embed(extractor.select(maps, self.params.layers)).double()
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
-        extractor = self._extractor()
-        total = sum(c for c, i in zip(extractor.channels, extractor.layers) if i in self.layers)
-        d = min(int(self.n_channels), total)
+        p = self.params
+        model = self.build_model()
+        extractor = with_backbone_statistics(self._extractor(), model, images)
+        total = sum(c for c, i in zip(extractor.channels, extractor.layers) if i in p.layers)
+        d = min(int(p.n_channels), total)
         generator = torch.Generator().manual_seed(self.settings.seed)
-        self.channels = torch.sort(torch.randperm(total, generator=generator)[:d]).values
+        model.channels = torch.sort(torch.randperm(total, generator=generator)[:d]).values
         n, total_sum, outer = 0, None, None
-        for _, emb in self._embeddings(extractor, images, "padim fit"):
+        for _, emb in self._embeddings(model, extractor, images, "padim fit"):
             x = emb.flatten(2)  # (B, d, P)
             if total_sum is None:
                 total_sum = torch.zeros(x.shape[2], d, dtype=torch.float64)
@@ -103,45 +124,38 @@ class PaDiM(AnomalyModel):
         mean = total_sum / n
         scatter = outer - n * mean[:, :, None] * mean[:, None, :]  # sum of centred outer products
         eye = torch.eye(d, dtype=torch.float64)
-        if self.shrinkage == "epsilon":
-            cov = scatter / max(n - 1, 1) + float(self.epsilon) * eye
+        if p.shrinkage == "epsilon":
+            cov = scatter / max(n - 1, 1) + float(p.epsilon) * eye
             shrink = None
         else:
             # Ledoit-Wolf needs sum ||x - mu||^4 per position: a second pass over the (cached) features
             fourth = torch.zeros(mean.shape[0], dtype=torch.float64)
-            for _, emb in self._embeddings(extractor, images, "padim fit (Ledoit-Wolf pass)"):
+            for _, emb in self._embeddings(model, extractor, images, "padim fit (Ledoit-Wolf pass)"):
                 centred = emb.flatten(2).permute(0, 2, 1) - mean[None]
                 fourth += ((centred ** 2).sum(-1) ** 2).sum(0)
             emp = scatter / n
             shrink = ledoit_wolf_shrinkage(emp, fourth, n)
             mu = torch.diagonal(emp, dim1=-2, dim2=-1).mean(-1)
             cov = (1 - shrink)[:, None, None] * emp + (shrink * mu)[:, None, None] * eye
-        inv_cov = torch.linalg.inv(cov)
-        self.gaussian = GaussianPositions(mean, inv_cov).to(self.device)
+        model.set_gaussians(mean, torch.linalg.inv(cov))
+        self.model = model.to(self.device)
         self.fit_info = {"n_channels": d, "positions": int(mean.shape[0]), "n_images": n}
         if shrink is not None:
             self.fit_info["mean_shrinkage"] = float(shrink.mean())
 
     @torch.inference_mode()
     def _predict(self, images: ImageSet, with_maps: bool):
-        extractor = self._extractor()
+        extractor = with_backbone_statistics(self._extractor(), self.model)
         size = self.settings.image_size
         scores = np.zeros(len(images))
         maps = np.zeros((len(images), size, size), np.float32) if with_maps else None
         for idx, feats in extractor.extract(images, desc="padim score"):
-            emb = padim_embedding([f.to(self.device) for f in extractor.select(feats, self.layers)], self.channels)
-            full = gaussian_blur_maps(upsample_maps(self.gaussian(emb), size), float(self.blur_sigma))
+            distances = self.model([f.to(self.device) for f in extractor.select(feats, self.params.layers)])
+            full = gaussian_blur_maps(upsample_maps(distances, size), float(self.params.blur_sigma))
             scores[idx] = full.flatten(1).max(1).values.cpu().numpy()
             if with_maps:
                 maps[idx] = full.cpu().numpy()
         return scores, maps
-
-    def fitted_state(self) -> dict:
-        return {"channels": self.channels, "mean": self.gaussian.mean.cpu(), "inv_cov": self.gaussian.inv_cov.cpu()}
-
-    def load_fitted_state(self, state: dict) -> None:
-        self.channels = state["channels"]
-        self.gaussian = GaussianPositions(state["mean"], state["inv_cov"]).to(self.device)
 
 
 register("padim-resnet18", PaDiM,
@@ -151,3 +165,6 @@ register("padim-resnet18-eps", PaDiM,
 register("padim-wide-resnet50", PaDiM,
          "PaDiM as in the paper's best setting: wide_resnet50_2 layer1-3, 550 random channels, + 0.01 I (slow on CPU)",
          backbone="wide_resnet50_2", n_channels=550, shrinkage="epsilon")
+register("padim-ssl", PaDiM,
+         "PaDiM (layer1-3, 100 random channels) on the experiment's self-supervised backbone (make pretrain)",
+         backbone_weights="ssl")

@@ -7,43 +7,57 @@ channels; the loss is sum_l 1/(2 h_l w_l) * ||t_l - s_l||^2 summed over the batc
 each position (= 1 - cos(t, s)), bilinearly upsampled to the image, multiplied over the layers
 (the paper's product; "sum" optional); the image score is the map's maximum.
 
-Offline, the teacher is the shared extractor's backbone with `zoo.backbone_weights` (local
-weights) or a seeded random initialisation; with random weights it still detects texture
-anomalies, but a pretrained teacher is what the paper assumes.
+Offline, the teacher is the shared extractor's backbone with `backbone_weights` (local weights,
+the experiment's own pretraining with "ssl", by default `zoo.backbone_weights`) or a seeded random
+initialisation; with random weights it still detects texture anomalies, but a pretrained teacher
+is what the paper assumes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from competition.zoo.features import create_backbone
+from competition.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from competition.zoo.api import BackboneParams
+from competition.zoo.components.features import create_backbone
+from competition.zoo.components.frozen import WithFrozenParts, freeze
+from competition.zoo.components.normalise import ImageNormalise
 from competition.zoo.registry import register
-from competition.zoo.trained import ImageNormalise, TrainedAnomalyModel, train_defaults
+from competition.zoo.trained import TrainedAnomalyModel, TrainParams
 
 
-class STFPMNetwork(nn.Module):
+@dataclass
+class STFPMParams(TrainParams, BackboneParams):
+    # The paper: SGD lr 0.4, momentum 0.9, weight decay 1e-4, batch 32, 100 epochs, 256 px.
+    epochs: int = 100
+    batch_size: int = 32
+    optimizer: Literal["adamw", "adam", "sgd"] = "sgd"
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    layers: tuple[int, ...] = (1, 2, 3)  # resnet layer1..layer3 (the paper's conv2_x..conv4_x)
+    map_combination: Literal["product", "sum"] = "product"  # product (paper) | sum
+
+
+class STFPMModel(WithFrozenParts):
     """[0, 1] images -> teacher and student pyramids (training) or (scores, maps) (forward)."""
 
+    frozen_parts = ("teacher",)
+
     def __init__(self, teacher: nn.Module, student: nn.Module, map_combination: str = "product",
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         if map_combination not in ("product", "sum"):
             raise ValueError(f"stfpm: map_combination must be 'product' or 'sum', got {map_combination!r}")
         self.normalise = ImageNormalise(mean, std)
-        self.teacher = teacher
+        self.teacher = freeze(teacher)
         self.student = student
         self.map_combination = map_combination
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
-
-    def train(self, mode: bool = True) -> "STFPMNetwork":
-        super().train(mode)
-        self.teacher.eval()  # frozen: BatchNorm statistics stay the teacher's
-        return self
 
     def pyramids(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         x = self.normalise(images)
@@ -79,27 +93,24 @@ class STFPMNetwork(nn.Module):
 
 class STFPM(TrainedAnomalyModel):
     family = "stfpm"
-    # The paper: SGD lr 0.4, momentum 0.9, weight decay 1e-4, batch 32, 100 epochs, 256 px.
-    DEFAULTS = {
-        **train_defaults(epochs=100, batch_size=32, optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=1.0e-4),
-        "backbone": "resnet18",
-        "layers": (1, 2, 3),  # resnet layer1..layer3 (the paper's conv2_x..conv4_x)
-        "map_combination": "product",  # product (paper) | sum
-    }
+    params_class = STFPMParams
+    params: STFPMParams
 
-    def build_network(self) -> nn.Module:
-        layers = tuple(int(i) for i in self.layers)
-        teacher = create_backbone(self.backbone, layers, self.settings.backbone_weights, self.settings.seed)
-        student = create_backbone(self.backbone, layers, False, self.settings.seed + 1, frozen=False)
+    def build_model(self) -> nn.Module:
+        p = self.params
+        layers = tuple(int(i) for i in p.layers)
+        teacher = create_backbone(p.backbone, layers, self.settings.backbone_weights, self.settings.seed,
+                                  init=self.settings.backbone_init)
+        student = create_backbone(p.backbone, layers, False, self.settings.seed + 1, frozen=False)
         student.train()
-        return STFPMNetwork(teacher, student, self.map_combination, self.settings.mean, self.settings.std)
+        return STFPMModel(teacher, student, p.map_combination, self.settings.mean, self.settings.std)
 
     def training_step(self, batch: dict[str, Tensor]) -> Tensor:
-        teacher, student = self.network.pyramids(batch["image"])
-        return self.network.loss(teacher, student)
+        teacher, student = self.model.pyramids(batch["image"])
+        return self.model.loss(teacher, student)
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.network(images)
+        return self.model(images)
 
     def fit_summary(self) -> dict:
         weights = self.settings.backbone_weights
@@ -111,3 +122,6 @@ register("stfpm-resnet18", STFPM,
          epochs=6)
 register("stfpm-resnet18-paper", STFPM,
          "STFPM with the paper's schedule: resnet18, SGD lr 0.4, 100 epochs (GPU)", epochs=100)
+register("stfpm-ssl", STFPM,
+         "STFPM with the experiment's self-supervised teacher (make pretrain; CPU-sized: 12 epochs)",
+         backbone_weights="ssl", epochs=12)

@@ -26,22 +26,57 @@ last encoder kernel is image_size / 32: 8 at the paper's 256 px, 4 at 128 px).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
-from tqdm import tqdm
 
-from competition.zoo.base import resize_image, unit_tensor, upsample_maps
-from competition.zoo.features import create_backbone
+from competition.data.layouts import IMAGE_EXTENSIONS, list_images
+from competition.preprocess import IMAGENET_MEAN, IMAGENET_STD, Geometry, fit_to_canvas
+from competition.training import EngineConfig, fit
+from competition.zoo.api import unit_tensor
+from competition.zoo.components.features import calibrate_backbones, create_backbone
+from competition.zoo.components.frozen import WithFrozenParts, freeze
+from competition.zoo.components.maps import upsample_maps
+from competition.zoo.components.normalise import ImageNormalise
 from competition.zoo.registry import register
-from competition.zoo.trained import ImageNormalise, TrainedAnomalyModel, train_defaults
+from competition.zoo.trained import TrainedAnomalyModel, TrainParams, fit_record
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# The teacher distillation runs as this many parts (the engine's epochs), each ending with a
+# resumable last.pt in <run_dir>/teacher; the paper's 60,000 steps would otherwise restart from 0.
+DISTILLATION_PARTS = 10
+
+
+@dataclass
+class EfficientADParams(TrainParams):
+    # The paper: Adam lr 1e-4, weight decay 1e-5, 70,000 steps of batch 1, lr x0.1 at 95 %.
+    epochs: int = 70
+    steps_per_epoch: int = 1000
+    batch_size: int = 1
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 1.0e-4
+    weight_decay: float = 1.0e-5
+    schedule: Literal["constant", "warmup_cosine", "multistep"] = "multistep"
+    milestones: tuple[float, ...] = (0.95,)
+    gamma: float = 0.1
+    pdn_size: Literal["small", "medium"] = "small"  # small (EfficientAD-S) | medium (EfficientAD-M)
+    out_channels: int = 384
+    hard_quantile: float = 0.999
+    quantile_a: float = 0.9
+    quantile_b: float = 0.995
+    penalty_images: str | None = None  # folder of out-of-dataset images; None = generated OTHER_FAMILIES textures
+    penalty_count: int = 256  # penalty images kept (generated, or drawn from the folder)
+    teacher_weights: str | None = None  # a distilled PDN state dict (.pth / .safetensors); None = distil here
+    distill_backbone: str = "resnet18"  # feature source of the teacher (paper: wide_resnet101_2)
+    distill_layers: tuple[int, ...] = (2, 3)
+    teacher_steps: int = 60000  # paper: 60,000 steps of batch 16 on ImageNet
+    teacher_batch_size: int = 16
+    teacher_lr: float = 1.0e-4
 
 # (kind, in, out, kernel, padding when padded) per layer; "pool" = AvgPool2d(2, 2, padding).
 _PDN_LAYERS = {
@@ -118,7 +153,8 @@ class EfficientADAutoencoder(nn.Module):
         self.sizes.append(output_side)
         self.up_convs = nn.ModuleList([nn.Conv2d(64, 64, 4, 1, 2) for _ in range(6)])
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(inplace=True), nn.Conv2d(64, out_channels, 3, 1, 1))
+        self.head = nn.Sequential(nn.Conv2d(64, 64, 3, 1, 1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(64, out_channels, 3, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.encoder(x)
@@ -135,7 +171,7 @@ class DistillationTarget(nn.Module):
     `out_channels` (PatchCore's feature aggregation, as in the reference pretraining)."""
 
     def __init__(self, backbone: nn.Module, out_channels: int = 384, patch_dim: int = 1024,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.backbone = backbone.eval()
         self.normalise = ImageNormalise(mean, std)
@@ -165,12 +201,13 @@ class DistillationTarget(nn.Module):
         return pooled.permute(0, 3, 1, 2).contiguous()
 
 
-class EfficientADNetwork(nn.Module):
+class EfficientADModel(WithFrozenParts):
     """Teacher, student and autoencoder, with the statistics scoring needs as buffers."""
 
+    frozen_parts = ("teacher",)
+
     def __init__(self, image_size: int, pdn_size: str = "small", out_channels: int = 384,
-                 quantile_a: float = 0.9, quantile_b: float = 0.995, mean=(0.485, 0.456, 0.406),
-                 std=(0.229, 0.224, 0.225)):
+                 quantile_a: float = 0.9, quantile_b: float = 0.995, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         self.out_channels = out_channels
         self.quantile_a, self.quantile_b = quantile_a, quantile_b
@@ -182,15 +219,8 @@ class EfficientADNetwork(nn.Module):
         self.register_buffer("teacher_std", torch.ones(1, out_channels, 1, 1))
         self.register_buffer("map_quantiles", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # st a, st b, ae a, ae b
 
-    def train(self, mode: bool = True) -> "EfficientADNetwork":
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def freeze_teacher(self) -> None:
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher.eval()
+        freeze(self.teacher)
 
     @torch.no_grad()
     def teacher_output(self, x: Tensor) -> Tensor:
@@ -233,6 +263,25 @@ def _grayscale(image: Tensor) -> Tensor:
     return TF.rgb_to_grayscale(image, num_output_channels=3)
 
 
+class DistillationBatches:
+    """`steps` batches drawn with replacement from the distillation images, a tenth of them turned
+    gray (the reference's RandomGrayscale(0.1)), drawn lazily from `generator`."""
+
+    def __init__(self, images: Tensor, batch_size: int, steps: int, generator: torch.Generator):
+        self.images, self.batch_size, self.steps, self.generator = images, batch_size, steps, generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            x = self.images[torch.randint(len(self.images), (self.batch_size,), generator=self.generator)]
+            gray = torch.rand(len(x), generator=self.generator) < 0.1
+            if gray.any():
+                x[gray] = _grayscale(x[gray])
+            yield x
+
+
 def _jitter_for_autoencoder(image: Tensor, rng: np.random.Generator) -> Tensor:
     """One of ColorJitter(brightness=0.2), (contrast=0.2), (saturation=0.2), as the reference."""
     factor = float(rng.uniform(0.8, 1.2))
@@ -244,43 +293,29 @@ def _jitter_for_autoencoder(image: Tensor, rng: np.random.Generator) -> Tensor:
     return TF.adjust_saturation(image, factor)
 
 
-def _centre_crop_at_double_size(image: np.ndarray, size: int) -> np.ndarray:
-    """The reference's penalty view: resize to 2S, keep the central S x S."""
-    big = resize_image(image, 2 * size)
+def _centre_crop_at_double_size(image: np.ndarray, size: int, resize: str = "square") -> np.ndarray:
+    """The reference's penalty view: fit to a 2S canvas by the run's geometry (`zoo.resize`), keep the
+    central S x S (letterboxed, an image up to twice as wide as high keeps its aspect in the crop)."""
+    big = fit_to_canvas(image, Geometry(image_size=2 * size, resize=resize))[0]
     start = size // 2
     return np.ascontiguousarray(big[start:start + size, start:start + size])
 
 
 class EfficientAD(TrainedAnomalyModel):
     family = "efficientad"
-    # The paper: Adam lr 1e-4, weight decay 1e-5, 70,000 steps of batch 1, lr x0.1 at 95 %.
-    DEFAULTS = {
-        **train_defaults(epochs=70, steps_per_epoch=1000, batch_size=1, optimizer="adam", lr=1.0e-4,
-                         weight_decay=1.0e-5, schedule="multistep", milestones=(0.95,), gamma=0.1),
-        "pdn_size": "small",  # small (EfficientAD-S) | medium (EfficientAD-M)
-        "out_channels": 384,
-        "hard_quantile": 0.999,
-        "quantile_a": 0.9,
-        "quantile_b": 0.995,
-        "penalty_images": None,  # folder of out-of-dataset images; None = generated OTHER_FAMILIES textures
-        "penalty_count": 256,  # penalty images kept (generated, or drawn from the folder)
-        "teacher_weights": None,  # a distilled PDN state dict (.pth / .safetensors); None = distil here
-        "distill_backbone": "resnet18",  # feature source of the teacher (paper: wide_resnet101_2)
-        "distill_layers": (2, 3),
-        "teacher_steps": 60000,  # paper: 60,000 steps of batch 16 on ImageNet
-        "teacher_batch_size": 16,
-        "teacher_lr": 1.0e-4,
-    }
+    params_class = EfficientADParams
+    params: EfficientADParams
 
     # ---- networks
-    def build_network(self) -> nn.Module:
-        net = EfficientADNetwork(self.settings.image_size, self.pdn_size, int(self.out_channels),
-                                 float(self.quantile_a), float(self.quantile_b), self.settings.mean, self.settings.std)
+    def build_model(self) -> nn.Module:
+        p = self.params
+        net = EfficientADModel(self.settings.image_size, p.pdn_size, int(p.out_channels), float(p.quantile_a),
+                               float(p.quantile_b), self.settings.mean, self.settings.std)
         net.freeze_teacher()
         return net
 
     def parameters_to_train(self) -> list[nn.Parameter]:
-        return list(self.network.student.parameters()) + list(self.network.autoencoder.parameters())
+        return list(self.model.student.parameters()) + list(self.model.autoencoder.parameters())
 
     # ---- data
     def penalty_pool(self) -> np.ndarray:
@@ -292,23 +327,25 @@ class EfficientAD(TrainedAnomalyModel):
     def _load_penalty_pool(self) -> tuple[np.ndarray, str]:
         size = self.settings.image_size
         rng = np.random.default_rng([self.settings.seed, 2718])
-        count = int(self.penalty_count)
-        if self.penalty_images:
+        count = int(self.params.penalty_count)
+        if self.params.penalty_images:
             from competition.data.images import read_image
 
-            folder = Path(self.penalty_images)
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+            folder = Path(self.params.penalty_images)
+            files = list_images(folder, recursive=True) if folder.is_dir() else []
             if not files:
                 raise ValueError(f"efficientad: penalty_images={str(folder)!r} holds no images "
-                                 f"({', '.join(sorted(IMAGE_SUFFIXES))}); give a folder of out-of-dataset "
+                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}); give a folder of out-of-dataset "
                                  "images or null for generated textures")
             chosen = rng.choice(len(files), size=min(count, len(files)), replace=False)
-            pool = [_centre_crop_at_double_size(read_image(files[i]), size) for i in sorted(chosen)]
+            pool = [_centre_crop_at_double_size(read_image(files[i]), size, self.settings.resize)
+                    for i in sorted(chosen)]
             return np.stack(pool), f"folder {folder} ({len(pool)} of {len(files)} images)"
         from competition.data.textures import OTHER_FAMILIES, make_texture
 
-        pool = [_centre_crop_at_double_size(make_texture(OTHER_FAMILIES[i % len(OTHER_FAMILIES)], (2 * size, 2 * size), rng),
-                                            size) for i in range(count)]
+        families = [OTHER_FAMILIES[i % len(OTHER_FAMILIES)] for i in range(count)]
+        pool = [_centre_crop_at_double_size(make_texture(family, (2 * size, 2 * size), rng), size)
+                for family in families]
         return np.stack(pool), (f"generated textures of families the dataset does not use "
                                 f"({', '.join(OTHER_FAMILIES)}; {count} images), not ImageNet")
 
@@ -322,12 +359,12 @@ class EfficientAD(TrainedAnomalyModel):
 
     # ---- teacher
     def before_training(self, normals: np.ndarray) -> None:
-        net = self.network
-        if self.teacher_weights:
+        net = self.model
+        if self.params.teacher_weights:
             from competition.weights import load_local_weights
 
-            load_local_weights(net.teacher, str(self.teacher_weights), "teacher")
-            self.fit_info["teacher"] = f"loaded from {self.teacher_weights}"
+            load_local_weights(net.teacher, str(self.params.teacher_weights), "teacher")
+            self.fit_info["teacher"] = f"loaded from {self.params.teacher_weights}"
         else:
             self.fit_info["teacher"] = self._distil_teacher(normals)
         net.freeze_teacher()
@@ -335,13 +372,14 @@ class EfficientAD(TrainedAnomalyModel):
 
     def _distil_teacher(self, normals: np.ndarray) -> str:
         """Train the padded teacher PDN to predict normalised backbone features (reference pretraining)."""
-        device, settings = self.device, self.settings
+        device, settings, p = self.device, self.settings, self.params
         weights = settings.backbone_weights
-        backbone = create_backbone(self.distill_backbone, tuple(int(i) for i in self.distill_layers), weights,
-                                   settings.seed).to(device)
-        target_net = DistillationTarget(backbone, int(self.out_channels), mean=settings.mean, std=settings.std).to(device)
+        backbone = create_backbone(p.distill_backbone, tuple(int(i) for i in p.distill_layers), weights,
+                                   settings.seed, init=settings.backbone_init).to(device)
+        calibrate_backbones(backbone, normals, settings)  # a healthy random backbone: statistics of the normals
+        target_net = DistillationTarget(backbone, int(p.out_channels), mean=settings.mean, std=settings.std).to(device)
         images = torch.cat([unit_tensor(normals), unit_tensor(self.penalty_pool())])
-        batch = int(self.teacher_batch_size)
+        batch = int(p.teacher_batch_size)
         # Channel statistics of the target over the distillation images.
         total, total_sq, count = 0.0, 0.0, 0
         for start in range(0, len(images), batch):
@@ -352,43 +390,46 @@ class EfficientAD(TrainedAnomalyModel):
         mean = (total / count).view(1, -1, 1, 1)
         std = (total_sq / count - mean.view(-1) ** 2).clamp_min(1e-12).sqrt().view(1, -1, 1, 1)
 
-        teacher = self.network.teacher
-        for p in teacher.parameters():
-            p.requires_grad_(True)
-        teacher.train()
-        optimizer = torch.optim.Adam(teacher.parameters(), lr=float(self.teacher_lr), weight_decay=1.0e-5)
-        generator = torch.Generator().manual_seed(settings.seed)
-        steps = int(self.teacher_steps)
-        bar = tqdm(range(steps), desc="efficientad teacher distillation", disable=not settings.progress, leave=False)
-        first = last = float("nan")
-        for step in bar:
-            index = torch.randint(len(images), (min(batch, len(images)),), generator=generator)
-            x = images[index]
-            gray = torch.rand(len(x), generator=generator) < 0.1  # reference: RandomGrayscale(0.1)
-            if gray.any():
-                x[gray] = _grayscale(x[gray])
+        teacher = self.model.teacher
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.Adam(teacher.parameters(), lr=float(p.teacher_lr), weight_decay=1.0e-5)
+        steps = int(p.teacher_steps)
+        parts = min(DISTILLATION_PARTS, steps)
+        generator = torch.Generator().manual_seed(settings.seed)  # one stream over every part, kept in last.pt
+
+        def part_batches(part: int) -> DistillationBatches:
+            return DistillationBatches(images, min(batch, len(images)),
+                                       (part + 1) * steps // parts - part * steps // parts, generator)
+
+        def distillation_step(x: Tensor) -> Tensor:
             x = x.to(device)
             target = (target_net(x) - mean) / std
-            prediction = teacher(self.network.normalise(x), padded=True).float()
+            prediction = teacher(self.model.normalise(x), padded=True).float()
             if prediction.shape[-2:] != target.shape[-2:]:
                 target = F.interpolate(target, size=prediction.shape[-2:], mode="bilinear", align_corners=False)
-            loss = torch.mean((target - prediction) ** 2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            last = float(loss.detach())
-            first = last if step == 0 else first
-            bar.set_postfix(loss=f"{last:.4f}")
-        self.fit_info["teacher_distillation_loss"] = {"first": first, "last": last, "steps": steps}
+            return torch.mean((target - prediction) ** 2)
+
+        # float32 as the reference distils; the parts are the engine's epochs, each resumable
+        engine = EngineConfig(epochs=parts, name="efficientad teacher distillation", amp=False,
+                              out=Path(settings.run_dir) / "teacher" if settings.run_dir else None,
+                              record=fit_record(self), progress=settings.progress)
+        history = fit(teacher, optimizer, part_batches, distillation_step, engine, device=device,
+                      extra_state=lambda: {"generator": generator.get_state()},
+                      restore_extra_state=lambda state: generator.set_state(state["generator"])).history
+        losses = [row["train_loss"] for row in history]
+        self.fit_info["teacher_distillation_loss"] = {  # mean losses of the first and the last part
+            "first": losses[0] if losses else float("nan"), "last": losses[-1] if losses else float("nan"),
+            "steps": steps}
         source = str(weights) if weights else f"random init, seed {settings.seed}"
-        return (f"distilled here for {steps} steps from {self.distill_backbone} layers "
-                f"{list(self.distill_layers)} ({source}) on the training normals and penalty images; "
+        return (f"distilled here for {steps} steps from {p.distill_backbone} layers "
+                f"{list(p.distill_layers)} ({source}) on the training normals and penalty images; "
                 "the paper distils from wide_resnet101_2 on ImageNet")
 
     @torch.no_grad()
     def _teacher_statistics(self, normals: np.ndarray) -> None:
         """Per-channel mean and std of the teacher's output over the training normals."""
-        net = self.network
+        net = self.model
         total, total_sq, count = 0.0, 0.0, 0
         for start in range(0, len(normals), self.settings.batch_size):
             x = unit_tensor(normals[start:start + self.settings.batch_size]).to(self.device)
@@ -402,11 +443,11 @@ class EfficientAD(TrainedAnomalyModel):
 
     # ---- training and scoring
     def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        net, c = self.network, int(self.out_channels)
+        net, c = self.model, int(self.params.out_channels)
         image, image_ae, penalty = (net.normalise(batch[k]) for k in ("image", "image_ae", "penalty"))
         teacher = net.teacher_output(image)
         distance_st = (teacher - net.student(image)[:, :c].float()) ** 2
-        loss_hard = hard_feature_loss(distance_st, float(self.hard_quantile))
+        loss_hard = hard_feature_loss(distance_st, float(self.params.hard_quantile))
         loss_penalty = torch.mean(net.student(penalty)[:, :c].float() ** 2)
         autoencoder = net.autoencoder(image_ae).float()
         teacher_ae = net.teacher_output(image_ae)
@@ -418,14 +459,14 @@ class EfficientAD(TrainedAnomalyModel):
 
     def calibrate(self, normals: Tensor) -> None:
         """Quantiles q_a / q_b of both maps over held-out normal images (the paper's map normalisation)."""
-        net = self.network
+        net = self.model
         maps_st, maps_ae = [], []
         for start in range(0, len(normals), self.settings.batch_size):
             map_st, map_ae = net.raw_maps(normals[start:start + self.settings.batch_size])
             maps_st.append(map_st.flatten())
             maps_ae.append(map_ae.flatten())
         st, ae = torch.cat(maps_st), torch.cat(maps_ae)
-        qa, qb = float(self.quantile_a), float(self.quantile_b)
+        qa, qb = float(self.params.quantile_a), float(self.params.quantile_b)
         quantiles = [_quantile(st, qa), _quantile(st, qb), _quantile(ae, qa), _quantile(ae, qb)]
         for low, high in ((0, 1), (2, 3)):  # a degenerate map (all equal) must not divide by zero
             if quantiles[high] - quantiles[low] < 1e-12:
@@ -433,7 +474,7 @@ class EfficientAD(TrainedAnomalyModel):
         net.map_quantiles.copy_(torch.tensor(quantiles, device=net.map_quantiles.device))
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.network(images)
+        return self.model(images)
 
     def fit_summary(self) -> dict[str, Any]:
         self.penalty_pool()

@@ -17,19 +17,46 @@ wide and train for 700 epochs (`draem-paper`, for a GPU); the default `draem` is
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from competition.zoo.base import unit_tensor
+from competition.data.layouts import IMAGE_EXTENSIONS, list_images
+from competition.zoo.api import unit_tensor
+from competition.zoo.components.maps import mean_filter_maps
 from competition.zoo.registry import register
-from competition.zoo.trained import TrainedAnomalyModel, train_defaults
+from competition.zoo.trained import TrainedAnomalyModel, TrainParams
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+def _paper_augmentation() -> list[dict[str, Any]]:
+    # the paper rotates 30 % of the normal images by up to 90 degrees (imgaug Affine);
+    # reflection instead of black corners, so corners are not taught as normal
+    return [{"name": "Rotate", "limit": 90, "border_mode": 4, "p": 0.3}]
+
+
+@dataclass
+class DRAEMParams(TrainParams):
+    # The paper: Adam lr 1e-4, batch 8, 700 epochs, lr x0.2 at 80 % and 90 %; 256 px.
+    epochs: int = 700
+    batch_size: int = 8
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "warmup_cosine", "multistep"] = "multistep"
+    milestones: tuple[float, ...] = (0.8, 0.9)
+    gamma: float = 0.2
+    augment: list[dict[str, Any]] = field(default_factory=_paper_augmentation)
+    reconstructive_width: int = 128
+    discriminative_width: int = 64
+    anomaly_probability: float = 0.5  # share of training samples that get a Perlin anomaly
+    anomaly_source: str | None = None  # folder of texture images (the paper: DTD); None = generated textures
+    mean_filter: int = 21  # image score: max of the map after this mean filter
+    focal_gamma: float = 2.0
 
 
 def _double_conv(cin: int, cout: int, mid: int | None = None) -> nn.Sequential:
@@ -52,7 +79,8 @@ class ReconstructiveSubNetwork(nn.Module):
         widths = [w, 2 * w, 4 * w, 8 * w, 8 * w]
         self.encoder = nn.ModuleList([_double_conv(channels, widths[0])] +
                                      [_double_conv(widths[i - 1], widths[i]) for i in range(1, 5)])
-        self.up = nn.ModuleList([_up_conv(8 * w, 8 * w), _up_conv(4 * w, 4 * w), _up_conv(2 * w, 2 * w), _up_conv(w, w)])
+        self.up = nn.ModuleList([_up_conv(8 * w, 8 * w), _up_conv(4 * w, 4 * w), _up_conv(2 * w, 2 * w),
+                                 _up_conv(w, w)])
         self.decode = nn.ModuleList([_double_conv(8 * w, 4 * w, 8 * w), _double_conv(4 * w, 2 * w, 4 * w),
                                      _double_conv(2 * w, w, 2 * w), _double_conv(w, w)])
         self.out = nn.Conv2d(w, channels, 3, padding=1)
@@ -118,7 +146,7 @@ def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0, eps: float = 1e
     return (-(1 - target_probability) ** gamma * torch.log(target_probability)).mean()
 
 
-class DRAEMNetwork(nn.Module):
+class DRAEMModel(nn.Module):
     def __init__(self, reconstructive_width: int = 128, discriminative_width: int = 64, mean_filter: int = 21):
         super().__init__()
         self.reconstructive = ReconstructiveSubNetwork(reconstructive_width)
@@ -132,43 +160,32 @@ class DRAEMNetwork(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         _, logits = self.reconstruct_and_segment(images)
-        maps = torch.softmax(logits.float(), dim=1)[:, 1:]
-        smoothed = F.avg_pool2d(maps, self.mean_filter, stride=1, padding=self.mean_filter // 2)
-        return smoothed.flatten(1).amax(1), maps[:, 0]
+        maps = torch.softmax(logits.float(), dim=1)[:, 1]
+        smoothed = mean_filter_maps(maps, self.mean_filter)
+        return smoothed.flatten(1).amax(1), maps
 
 
 class DRAEM(TrainedAnomalyModel):
     family = "draem"
-    # The paper: Adam lr 1e-4, batch 8, 700 epochs, lr x0.2 at 80 % and 90 %; 256 px.
-    DEFAULTS = {
-        **train_defaults(epochs=700, batch_size=8, optimizer="adam", lr=1.0e-4, weight_decay=0.0,
-                         schedule="multistep", milestones=(0.8, 0.9), gamma=0.2,
-                         # the paper rotates 30 % of the normal images by up to 90 degrees (imgaug Affine);
-                         # reflection instead of black corners, so corners are not taught as normal
-                         augment=[{"name": "Rotate", "limit": 90, "border_mode": 4, "p": 0.3}]),
-        "reconstructive_width": 128,
-        "discriminative_width": 64,
-        "anomaly_probability": 0.5,  # share of training samples that get a Perlin anomaly
-        "anomaly_source": None,  # folder of texture images (the paper: DTD); None = generated textures
-        "mean_filter": 21,  # image score: max of the map after this mean filter
-        "focal_gamma": 2.0,
-    }
+    params_class = DRAEMParams
+    params: DRAEMParams
 
-    def build_network(self) -> nn.Module:
-        return DRAEMNetwork(int(self.reconstructive_width), int(self.discriminative_width), int(self.mean_filter))
+    def build_model(self) -> nn.Module:
+        p = self.params
+        return DRAEMModel(int(p.reconstructive_width), int(p.discriminative_width), int(p.mean_filter))
 
     def anomaly_sources(self) -> list[np.ndarray] | None:
         """Texture images for the anomalies (read once), or None for generated OTHER_FAMILIES textures."""
-        if not self.anomaly_source:
+        if not self.params.anomaly_source:
             return None
         if getattr(self, "_sources", None) is None:
             from competition.data.images import read_image
 
-            folder = Path(self.anomaly_source)
-            files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+            folder = Path(self.params.anomaly_source)
+            files = list_images(folder, recursive=True) if folder.is_dir() else []
             if not files:
                 raise ValueError(f"draem: anomaly_source={str(folder)!r} holds no images "
-                                 f"({', '.join(sorted(IMAGE_SUFFIXES))}); give a folder of texture images "
+                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}); give a folder of texture images "
                                  "or null for generated textures")
             self._sources = [read_image(p) for p in files]
         return self._sources
@@ -177,7 +194,7 @@ class DRAEM(TrainedAnomalyModel):
         from competition.data.painters import perlin_anomaly
 
         image = self.augmented(image, rng)
-        if rng.random() < float(self.anomaly_probability):
+        if rng.random() < float(self.params.anomaly_probability):
             sources = self.anomaly_sources()
             texture = None if sources is None else sources[int(rng.integers(len(sources)))]
             anomalous, mask = perlin_anomaly(image, rng, texture_source=texture)
@@ -187,19 +204,19 @@ class DRAEM(TrainedAnomalyModel):
                 "mask": torch.from_numpy((mask > 0).astype(np.float32))[None]}
 
     def training_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        reconstruction, logits = self.network.reconstruct_and_segment(batch["augmented"])
+        reconstruction, logits = self.model.reconstruct_and_segment(batch["augmented"])
         reconstruction = reconstruction.float()
         l2 = F.mse_loss(reconstruction, batch["image"])
         ssim_loss = 1 - ssim(reconstruction, batch["image"])
-        segmentation = focal_loss(logits, batch["mask"], float(self.focal_gamma))
+        segmentation = focal_loss(logits, batch["mask"], float(self.params.focal_gamma))
         return {"loss": l2 + ssim_loss + segmentation, "l2": l2, "ssim": ssim_loss, "focal": segmentation}
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.network(images)
+        return self.model(images)
 
     def fit_summary(self) -> dict[str, Any]:
-        if self.anomaly_source:
-            return {"anomaly_source": f"folder {self.anomaly_source} ({len(self.anomaly_sources())} images)"}
+        if self.params.anomaly_source:
+            return {"anomaly_source": f"folder {self.params.anomaly_source} ({len(self.anomaly_sources())} images)"}
         from competition.data.textures import OTHER_FAMILIES
 
         return {"anomaly_source": "generated textures of families the dataset does not use "
@@ -207,7 +224,8 @@ class DRAEM(TrainedAnomalyModel):
 
 
 register("draem", DRAEM,
-         "DRAEM: reconstructive + discriminative nets on Perlin anomalies, generated textures (CPU-sized: 16/16 wide, 8 epochs)",
+         "DRAEM: reconstructive + discriminative nets on Perlin anomalies, generated textures "
+         "(CPU-sized: 16/16 wide, 8 epochs)",
          reconstructive_width=16, discriminative_width=16, epochs=8, lr=1.0e-3, batch_size=8)
 register("draem-paper", DRAEM,
          "DRAEM as in the paper: 128/64 channels, Adam 1e-4, 700 epochs (GPU)")

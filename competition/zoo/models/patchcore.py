@@ -3,7 +3,7 @@
 Locally aware patch features from two middle backbone layers (each map averaged over 3x3
 neighbourhoods, the deeper one resized to the shallower one's grid, optionally pooled to a common
 width as in the paper's pre-projection), a memory bank of the normal patches subsampled by greedy
-k-center coreset (`competition.zoo.coreset`), and nearest-neighbour scoring: the image score is
+k-center coreset (`components.coreset`), and nearest-neighbour scoring: the image score is
 the largest patch distance s* = ||m_test,* - m*||, reweighted by eq. 7,
 s = (1 - exp||m_test,* - m*|| / sum_{m in N_b(m*)} exp||m_test,* - m||) * s*,
 where N_b(m*) are the b nearest memory patches of m*. The map is the patch distances, upsampled
@@ -13,16 +13,35 @@ and smoothed with a Gaussian of sigma 4. Search is exact, batched matmuls in tor
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from competition.zoo.base import AnomalyModel, ImageSet, ValidationSet, gaussian_blur_maps, upsample_maps
-from competition.zoo.coreset import coreset_indices
-from competition.zoo.features import FeatureExtractor, shared_extractor
+from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
+from competition.zoo.components.coreset import coreset_indices
+from competition.zoo.components.features import FeatureExtractor, shared_extractor, with_backbone_statistics
+from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
+from competition.zoo.components.neighbours import faiss_neighbours, nearest_neighbours
 from competition.zoo.registry import register
+
+
+@dataclass
+class PatchCoreParams(BackboneParams):
+    layers: tuple[int, ...] = (2, 3)  # timm out_indices: resnet layer2 and layer3
+    embed_dim: int | None = None  # None: keep every channel (128 + 256 for resnet18); int: the paper's pooling
+    coreset_ratio: float = 0.1  # share of the normal patches kept in the memory bank (1.0 keeps all)
+    projection_dim: int = 128  # random projection for the coreset distances
+    num_neighbours: int = 9  # b of eq. 7; 1 disables the reweighting
+    blur_sigma: float = 4.0
+    search: Literal["torch", "faiss"] = "torch"  # torch (exact, batched) | faiss (IndexFlatL2, if installed)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError(f"patchcore: coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
 
 
 class PatchEmbedding(nn.Module):
@@ -52,42 +71,25 @@ class PatchEmbedding(nn.Module):
         return joined.reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
 
 
-def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None,
-                       k: int = 1, query_chunk: int = 2048, bank_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k nearest rows of `bank` for each query: (distances (Q, k), indices (Q, k)), batched matmuls."""
-    if bank_sq is None:
-        bank_sq = (bank * bank).sum(1)
-    k = min(k, bank.shape[0])
-    all_dist, all_idx = [], []
-    for qs in range(0, queries.shape[0], query_chunk):
-        q = queries[qs:qs + query_chunk]
-        q_sq = (q * q).sum(1, keepdim=True)
-        best_d = best_i = None
-        for bs in range(0, bank.shape[0], bank_chunk):
-            b = bank[bs:bs + bank_chunk]
-            d2 = (q_sq - 2.0 * (q @ b.T) + bank_sq[bs:bs + bank_chunk][None]).clamp_(min=0)
-            d, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False)
-            i = i + bs
-            if best_d is None:
-                best_d, best_i = d, i
-            else:
-                cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
-                best_d, sel = torch.topk(cat_d, k, dim=1, largest=False)
-                best_i = torch.gather(cat_i, 1, sel)
-        all_dist.append(best_d.sqrt())
-        all_idx.append(best_i)
-    return torch.cat(all_dist), torch.cat(all_idx)
+class PatchCoreModel(nn.Module):
+    """Backbone maps -> patch embeddings -> image scores (eq. 7 reweighting) and patch-distance maps.
 
+    The fitted state is the memory bank (and its rows' squared norms), buffers registered empty.
+    """
 
-class PatchCoreScorer(nn.Module):
-    """Memory bank -> image scores (eq. 7 reweighting) and patch-distance maps."""
-
-    def __init__(self, memory_bank: torch.Tensor, num_neighbours: int = 9, search: str = "torch"):
+    def __init__(self, embed_dim: int | None = None, num_neighbours: int = 9, search: str = "torch"):
         super().__init__()
-        self.register_buffer("memory_bank", memory_bank.float().contiguous())
-        self.register_buffer("bank_sq", (self.memory_bank ** 2).sum(1))
+        self.embedding = PatchEmbedding(embed_dim)
+        self.register_buffer("memory_bank", torch.empty(0, 0))
+        self.register_buffer("bank_sq", torch.empty(0))
+        self.register_buffer("backbone_statistics", torch.empty(0))  # BatchNorm statistics of a healthy random backbone
         self.num_neighbours = num_neighbours
         self.search = search
+        self._faiss_index = None
+
+    def set_memory_bank(self, memory_bank: torch.Tensor) -> None:
+        self.memory_bank = memory_bank.float().contiguous()
+        self.bank_sq = (self.memory_bank ** 2).sum(1)
         self._faiss_index = None
 
     def _search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +99,11 @@ class PatchCoreScorer(nn.Module):
 
                 self._faiss_index = faiss.IndexFlatL2(self.memory_bank.shape[1])
                 self._faiss_index.add(self.memory_bank.cpu().numpy())
-            d2, idx = self._faiss_index.search(queries.float().cpu().numpy(), k)
-            return (torch.from_numpy(d2).clamp_(min=0).sqrt().to(queries.device),
-                    torch.from_numpy(idx).long().to(queries.device))
+            return faiss_neighbours(self._faiss_index, queries, k)
         return nearest_neighbours(queries, self.memory_bank, self.bank_sq, k=k)
 
-    def forward(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_embeddings(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, h, w) patch embeddings -> (scores (B,), patch distances (B, h, w))."""
         b, d, h, w = embeddings.shape
         patches = embeddings.permute(0, 2, 3, 1).reshape(-1, d).float()
         dist, idx = self._search(patches, 1)
@@ -123,72 +124,59 @@ class PatchCoreScorer(nn.Module):
             scores = s_star
         return scores, patch_dist.reshape(b, h, w)
 
+    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone maps of the model's layers -> (scores (B,), patch distances (B, h, w))."""
+        return self.score_embeddings(self.embedding(maps))
+
 
 class PatchCore(AnomalyModel):
     family = "patchcore"
-    DEFAULTS = {
-        "backbone": "resnet18",
-        "layers": [2, 3],  # timm out_indices: resnet layer2 and layer3
-        "embed_dim": None,  # None: keep every channel (128 + 256 for resnet18); int: the paper's pooling
-        "coreset_ratio": 0.1,  # share of the normal patches kept in the memory bank (1.0 keeps all)
-        "projection_dim": 128,  # random projection for the coreset distances
-        "num_neighbours": 9,  # b of eq. 7; 1 disables the reweighting
-        "blur_sigma": 4.0,
-        "search": "torch",  # torch (exact, batched) | faiss (IndexFlatL2, if installed)
-    }
+    params_class = PatchCoreParams
+    params: PatchCoreParams
 
-    def __init__(self, settings=None, **params):
-        super().__init__(settings, **params)
-        if self.search not in ("torch", "faiss"):
-            raise ValueError(f"patchcore: search must be 'torch' or 'faiss', got {self.search!r}")
-        if not 0.0 < float(self.coreset_ratio) <= 1.0:
-            raise ValueError(f"patchcore: coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        self.embedding = PatchEmbedding(self.embed_dim)
-        self.scorer: PatchCoreScorer | None = None
+    def build_model(self) -> PatchCoreModel:
+        p = self.params
+        return PatchCoreModel(p.embed_dim, int(p.num_neighbours), p.search)
 
     def _extractor(self) -> FeatureExtractor:
-        return shared_extractor(self.backbone, self.layers, self.settings)
+        return shared_extractor(self.params.backbone, self.params.layers, self.settings)
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
-        extractor = self._extractor()
+        model = self.build_model()
+        extractor = with_backbone_statistics(self._extractor(), model, images)
         bank = None  # (images, patches, dim): every normal patch in float16 (half the memory), filled in place
         for idx, maps in extractor.extract(images, desc="patchcore fit"):
-            emb = self.embedding(extractor.select(maps, self.layers))
+            emb = model.embedding(extractor.select(maps, self.params.layers))
             if bank is None:
                 bank = torch.empty(len(images), emb.shape[2] * emb.shape[3], emb.shape[1], dtype=torch.float16)
             bank[torch.as_tensor(idx)] = emb.permute(0, 2, 3, 1).flatten(1, 2).half().cpu()
         bank = bank.flatten(0, 1)
         started, cpu_started = time.perf_counter(), time.process_time()
-        keep = coreset_indices(bank, float(self.coreset_ratio), int(self.projection_dim), self.settings.seed,
-                               progress=self.settings.progress, device=self.device)
+        keep = coreset_indices(bank, float(self.params.coreset_ratio), int(self.params.projection_dim),
+                               self.settings.seed, progress=self.settings.progress, device=self.device)
         memory = bank[keep].float()
         self.fit_info = {"patches": int(bank.shape[0]), "memory_bank": int(memory.shape[0]),
                          "embedding_dim": int(memory.shape[1]),
                          "coreset_seconds": round(time.perf_counter() - started, 2),
                          "coreset_cpu_seconds": round(time.process_time() - cpu_started, 2)}
         del bank
-        self.scorer = PatchCoreScorer(memory, int(self.num_neighbours), self.search).to(self.device)
+        model.set_memory_bank(memory)
+        self.model = model.to(self.device)
 
     @torch.inference_mode()
     def _predict(self, images: ImageSet, with_maps: bool):
-        extractor = self._extractor()
+        extractor = with_backbone_statistics(self._extractor(), self.model)
+        size = self.settings.image_size
         scores = np.zeros(len(images))
-        maps = np.zeros((len(images), self.settings.image_size, self.settings.image_size), np.float32) \
-            if with_maps else None
+        maps = np.zeros((len(images), size, size), np.float32) if with_maps else None
         for idx, feats in extractor.extract(images, desc="patchcore score"):
-            emb = self.embedding([f.to(self.device) for f in extractor.select(feats, self.layers)])
-            batch_scores, patch_maps = self.scorer(emb)
+            layers = extractor.select(feats, self.params.layers)
+            batch_scores, patch_maps = self.model([f.to(self.device) for f in layers])
             scores[idx] = batch_scores.cpu().numpy()
             if with_maps:
-                full = gaussian_blur_maps(upsample_maps(patch_maps, self.settings.image_size), float(self.blur_sigma))
+                full = gaussian_blur_maps(upsample_maps(patch_maps, size), float(self.params.blur_sigma))
                 maps[idx] = full.cpu().numpy()
         return scores, maps
-
-    def fitted_state(self) -> dict:
-        return {"memory_bank": self.scorer.memory_bank.cpu()}
-
-    def load_fitted_state(self, state: dict) -> None:
-        self.scorer = PatchCoreScorer(state["memory_bank"], int(self.num_neighbours), self.search).to(self.device)
 
 
 register("patchcore-resnet18", PatchCore,
@@ -199,3 +187,6 @@ register("patchcore-resnet18-full", PatchCore,
 register("patchcore-wide-resnet50", PatchCore,
          "PatchCore as in the paper: wide_resnet50_2 layer2+3 pooled to 1024-d, 10% coreset (slow on CPU)",
          backbone="wide_resnet50_2", embed_dim=1024)
+register("patchcore-ssl", PatchCore,
+         "PatchCore (layer2+3, 10% coreset) on the experiment's self-supervised backbone (make pretrain)",
+         backbone_weights="ssl")

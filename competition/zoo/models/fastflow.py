@@ -7,16 +7,40 @@ upsampled and averaged over scales; the image score is the map's maximum.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from competition.zoo.features import create_backbone
-from competition.zoo.flow_blocks import AllInOneCoupling, FrozenFeatures, SequenceFlow, conv_subnet
+from competition.zoo.api import BackboneParams
+from competition.zoo.components.features import create_backbone
+from competition.zoo.components.flow_blocks import (
+    AllInOneCoupling,
+    FrozenFeatures,
+    SequenceFlow,
+    conv_subnet,
+    likelihood_map,
+)
 from competition.zoo.registry import register
-from competition.zoo.trained import TrainedAnomalyModel, train_defaults
+from competition.zoo.trained import TrainedAnomalyModel, TrainParams
+
+
+@dataclass
+class FastFlowParams(TrainParams, BackboneParams):
+    # Paper/anomalib: Adam, lr 1e-3, weight decay 1e-5; epochs CPU-sized (the paper trains 500).
+    epochs: int = 8
+    batch_size: int = 8
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-5
+    layers: tuple[int, ...] = (1, 2, 3)  # timm feature indices: resnet layer1..layer3 (anomalib's choice for resnet18)
+    flow_steps: int = 8
+    hidden_ratio: float = 1.0  # subnet hidden channels / input channels
+    conv3x3_only: bool = False
+    clamp: float = 2.0  # soft clamp of the coupling log-scales
 
 
 def fastflow_scale(channels: int, flow_steps: int, hidden_ratio: float, conv3x3_only: bool, clamp: float,
@@ -30,7 +54,7 @@ def fastflow_scale(channels: int, flow_steps: int, hidden_ratio: float, conv3x3_
     return SequenceFlow(blocks)
 
 
-class FastFlowNetwork(nn.Module):
+class FastFlowModel(nn.Module):
     """Images in [0, 1] -> per-scale latents and log-dets (training) or image scores and maps (eval).
 
     Every scale's features are standardised by a LayerNorm over (C, h, w) without affine
@@ -65,11 +89,7 @@ class FastFlowNetwork(nn.Module):
     @staticmethod
     def anomaly_map(latents: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
         """(B, H, W): mean over scales of -exp(-0.5 mean_c z^2), bilinearly upsampled; in [-1, 0]."""
-        maps = []
-        for z in latents:
-            likelihood = torch.exp(-0.5 * torch.mean(z.float() ** 2, dim=1, keepdim=True))
-            maps.append(F.interpolate(-likelihood, size=size, mode="bilinear", align_corners=False))
-        return torch.stack(maps, dim=-1).mean(-1)[:, 0]
+        return -likelihood_map(latents, size)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(scores (B,), maps (B, H, W)) at the input's size."""
@@ -80,31 +100,25 @@ class FastFlowNetwork(nn.Module):
 
 # ---------------------------------------------------------------- the zoo model
 
-class FastFlowModel(TrainedAnomalyModel):
+class FastFlow(TrainedAnomalyModel):
     family = "fastflow"
-    DEFAULTS = {
-        # Paper/anomalib: Adam, lr 1e-3, weight decay 1e-5; epochs CPU-sized (the paper trains 500).
-        **train_defaults(epochs=8, batch_size=8, optimizer="adam", lr=1.0e-3, weight_decay=1.0e-5),
-        "backbone": "resnet18",
-        "layers": (1, 2, 3),  # timm feature indices: resnet layer1..layer3 (anomalib's choice for resnet18)
-        "flow_steps": 8,
-        "hidden_ratio": 1.0,  # subnet hidden channels / input channels
-        "conv3x3_only": False,
-        "clamp": 2.0,  # soft clamp of the coupling log-scales
-    }
+    params_class = FastFlowParams
+    params: FastFlowParams
 
-    def build_network(self) -> nn.Module:
-        backbone = create_backbone(self.backbone, self.layers, self.settings.backbone_weights, self.settings.seed)
-        return FastFlowNetwork(FrozenFeatures(backbone), flow_steps=self.flow_steps, hidden_ratio=self.hidden_ratio,
-                               conv3x3_only=self.conv3x3_only, clamp=self.clamp, seed=self.settings.seed)
+    def build_model(self) -> nn.Module:
+        p = self.params
+        backbone = create_backbone(p.backbone, p.layers, self.settings.backbone_weights, self.settings.seed,
+                                   init=self.settings.backbone_init)
+        return FastFlowModel(FrozenFeatures(backbone), flow_steps=p.flow_steps, hidden_ratio=p.hidden_ratio,
+                             conv3x3_only=p.conv3x3_only, clamp=p.clamp, seed=self.settings.seed)
 
     def training_step(self, batch: dict[str, Tensor]) -> Tensor:
-        latents, log_dets = self.network.encode(batch["image"])
-        return self.network.loss(latents, log_dets)
+        latents, log_dets = self.model.encode(batch["image"])
+        return self.model.loss(latents, log_dets)
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.network(images)
+        return self.model(images)
 
 
-register("fastflow-resnet18", FastFlowModel,
+register("fastflow-resnet18", FastFlow,
          "FastFlow: 2D normalizing flows (8 steps, 3x3/1x1 subnets) on resnet18 layer1-3, max of -likelihood map")

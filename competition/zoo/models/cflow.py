@@ -12,17 +12,45 @@ images are scored with it, so we shift by the maximum over held-out training nor
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from competition.zoo.features import create_backbone
-from competition.zoo.flow_blocks import (AllInOneCoupling, FrozenFeatures, SequenceFlow, fc_subnet,
-                                         gaussian_log_likelihood)
+from competition.zoo.api import BackboneParams
+from competition.zoo.components.features import create_backbone
+from competition.zoo.components.flow_blocks import (
+    AllInOneCoupling,
+    FrozenFeatures,
+    SequenceFlow,
+    fc_subnet,
+    gaussian_log_likelihood,
+)
 from competition.zoo.registry import register
-from competition.zoo.trained import TrainedAnomalyModel, train_defaults
+from competition.zoo.trained import TrainedAnomalyModel, TrainParams
+
+
+@dataclass
+class CFlowParams(TrainParams, BackboneParams):
+    # Reference code: Adam with warmup and cosine decay, lr 2e-4 over many more steps. CPU-sized
+    # (8 epochs, one fiber batch per image batch) 2e-4 is still far from converged: lr 1e-3.
+    epochs: int = 8
+    batch_size: int = 8
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 1.0e-3
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "warmup_cosine", "multistep"] = "warmup_cosine"
+    warmup_epochs: float = 1.0
+    # resnet layer1..3: at 128 px the resolutions the paper's layer2..4 have at 256 px
+    layers: tuple[int, ...] = (1, 2, 3)
+    condition_vector: int = 128  # size of the positional encoding the flows are conditioned on
+    coupling_blocks: int = 8
+    clamp_alpha: float = 1.9
+    permute_soft: bool = False
+    fiber_batch_size: int = 1024  # random positions per layer and training step; 0 = every position
 
 
 def positional_encoding_2d(channels: int, height: int, width: int) -> Tensor:
@@ -50,7 +78,7 @@ def cflow_decoder(channels: int, condition_vector: int, coupling_blocks: int, cl
         for k in range(coupling_blocks)])
 
 
-class CFlowNetwork(nn.Module):
+class CFlowModel(nn.Module):
     """Images in [0, 1] -> per-position log-likelihoods per layer; eval forward gives scores and maps."""
 
     def __init__(self, features: FrozenFeatures, condition_vector: int = 128, coupling_blocks: int = 8,
@@ -121,37 +149,28 @@ class CFlowNetwork(nn.Module):
 
 # ---------------------------------------------------------------- the zoo model
 
-class CFlowModel(TrainedAnomalyModel):
+class CFlow(TrainedAnomalyModel):
     family = "cflow"
-    DEFAULTS = {
-        # Reference code: Adam with warmup and cosine decay, lr 2e-4 over many more steps. CPU-sized
-        # (8 epochs, one fiber batch per image batch) 2e-4 is still far from converged: lr 1e-3.
-        **train_defaults(epochs=8, batch_size=8, optimizer="adam", lr=1.0e-3, weight_decay=0.0,
-                         schedule="warmup_cosine", warmup_epochs=1.0),
-        "backbone": "resnet18",
-        "layers": (1, 2, 3),  # resnet layer1..3: at 128 px the resolutions the paper's layer2..4 have at 256 px
-        "condition_vector": 128,  # size of the positional encoding the flows are conditioned on
-        "coupling_blocks": 8,
-        "clamp_alpha": 1.9,
-        "permute_soft": False,
-        "fiber_batch_size": 1024,  # random positions per layer and training step; 0 = every position
-    }
+    params_class = CFlowParams
+    params: CFlowParams
 
-    def build_network(self) -> nn.Module:
-        backbone = create_backbone(self.backbone, self.layers, self.settings.backbone_weights, self.settings.seed)
-        return CFlowNetwork(FrozenFeatures(backbone), condition_vector=self.condition_vector,
-                            coupling_blocks=self.coupling_blocks, clamp_alpha=self.clamp_alpha,
-                            permute_soft=self.permute_soft, seed=self.settings.seed)
+    def build_model(self) -> nn.Module:
+        p = self.params
+        backbone = create_backbone(p.backbone, p.layers, self.settings.backbone_weights, self.settings.seed,
+                                   init=self.settings.backbone_init)
+        return CFlowModel(FrozenFeatures(backbone), condition_vector=p.condition_vector,
+                          coupling_blocks=p.coupling_blocks, clamp_alpha=p.clamp_alpha,
+                          permute_soft=p.permute_soft, seed=self.settings.seed)
 
     def training_step(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.network.fiber_batch_loss(batch["image"], self.fiber_batch_size)
+        return self.model.fiber_batch_loss(batch["image"], self.params.fiber_batch_size)
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return self.network(images)
+        return self.model(images)
 
     def calibrate(self, normals: Tensor) -> None:
-        self.network.calibrate(normals, self.settings.batch_size)
+        self.model.calibrate(normals, self.settings.batch_size)
 
 
-register("cflow-resnet18", CFlowModel,
+register("cflow-resnet18", CFlow,
          "CFlow-AD: flows on resnet18 layer1-3 feature vectors conditioned on position, fiber-batch training")

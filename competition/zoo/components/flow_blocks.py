@@ -1,4 +1,5 @@
-"""Invertible building blocks shared by the zoo's normalizing flows (FastFlow, CFlow, U-Flow).
+"""Invertible building blocks shared by the zoo's normalizing flows (FastFlow, CFlow, U-Flow), with
+their frozen feature input and the likelihood map of FastFlow and U-Flow.
 
 `AllInOneCoupling` follows FrEIA's AllInOneBlock (Ardizzone et al., the block all three papers
 use): a soft-clamped affine coupling whose subnet sees the first half of the channels (plus an
@@ -8,14 +9,17 @@ channel permutation (hard) or rotation (soft). Written here so the zoo needs no 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from competition.zoo.trained import ImageNormalise
+from competition.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from competition.zoo.components.frozen import WithFrozenParts, freeze
+from competition.zoo.components.normalise import ImageNormalise
 
 SubnetConstructor = Callable[[int, int], nn.Module]
 GlobalAffineType = Literal["SOFTPLUS", "SIGMOID", "EXP"]
@@ -177,28 +181,31 @@ def gaussian_log_likelihood(z: torch.Tensor, log_det: torch.Tensor) -> torch.Ten
     return -0.5 * (z.flatten(1) ** 2).sum(1) - 0.5 * d * LOG_2PI + log_det
 
 
+def likelihood_map(latents: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) in (0, 1]: mean over scales of the upsampled per-position likelihood exp(-0.5 mean_c z^2).
+
+    anomalib's map for FastFlow and U-Flow: 1 where every latent is 0, towards 0 where a latent is large.
+    """
+    maps = [F.interpolate(torch.exp(-0.5 * torch.mean(z.float() ** 2, dim=1, keepdim=True)), size=size,
+                          mode="bilinear", align_corners=False) for z in latents]
+    return torch.stack(maps, dim=-1).mean(-1)[:, 0]
+
+
 # ---------------------------------------------------------------- the frozen feature input of every flow
 
-class FrozenFeatures(nn.Module):
+class FrozenFeatures(WithFrozenParts):
     """[0, 1] RGB -> the frozen backbone's feature maps (ImageNet-normalised input, eval mode always).
 
     The flows model the density of these features; the backbone is never trained, so `train()`
     leaves it in eval mode (its BatchNorm statistics stay the pretrained ones).
     """
 
-    def __init__(self, backbone: nn.Module, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225)):
+    frozen_parts = ("backbone",)
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         self.normalise = ImageNormalise(mean, std)
-        self.backbone = backbone
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
-        self.backbone.eval()
-
-    def train(self, mode: bool = True) -> "FrozenFeatures":
-        super().train(mode)
-        self.backbone.eval()
-        return self
+        self.backbone = freeze(backbone)
 
     @property
     def channels(self) -> list[int]:

@@ -1,0 +1,214 @@
+"""The decision under a shifted defect share: estimate the test set's share, threshold for it.
+
+The stacker's threshold is tuned on out-of-fold scores, at the training set's defect share; a test
+set may hold many more defects. Under label shift (the classes keep their score distributions,
+only their shares move) the test share can be estimated from unlabelled test scores: by EM on
+calibrated posteriors (Saerens, Latinne and Decaestecker, Neural Computation 2002) or by
+black-box shift estimation from the out-of-fold confusion matrix (Lipton, Wang and Smola, ICML
+2018). The threshold then maximises the macro-F1 expected at that share: out-of-fold defects and
+normals reweighted by test share / training share, the plateau-middle rule of `metrics`.
+
+Default estimator: EM. On two-Gaussian scores with 5% defects out of fold and 5%, 20% or 50% in
+the test set (tests/test_prior.py), EM's error is the smaller at every share: BBSE sees each test
+score only as above or below one cut and rests its true-positive rate on the few out-of-fold
+defects, whereas EM uses every score through a two-parameter calibration. BBSE stays selectable
+(`ensemble.prior_method: bbse`): it needs no calibration, which matters when the map from score
+to probability is far from logistic. Both assume each class scores alike out of fold and in the
+test set; the stacker's test features are means over the fold models, a little sharper than one
+fold model's out-of-fold scores, which can carry a large shift's estimate slightly past the truth.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+
+from competition.metrics import best_threshold
+
+PRIOR_MODES = ("train", "estimate")  # besides a fixed share in (0, 1)
+ESTIMATORS = ("em", "bbse")
+# Shares used for a threshold stay inside this range: a share of exactly 0 or 1 gives one class
+# zero weight, and its best threshold calls every image the same.
+SHARE_RANGE = (0.01, 0.99)
+
+
+@dataclass
+class PriorDecision:
+    """What the threshold was tuned for, as `infer` prints it and the submission record keeps it."""
+    mode: str  # train | estimate | fixed
+    method: str | None  # the estimator behind `test_share` (mode estimate), else None
+    train_share: float  # defect share among the out-of-fold images
+    test_share: float  # the share the threshold is tuned for
+    threshold: float  # applied to the test scores (defect if >=)
+    train_threshold: float  # the plateau-middle threshold at the training share
+    expected_macro_f1: float  # out-of-fold macro-F1 reweighted to `test_share`, at `threshold`
+    estimates: dict[str, float] = field(default_factory=dict)  # every estimator's share (NaN: none)
+    note: str = ""  # why an estimate could not be used
+
+    def as_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.mode == "train" or self.note.endswith("is kept"):
+            what = f"the training share {self.train_share:.3f} (prior: {self.mode})"
+        elif self.mode == "fixed":
+            what = f"the configured share {self.test_share:.3f} (training share {self.train_share:.3f})"
+        else:
+            others = ", ".join(f"{name.upper()} {_share(value)}" for name, value in self.estimates.items()
+                               if name != self.method)
+            what = (f"an estimated share {self.test_share:.3f} by {self.method.upper()}"
+                    f"{' (' + others + ')' if others else ''}, training share {self.train_share:.3f}")
+        text = (f"test defect share: threshold {self.threshold:.4g} tuned for {what}; "
+                f"train-share threshold {self.train_threshold:.4g}")
+        return text + (f"; {self.note}" if self.note else "")
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+def platt_calibration(labels, scores) -> Callable[[np.ndarray], np.ndarray]:
+    """score -> P(defect | score) at the training share: a logistic fit on the out-of-fold scores.
+
+    Platt (1999) with his smoothed targets, (n_pos + 1) / (n_pos + 2) and 1 / (n_neg + 2), so
+    that perfectly separated scores still give a finite slope.
+    """
+    labels, scores = np.asarray(labels, int), np.asarray(scores, float)
+    n_pos, n_neg = int(labels.sum()), int(len(labels) - labels.sum())
+    targets = np.where(labels == 1, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
+    centre, scale = float(scores.mean()), float(scores.std()) or 1.0
+    z = (scores - centre) / scale
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = params[0] * z + params[1]
+        # cross-entropy of soft targets: log(1 + e^t) - y t, computed without overflow
+        value = float(np.sum(np.logaddexp(0.0, logits) - targets * logits))
+        residual = _sigmoid(logits) - targets
+        return value, np.array([np.sum(residual * z), np.sum(residual)])
+
+    fit = minimize(loss, np.zeros(2), jac=True, method="L-BFGS-B")
+    slope, intercept = fit.x
+
+    def calibrated(values) -> np.ndarray:
+        return _sigmoid(slope * (np.asarray(values, float) - centre) / scale + intercept)
+
+    return calibrated
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
+
+
+# ------------------------------------------------------------------------------------ estimators
+
+def em_share(train_posteriors, test_posteriors, max_iter: int = 1000, tol: float = 1e-8) -> float:
+    """Saerens et al.'s EM: the test share under which the re-weighted test posteriors average to it.
+
+    `train_posteriors` are the calibrated out-of-fold probabilities (their mean is the share the
+    calibration learned); each step re-weights the test posteriors by the ratio of the shares.
+    """
+    train_share = float(np.mean(train_posteriors))
+    p = np.clip(np.asarray(test_posteriors, float), 1e-12, 1 - 1e-12)
+    share = train_share
+    for _ in range(max_iter):
+        defect = p * (share / train_share)
+        normal = (1.0 - p) * ((1.0 - share) / (1.0 - train_share))
+        updated = float(np.mean(defect / (defect + normal)))
+        if abs(updated - share) < tol:
+            return updated
+        share = updated
+    return share
+
+
+def bbse_share(labels, oof_scores, test_scores) -> float:
+    """Lipton et al.'s black-box shift estimate for two classes; NaN when the classifier is blind.
+
+    The classifier is the out-of-fold score cut midway between the median normal and the median
+    defect score. P(test called defect) = TPR s + FPR (1 - s) is solved for s, clipped to [0, 1].
+    A cut chosen for the largest TPR - FPR would be tuned on the same few defects it is measured on,
+    overstating TPR - FPR and so understating a large shift.
+    """
+    labels, oof_scores = np.asarray(labels, int), np.asarray(oof_scores, float)
+    if not 0 < labels.sum() < len(labels):
+        return math.nan
+    cut = (float(np.median(oof_scores[labels == 0])) + float(np.median(oof_scores[labels == 1]))) / 2
+    called = oof_scores >= cut
+    tpr, fpr = float(called[labels == 1].mean()), float(called[labels == 0].mean())
+    if not tpr - fpr > 0:
+        return math.nan
+    called_test = float(np.mean(np.asarray(test_scores, float) >= cut))
+    return float(np.clip((called_test - fpr) / (tpr - fpr), 0.0, 1.0))
+
+
+def estimate_test_share(labels, oof_scores, test_scores) -> dict[str, float]:
+    """{estimator: estimated test defect share} for every estimator in `ESTIMATORS`."""
+    calibrated = platt_calibration(labels, oof_scores)
+    return {"em": em_share(calibrated(oof_scores), calibrated(test_scores)),
+            "bbse": bbse_share(labels, oof_scores, test_scores)}
+
+
+# ------------------------------------------------------------------------------------ threshold
+
+def shift_weights(labels, test_share: float) -> np.ndarray:
+    """Per out-of-fold image: test share / training share for defects, the normal ratio for normals."""
+    labels = np.asarray(labels, int)
+    train_share = float(labels.mean())
+    return np.where(labels == 1, test_share / train_share, (1.0 - test_share) / (1.0 - train_share))
+
+
+def threshold_at_share(labels, scores, test_share: float) -> tuple[float, float]:
+    """(threshold, expected macro-F1): the plateau middle of the out-of-fold macro-F1 reweighted
+    to `test_share` defects."""
+    return best_threshold(labels, scores, sample_weight=shift_weights(labels, test_share))
+
+
+def parse_prior(prior: str | float) -> tuple[str, float | None]:
+    """`ensemble.prior` -> (mode, fixed share): train, estimate, or a share strictly inside (0, 1)."""
+    if isinstance(prior, str) and prior in PRIOR_MODES:
+        return prior, None
+    if isinstance(prior, (int, float)) and not isinstance(prior, bool) and 0.0 < float(prior) < 1.0:
+        return "fixed", float(prior)
+    raise ValueError(f"prior must be train, estimate or a defect share strictly between 0 and 1 "
+                     f"(e.g. 0.5), got {prior!r}")
+
+
+def decide_threshold(labels, oof_scores, test_scores, prior: str | float = "estimate",
+                     method: str = "em") -> PriorDecision:
+    """The test threshold for `prior` (see `parse_prior`), with both share estimates for the record.
+
+    `prior: train` returns exactly `metrics.best_threshold` of the out-of-fold scores.
+    """
+    if method not in ESTIMATORS:
+        raise ValueError(f"prior_method must be one of {', '.join(ESTIMATORS)}, got {method!r}")
+    mode, fixed = parse_prior(prior)
+    labels, oof_scores = np.asarray(labels, int), np.asarray(oof_scores, float)
+    test_scores = np.asarray(test_scores, float)
+    train_share = float(labels.mean()) if len(labels) else math.nan
+    train_threshold, train_f1 = best_threshold(labels, oof_scores)
+    one_class = not 0 < labels.sum() < len(labels)
+    estimates = {name: math.nan for name in ESTIMATORS}
+    if not one_class and len(test_scores):
+        estimates = estimate_test_share(labels, oof_scores, test_scores)
+
+    share = {"train": train_share, "fixed": fixed}.get(mode, estimates[method])
+    note = ""
+    if mode != "train" and one_class:
+        note = "out-of-fold scores hold one class only: the training-share threshold is kept"
+    elif mode == "estimate" and not math.isfinite(share):
+        note = f"{method.upper()} gave no estimate: the training-share threshold is kept"
+    elif mode == "estimate" and not SHARE_RANGE[0] <= share <= SHARE_RANGE[1]:
+        note = f"estimate {share:.4f} clipped to [{SHARE_RANGE[0]}, {SHARE_RANGE[1]}]"
+        share = float(np.clip(share, *SHARE_RANGE))
+    used_method = method if mode == "estimate" else None
+    if mode == "train" or note.endswith("is kept"):
+        return PriorDecision(mode, used_method, train_share, train_share, train_threshold, train_threshold,
+                             train_f1, estimates, note)
+    threshold, expected = threshold_at_share(labels, oof_scores, share)
+    return PriorDecision(mode, used_method, train_share, share, threshold, train_threshold, expected,
+                         estimates, note)
+
+
+def _share(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.3f}"

@@ -1,0 +1,42 @@
+"""Exact k-nearest-neighbour search by batched matmuls (PatchCore's memory-bank lookup)."""
+from __future__ import annotations
+
+import torch
+
+
+def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None,
+                       k: int = 1, query_chunk: int = 2048,
+                       bank_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest rows of `bank` for each query: (distances (Q, k), indices (Q, k)).
+
+    `bank_sq` (the rows' squared norms) can be passed when the bank is searched many times.
+    """
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(1)
+    k = min(k, bank.shape[0])
+    all_dist, all_idx = [], []
+    for qs in range(0, queries.shape[0], query_chunk):
+        q = queries[qs:qs + query_chunk]
+        q_sq = (q * q).sum(1, keepdim=True)
+        best_d = best_i = None
+        for bs in range(0, bank.shape[0], bank_chunk):
+            b = bank[bs:bs + bank_chunk]
+            d2 = (q_sq - 2.0 * (q @ b.T) + bank_sq[bs:bs + bank_chunk][None]).clamp_(min=0)
+            d, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False)
+            i = i + bs
+            if best_d is None:
+                best_d, best_i = d, i
+            else:
+                cat_d, cat_i = torch.cat([best_d, d], 1), torch.cat([best_i, i], 1)
+                best_d, sel = torch.topk(cat_d, k, dim=1, largest=False)
+                best_i = torch.gather(cat_i, 1, sel)
+        all_dist.append(best_d.sqrt())
+        all_idx.append(best_i)
+    return torch.cat(all_dist), torch.cat(all_idx)
+
+
+def faiss_neighbours(index, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same from a faiss IndexFlatL2 (optional dependency): (distances, indices) on the queries' device."""
+    d2, idx = index.search(queries.float().cpu().numpy(), k)
+    return (torch.from_numpy(d2).clamp_(min=0).sqrt().to(queries.device),
+            torch.from_numpy(idx).long().to(queries.device))

@@ -1,0 +1,114 @@
+"""DFM: Deep Feature Modeling (Ahuja et al., "Probabilistic Modeling of Deep Features for
+Out-of-Distribution and Adversarial Detection", 2019), as set up for anomaly detection in anomalib.
+
+A backbone layer's map (resnet18 layer3), average-pooled by `pool` x `pool` and flattened, is the
+image's feature vector. PCA fitted on the normal images keeps `pca_level` of the variance (a
+fraction) or that many components (an integer). Two scores: `nll`, the Gaussian negative
+log-likelihood in PCA space, up to constants the Mahalanobis distance sum_j z_j^2 / lambda_j
+(the paper's probabilistic model); `fre`, the feature reconstruction error ||x - W W^T x||^2. The
+map is the reconstruction error per pooled position (summed over channels), upsampled, for both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
+from competition.zoo.components.features import shared_extractor, with_backbone_statistics
+from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
+from competition.zoo.components.pca import fit_pca
+from competition.zoo.registry import register
+
+
+@dataclass
+class DFMParams(BackboneParams):
+    layer: int = 3
+    pool: int = 4  # average-pooling kernel before flattening (anomalib's pooling_kernel_size)
+    pca_level: int | float = 0.97  # variance share kept (< 1) or number of components (>= 1)
+    score_type: Literal["fre", "nll"] = "fre"  # fre (feature reconstruction error, anomalib's default) | nll
+    blur_sigma: float = 4.0
+
+
+class DFMModel(nn.Module):
+    """Pooled features -> (nll or fre scores, reconstruction-error maps on the pooled grid).
+
+    Fitted state, buffers registered empty: the PCA mean, components and variances.
+    """
+
+    def __init__(self, score_type: str = "fre"):
+        super().__init__()
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("components", torch.empty(0, 0))
+        self.register_buffer("variances", torch.empty(0))
+        self.register_buffer("backbone_statistics", torch.empty(0))  # BatchNorm statistics of a healthy random backbone
+        self.score_type = score_type
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = pooled.shape
+        centred = pooled.reshape(b, -1) - self.mean
+        z = centred @ self.components
+        residual = centred - z @ self.components.T
+        error_map = (residual.reshape(b, c, h, w) ** 2).sum(1)
+        if self.score_type == "nll":
+            scores = (z ** 2 / self.variances).sum(1)
+        else:
+            scores = error_map.flatten(1).sum(1)
+        return scores, error_map
+
+
+class DFM(AnomalyModel):
+    family = "dfm"
+    params_class = DFMParams
+    params: DFMParams
+
+    def build_model(self) -> DFMModel:
+        return DFMModel(self.params.score_type)
+
+    def _extractor(self):
+        return shared_extractor(self.params.backbone, [self.params.layer], self.settings)
+
+    def _pooled(self, extractor, maps: list[torch.Tensor]) -> torch.Tensor:
+        (m,) = extractor.select(maps, [self.params.layer])
+        k = min(int(self.params.pool), m.shape[-1], m.shape[-2])
+        return F.avg_pool2d(m, k) if k > 1 else m
+
+    def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
+        model = self.build_model()
+        extractor = with_backbone_statistics(self._extractor(), model, images)
+        rows = torch.empty(0)
+        shape = None
+        for idx, maps in extractor.extract(images, desc="dfm fit"):
+            pooled = self._pooled(extractor, maps)
+            if shape is None:
+                shape = pooled.shape[1:]
+                rows = torch.empty(len(images), pooled[0].numel())
+            rows[torch.as_tensor(idx)] = pooled.flatten(1)
+        model.mean, model.components, model.variances = fit_pca(rows, self.params.pca_level)
+        self.model = model.to(self.device)
+        self.fit_info = {"feature_dim": int(rows.shape[1]), "components": int(model.components.shape[1])}
+
+    @torch.inference_mode()
+    def _predict(self, images: ImageSet, with_maps: bool):
+        extractor = with_backbone_statistics(self._extractor(), self.model)
+        size = self.settings.image_size
+        scores = np.zeros(len(images))
+        maps = np.zeros((len(images), size, size), np.float32) if with_maps else None
+        for idx, feats in extractor.extract(images, desc="dfm score"):
+            batch_scores, error_map = self.model(self._pooled(extractor, [f.to(self.device) for f in feats]))
+            scores[idx] = batch_scores.cpu().numpy()
+            if with_maps:
+                maps[idx] = gaussian_blur_maps(upsample_maps(error_map, size),
+                                               float(self.params.blur_sigma)).cpu().numpy()
+        return scores, maps
+
+
+register("dfm-resnet18", DFM,
+         "DFM on resnet18 layer3 (4x4-pooled), PCA to 97% variance, feature reconstruction error")
+register("dfm-resnet18-nll", DFM,
+         "DFM on resnet18 layer3 (4x4-pooled), PCA to 97% variance, Gaussian NLL in PCA space",
+         score_type="nll")

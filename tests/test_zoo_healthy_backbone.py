@@ -1,0 +1,123 @@
+"""Random-init backbones of the zoo: live residual branches and BatchNorm statistics from the fit images
+(`zoo.backbone_init: healthy`), against timm's zero-initialised branches (`timm`)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from competition.zoo.api import ImageSet, ZooSettings
+from competition.zoo.components.features import (
+    FeatureExtractor,
+    batchnorm_statistics,
+    calibrate_backbones,
+    create_backbone,
+    shared_extractor,
+)
+
+
+def _images(n: int, seed: int = 0, size: int = 40) -> ImageSet:
+    rng = np.random.default_rng(seed)
+    return ImageSet([rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8) for _ in range(n)])
+
+
+def _settings(init: str = "healthy", **overrides) -> ZooSettings:
+    return ZooSettings(**{"image_size": 32, "batch_size": 4, "progress": False, "backbone_init": init, **overrides})
+
+
+def test_timm_init_makes_every_block_the_identity_and_healthy_does_not():
+    """Untrained, timm zeroes each residual branch's last BatchNorm: a block returns its (non-negative)
+    input. Healthy backbones keep the branches, and after calibration a block changes its input."""
+    x = torch.relu(torch.randn(2, 64, 8, 8))
+    degenerate = create_backbone("resnet18", (1, 2), False, seed=0, init="timm")
+    assert torch.equal(degenerate.layer1[0](x), x)
+    healthy = create_backbone("resnet18", (1, 2), False, seed=0, init="healthy")
+    assert healthy.needs_calibration
+    assert all(float(block.bn2.weight.abs().min()) > 0 for layer in (healthy.layer1, healthy.layer2) for block in layer)
+    calibrate_backbones(healthy, np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8),
+                        _settings())
+    assert not healthy.training and not healthy.needs_calibration
+    with torch.no_grad():
+        assert (healthy.layer1[0](x) - x).abs().mean() > 0.1
+    # the same random draws: only the zeroed BatchNorm weights differ between the two
+    changed = [k for k, v in degenerate.state_dict().items()
+               if k.endswith("weight") and not torch.equal(v, healthy.state_dict()[k])]
+    assert changed and all(".bn2." in k for k in changed)
+
+
+def test_calibration_is_deterministic_order_free_and_keyed():
+    images = _images(7)
+    first = FeatureExtractor("resnet18", [1, 2], _settings())
+    uncalibrated_key = first.key
+    with pytest.raises(RuntimeError, match="calibrate"):
+        first.extract_all(images)
+    stats = first.calibrate(images)
+    assert stats.numel() > 0 and not torch.equal(stats, torch.zeros_like(stats))
+    second = FeatureExtractor("resnet18", [1, 2], _settings(batch_size=3))  # zoo.batch_size: speed only
+    second.model = create_backbone("resnet18", (1, 2), False, seed=0, init="healthy")  # a fresh network
+    again = second.calibrate(images.subset([6, 5, 4, 3, 2, 1, 0]))
+    assert torch.equal(stats, again)  # bitwise, whatever the order and the batch size
+    assert second.key == first.key != uncalibrated_key
+    other = FeatureExtractor("resnet18", [1, 2], _settings())
+    other.calibrate(_images(7, seed=1))
+    assert other.key != first.key  # other fit images, other statistics, other cache folder
+    # features follow each extractor's statistics, also when extractors share one backbone module
+    assert other.model is first.model
+    maps = first.extract_all(images)
+    assert not torch.equal(other.extract_all(images)[1], maps[1])
+    assert all(torch.equal(a, b) for a, b in zip(maps, first.extract_all(images)))
+
+
+def test_statistics_are_cached_per_image_set_and_restored_from_a_model(tmp_path):
+    from competition.zoo.registry import build_model
+
+    settings = _settings(cache_dir=str(tmp_path / "cache"))
+    images = _images(6)
+    stats = shared_extractor("resnet18", [1, 2, 3], settings).calibrate(images)  # PaDiM's backbone
+    assert len(list((tmp_path / "cache" / "batchnorm").glob("*.safetensors"))) == 1
+    assert torch.equal(shared_extractor("resnet18", [2, 3], settings).calibrate(images), stats)
+    model = build_model("padim-resnet18", settings).fit(images)
+    path = model.save(tmp_path / "padim.pt")
+    assert torch.equal(model.model.backbone_statistics, stats)
+    loaded = type(model).load(path, _settings())  # no cache: the statistics come from the checkpoint
+    assert torch.equal(loaded.model.backbone_statistics, stats)
+    # a saved PaDiM reloads to within float rounding of its einsum, whatever the backbone init
+    np.testing.assert_allclose(model.score_samples(images), loaded.score_samples(images), rtol=1e-5)
+    loaded.model.backbone_statistics = torch.empty(0)
+    with pytest.raises(RuntimeError, match="BatchNorm statistics"):
+        loaded.score_samples(images)
+
+
+def test_loaded_weights_are_never_recalibrated(tmp_path):
+    import timm
+
+    from competition.weights import write_state_dict
+
+    net = timm.create_model("resnet18", pretrained=False)
+    write_state_dict(net.state_dict(), tmp_path / "resnet18.safetensors")
+    healthy = FeatureExtractor("resnet18", [2], _settings("healthy", backbone_weights=str(tmp_path)))
+    timm_init = FeatureExtractor("resnet18", [2], _settings("timm", backbone_weights=str(tmp_path)))
+    before = batchnorm_statistics(healthy.model).clone()
+    assert not healthy.needs_calibration and healthy.calibrate(_images(5)).numel() == 0
+    assert torch.equal(batchnorm_statistics(healthy.model), before)
+    assert healthy.key == timm_init.key  # the same features, the same cache
+    assert not create_backbone("resnet18", (2,), str(tmp_path), seed=0, init="healthy").needs_calibration
+
+
+def test_timm_init_keeps_the_former_cache_key():
+    """init "timm" describes the extractor as before the option existed, so its cache stays valid."""
+    extractor = FeatureExtractor("resnet18", [2], _settings("timm"))
+    assert "init" not in extractor.description and "batchnorm" not in extractor.description
+    assert extractor.calibrate(_images(3)).numel() == 0
+
+
+def test_trained_students_keep_timm_init_and_teachers_are_calibrated():
+    from competition.zoo.registry import build_model
+
+    student = create_backbone("resnet18", (1,), False, seed=1, frozen=False, init="healthy")
+    assert not getattr(student, "needs_calibration", False)
+    assert float(student.layer1[0].bn2.weight.detach().abs().max()) == 0  # timm's training init
+    for name in ("stfpm-resnet18", "reverse-distillation-resnet18", "fastflow-resnet18"):
+        network = build_model(name, _settings()).build_model()
+        calibrated = calibrate_backbones(network, np.zeros((2, 32, 32, 3), np.uint8) + 100, _settings())
+        assert calibrated == 1, name
