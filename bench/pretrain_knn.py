@@ -22,8 +22,15 @@ from competition.config import load_config
 from competition.data.images import read_image
 from competition.folds import load_index, read_folds
 from competition.metrics import auroc
-from competition.pretrain import (backbone_name, build_monitor_set, hold_image, knn_distance, monitor_auroc,
-                                  pooled_features, whole_image_transform)
+from competition.pretrain import (
+    backbone_name,
+    build_monitor_set,
+    hold_image,
+    knn_distance,
+    monitor_auroc,
+    pooled_features,
+    whole_image_transform,
+)
 from competition.weights import load_local_weights
 
 

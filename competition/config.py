@@ -410,15 +410,19 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """A type annotation in the words an error message uses ("an integer", "one of 'a', 'b'", ...)."""
     origin = get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return " or ".join(type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {type_name(get_args(tp)[0])}" if get_args(tp) else "a list"
     if tp is type(None):
         return "null"
-    return getattr(tp, "__name__", str(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value: Any, tp: Any, key: str, sources: dict[str, str]) -> Any:
@@ -444,7 +448,7 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict[str, str]) -> Any:
                 return _coerce(value, arg, key, sources)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise fail(f"{value!r} is not {_type_name(tp)}")
+        raise fail(f"{value!r} is not {type_name(tp)}")
     if origin is list:
         if not isinstance(value, list):
             raise fail(f"expected a list, got {value!r}")

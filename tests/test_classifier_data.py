@@ -25,8 +25,9 @@ PLAIN = ["augment.mean=[0.0, 0.0, 0.0]", "augment.std=[1.0, 1.0, 1.0]"]  # tenso
 
 
 def _cfg(tiny_cfg, *overrides):
-    from competition.config import load_config  # rebuild with overrides on top of the test config
     from conftest import ROOT
+
+    from competition.config import load_config  # rebuild with overrides on top of the test config
 
     sets = [f"paths.data={tiny_cfg.paths.data}", f"paths.work={tiny_cfg.paths.work}"] + list(overrides)
     return load_config(ROOT / "configs" / "quick.yaml", sets)
@@ -80,7 +81,7 @@ def test_defect_oversampling_recipe(tiny_cfg):
     cfg = _cfg(tiny_cfg, "oversample.defect_ratio=0.5", "oversample.angle_step=30", "positives.ratio=0")
     train_rows, _ = fold_rows(read_folds(cfg), 0)
     dataset = TrainDataset(train_rows, cfg, ImageStore(cfg.model.image_size))
-    n_normal, n_defect = len(dataset.normal_idx), len(dataset.defect_idx)
+    n_normal = len(dataset.normal_idx)
     copies = dataset.plan_source == DEFECT
     assert (dataset.plan_source == NORMAL).sum() == n_normal
     assert copies.sum() == round(0.5 * n_normal)
@@ -151,6 +152,7 @@ def test_masks_follow_the_image_through_augmentation_and_grey_stays_grey(tmp_pat
     """A white square on black (grey PNG) with its mask: after flips/rotations/oversampling, the
     bright pixels are exactly the mask; painted positives on grey images stay grey."""
     from conftest import ROOT
+
     from competition.config import load_config
 
     rows, rng = [], np.random.default_rng(0)

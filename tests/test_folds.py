@@ -3,9 +3,9 @@ import shutil
 
 import pandas as pd
 import pytest
-
-from competition.folds import (StaleFoldsError, make_folds, parse_fold_arg, read_folds, write_folds)
 from conftest import quick_config
+
+from competition.folds import StaleFoldsError, make_folds, parse_fold_arg, read_folds, write_folds
 
 
 def fake_train(n_normal=90, n_defect=15, groups=None):

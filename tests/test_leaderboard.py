@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT, quick_config
+from fake_runs import read_answers_labels, write_fake_model
 from sklearn.metrics import f1_score
 
 from competition.cli import main as cli_main
@@ -14,8 +16,6 @@ from competition.ensemble.infer import main as infer_main
 from competition.folds import load_index, read_folds
 from competition.leaderboard import main as leaderboard_main
 from competition.leaderboard import read_answers, score_by_usage
-from conftest import ROOT, quick_config
-from fake_runs import read_answers_labels, write_fake_model
 
 KEY = pd.DataFrame({
     "ImageId": [f"t{i}" for i in range(10)],

@@ -7,18 +7,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT, quick_config
+from fake_runs import read_answers_labels, write_fake_model
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from competition.cli import main as cli_main
 from competition.config import ConfigError, EnsembleConfig
 from competition.ensemble.gather import MissingRunsError, ModelPredictions, gather
-from competition.ensemble.stacking import (RankBlend, build_stacker, cross_validation_scores, level2_features,
-                                           nested_oof_scores, normalise_scores, stack)
+from competition.ensemble.stacking import (
+    RankBlend,
+    build_stacker,
+    cross_validation_scores,
+    level2_features,
+    nested_oof_scores,
+    normalise_scores,
+    stack,
+)
 from competition.ensemble.submission import read_submission
 from competition.folds import load_index, read_folds
 from competition.metrics import best_threshold, macro_f1
-from conftest import ROOT, quick_config
-from fake_runs import read_answers_labels, write_fake_model
 
 
 def make_folds(n: int = 160, n_pos: int = 32, n_splits: int = 4) -> pd.DataFrame:
@@ -327,7 +334,8 @@ def test_infer_writes_a_valid_submission_in_sample_order_and_its_record(runs, ca
     assert len(record["cv"]["fold_macro_f1"]) == cfg.folds.n_splits
     assert set(record["stacker"]["coefficients_on_standardised_features"]) == set(record["models"])
     stacked = Path(cfg.paths.work) / "quick" / "_ensemble"
-    assert {"oof.csv", "test.csv", "config.yaml", "metrics.json", "threshold.png"} <= {p.name for p in stacked.iterdir()}
+    written = {p.name for p in stacked.iterdir()}
+    assert {"oof.csv", "test.csv", "config.yaml", "metrics.json", "threshold.png"} <= written
     # the stacker folder is not mistaken for a model on the next run
     assert [m.name for m in gather(cfg).models] == record["models"]
 

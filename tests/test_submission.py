@@ -4,8 +4,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from competition.ensemble.submission import (SubmissionError, build_submission, read_submission,
-                                             submission_problems, validate_submission, write_submission)
+from competition.ensemble.submission import (
+    SubmissionError,
+    build_submission,
+    read_submission,
+    submission_problems,
+    validate_submission,
+    write_submission,
+)
 
 IDS = ["0007", "0002", "img_10", "NA"]  # strings a careless reader would turn into 7, 2, ... and NaN
 

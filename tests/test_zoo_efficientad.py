@@ -73,6 +73,7 @@ def _data(seed: int = 0):
     return ImageSet(normals), ImageSet(clean + painted), np.array([0] * 16 + [1] * 16)
 
 
+@pytest.mark.slow
 def test_efficientad_small_trains_and_separates(tmp_path):
     normals, test, labels = _data()
     settings = ZooSettings(image_size=SIZE, batch_size=16, progress=False, run_dir=str(tmp_path))

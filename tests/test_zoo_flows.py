@@ -162,6 +162,7 @@ def test_nfa_detects_a_planted_blob_where_it_is():
     assert not strict.any()
 
 
+@pytest.mark.slow
 def test_runner_reports_uflow_nfa_decision_beside_the_score(tiny_data, tmp_path):
     """One fold through `competition zoo`: the score feeds oof.csv, the NFA OK/NG goes to the results."""
     import json

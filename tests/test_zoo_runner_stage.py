@@ -100,6 +100,7 @@ def _die_after_first_epoch(monkeypatch) -> None:
     monkeypatch.setattr(training, "save_training_state", save_then_die)
 
 
+@pytest.mark.slow
 def test_resuming_a_fold_refuses_a_changed_learning_rate(tiny_cfg, monkeypatch):
     with temporary_entries():
         register("test-stage-mean", _MeanImage, "the mean normal image")
@@ -152,6 +153,7 @@ def test_the_autoencoder_validates_and_resumes_exactly(tmp_path, monkeypatch):
     np.testing.assert_array_equal(resumed.score_samples(test), straight.score_samples(test))
 
 
+@pytest.mark.slow
 def test_the_teacher_distillation_resumes_exactly(tmp_path, monkeypatch):
     params = {"teacher_steps": 6, "teacher_batch_size": 2, "penalty_count": 4, "out_channels": 8}
     normals = np.stack(_textures(6, 64))

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from competition.artifacts import load_checkpoint, pretrained_weights_path, save_checkpoint
+from competition.config import type_name
 from competition.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -368,19 +369,6 @@ class BackboneParams:
     backbone_weights: str | None = None
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin in (list, tuple):
-        return f"a list of {_type_name(get_args(tp)[0])}" if get_args(tp) else "a list"
-    if tp is type(None):
-        return "null"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
 def _coerce(value: Any, tp: Any) -> Any:
     """`value` as type `tp` (YAML lists become tuples where a tuple is declared); TypeError if it is not one."""
     origin = get_origin(tp)
@@ -414,7 +402,7 @@ def _coerce(value: Any, tp: Any) -> Any:
             return value
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
-    raise TypeError(f"expected {_type_name(tp)}, got {value!r}")
+    raise TypeError(f"expected {type_name(tp)}, got {value!r}")
 
 
 def build_params(params_class: type, values: dict[str, Any], where: str, noun: str = "parameter(s)") -> Any:
