@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 7's ablation: what each in-domain ingredient adds to the classifier (5-fold out-of-fold
+# The in-domain ablation: what each in-domain ingredient adds to the classifier (5-fold out-of-fold
 # scores), and the zoo's feature models on random vs self-supervised resnet18. One thread per run.
 #
 #   bash bench/ablation.sh DATA WORK     # e.g. input/synthetic runs/ablation  (about an hour on one core)

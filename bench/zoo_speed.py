@@ -14,7 +14,7 @@
    structure, so no exact method can skip work on them (ours then falls back to the naive cost).
 3. PatchCore's memory on the `full` preset (6,790 normals, 5,432 in a 5-fold fit), extrapolated
    from the measured bytes per patch.
-4. The trained models (part 2): setup seconds (e.g. EfficientAD's teacher distillation), training
+4. The trained models: setup seconds (e.g. EfficientAD's teacher distillation), training
    seconds per epoch, the default's epochs and estimated fit time, and scoring images per second.
    Each trains one epoch of its registry default on the set's first 320 normals (one fold's share)
    and scores the 300 test images. `--device cuda` measures the same on a GPU.

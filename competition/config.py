@@ -133,7 +133,7 @@ POSITIVE_KINDS = PAINTED_KINDS + ("transplant", "nsa")
 
 @dataclass
 class PositivesConfig:
-    """Synthetic positives: the training fold's own normals with a defect painted in (issue 7, section 2)."""
+    """Synthetic positives: the training fold's own normals with a defect painted in."""
     ratio: float = 0.25  # painted positives per training normal per epoch (0 disables)
     kinds: list[str] = field(default_factory=lambda: list(PAINTED_KINDS))  # drawn uniformly; any of POSITIVE_KINDS
     severity: list[float] = field(default_factory=lambda: [0.0, 1.0])  # range, 0 obvious .. 1 subtle
@@ -152,7 +152,7 @@ class PositivesConfig:
 
 @dataclass
 class MaskHeadConfig:
-    """Mask supervision: a light decoder over the backbone's intermediate maps (issue 7, section 2)."""
+    """Mask supervision: a light decoder over the backbone's intermediate maps."""
     enabled: bool = True
     loss_weight: float = 1.0  # segmentation loss (BCE + Dice) weight beside the image BCE
     channels: int = 32  # decoder width
