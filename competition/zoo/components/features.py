@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -399,6 +399,21 @@ def with_backbone_statistics(extractor: FeatureExtractor, fitted: nn.Module,
     else:
         extractor.load_statistics(fitted.backbone_statistics.cpu())
     return extractor
+
+
+def score_from_features(extractor: FeatureExtractor, images: ImageSet, size: int, with_maps: bool, desc: str,
+                        score_batch: Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor | None]],
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The scoring loop of the feature models: `score_batch(maps)` turns one batch's backbone maps into
+    image scores and, when `with_maps`, anomaly maps at `size`; this gathers them in image order."""
+    scores = np.zeros(len(images))
+    maps = np.zeros((len(images), size, size), np.float32) if with_maps else None
+    for idx, feats in extractor.extract(images, desc=desc):
+        batch_scores, batch_maps = score_batch(feats)
+        scores[idx] = batch_scores.cpu().numpy()
+        if with_maps:
+            maps[idx] = batch_maps.cpu().numpy()
+    return scores, maps
 
 
 def shared_extractor(backbone: str, layers: Sequence[int], settings: ZooSettings) -> FeatureExtractor:

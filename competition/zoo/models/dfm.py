@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
-from competition.zoo.components.features import shared_extractor, with_backbone_statistics
+from competition.zoo.components.features import score_from_features, shared_extractor, with_backbone_statistics
 from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
 from competition.zoo.components.pca import fit_pca
 from competition.zoo.registry import register
@@ -96,15 +95,14 @@ class DFM(AnomalyModel):
     def _predict(self, images: ImageSet, with_maps: bool):
         extractor = with_backbone_statistics(self._extractor(), self.model)
         size = self.settings.image_size
-        scores = np.zeros(len(images))
-        maps = np.zeros((len(images), size, size), np.float32) if with_maps else None
-        for idx, feats in extractor.extract(images, desc="dfm score"):
+
+        def score_batch(feats):
             batch_scores, error_map = self.model(self._pooled(extractor, [f.to(self.device) for f in feats]))
-            scores[idx] = batch_scores.cpu().numpy()
-            if with_maps:
-                maps[idx] = gaussian_blur_maps(upsample_maps(error_map, size),
-                                               float(self.params.blur_sigma)).cpu().numpy()
-        return scores, maps
+            if not with_maps:
+                return batch_scores, None
+            return batch_scores, gaussian_blur_maps(upsample_maps(error_map, size), float(self.params.blur_sigma))
+
+        return score_from_features(extractor, images, size, with_maps, "dfm score", score_batch)
 
 
 register("dfm-resnet18", DFM,

@@ -14,13 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
-from competition.zoo.components.features import shared_extractor, with_backbone_statistics
+from competition.zoo.components.features import score_from_features, shared_extractor, with_backbone_statistics
 from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
 from competition.zoo.registry import register
 
@@ -147,15 +146,13 @@ class PaDiM(AnomalyModel):
     def _predict(self, images: ImageSet, with_maps: bool):
         extractor = with_backbone_statistics(self._extractor(), self.model)
         size = self.settings.image_size
-        scores = np.zeros(len(images))
-        maps = np.zeros((len(images), size, size), np.float32) if with_maps else None
-        for idx, feats in extractor.extract(images, desc="padim score"):
+
+        def score_batch(feats):
             distances = self.model([f.to(self.device) for f in extractor.select(feats, self.params.layers)])
             full = gaussian_blur_maps(upsample_maps(distances, size), float(self.params.blur_sigma))
-            scores[idx] = full.flatten(1).max(1).values.cpu().numpy()
-            if with_maps:
-                maps[idx] = full.cpu().numpy()
-        return scores, maps
+            return full.flatten(1).max(1).values, full
+
+        return score_from_features(extractor, images, size, with_maps, "padim score", score_batch)
 
 
 register("padim-resnet18", PaDiM,

@@ -16,14 +16,18 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
 from competition.zoo.components.coreset import coreset_indices
-from competition.zoo.components.features import FeatureExtractor, shared_extractor, with_backbone_statistics
+from competition.zoo.components.features import (
+    FeatureExtractor,
+    score_from_features,
+    shared_extractor,
+    with_backbone_statistics,
+)
 from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
 from competition.zoo.components.neighbours import faiss_neighbours, nearest_neighbours
 from competition.zoo.registry import register
@@ -167,16 +171,15 @@ class PatchCore(AnomalyModel):
     def _predict(self, images: ImageSet, with_maps: bool):
         extractor = with_backbone_statistics(self._extractor(), self.model)
         size = self.settings.image_size
-        scores = np.zeros(len(images))
-        maps = np.zeros((len(images), size, size), np.float32) if with_maps else None
-        for idx, feats in extractor.extract(images, desc="patchcore score"):
+
+        def score_batch(feats):
             layers = extractor.select(feats, self.params.layers)
             batch_scores, patch_maps = self.model([f.to(self.device) for f in layers])
-            scores[idx] = batch_scores.cpu().numpy()
-            if with_maps:
-                full = gaussian_blur_maps(upsample_maps(patch_maps, size), float(self.params.blur_sigma))
-                maps[idx] = full.cpu().numpy()
-        return scores, maps
+            if not with_maps:
+                return batch_scores, None
+            return batch_scores, gaussian_blur_maps(upsample_maps(patch_maps, size), float(self.params.blur_sigma))
+
+        return score_from_features(extractor, images, size, with_maps, "patchcore score", score_batch)
 
 
 register("patchcore-resnet18", PatchCore,
