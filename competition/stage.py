@@ -17,6 +17,7 @@ from typing import Any
 
 from competition.artifacts import read_json
 from competition.config import Config
+from competition.messages import first_few
 
 # Dotted config keys that change how fast a stage runs, never what it computes: they may differ
 # between the run that wrote a folder and the call that reuses or resumes it. `device` is here so
@@ -89,8 +90,7 @@ def refuse_changed(path: str | Path, old: dict[str, Any], new: dict[str, Any], r
     """Raise ConfigChangedError naming the changed keys if `old` (what `path` was written with) differs."""
     changed = config_differences(old, new)
     if changed:
-        # "; " rather than messages.first_few's commas: the values themselves may be lists
-        shown = "; ".join(changed[:8]) + (f" ... and {len(changed) - 8} more" if len(changed) > 8 else "")
+        shown = first_few(changed, 8, separator="; ")  # not commas: the values themselves may be lists
         raise ConfigChangedError(f"{path} was written with another config ({shown}). "
                                  f"Pass --force to {redo}, or {elsewhere}.")
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.special import expit
 
 from competition.metrics import best_threshold
 
@@ -85,20 +86,16 @@ def platt_calibration(labels, scores) -> Callable[[np.ndarray], np.ndarray]:
         logits = params[0] * z + params[1]
         # cross-entropy of soft targets: log(1 + e^t) - y t, computed without overflow
         value = float(np.sum(np.logaddexp(0.0, logits) - targets * logits))
-        residual = _sigmoid(logits) - targets
+        residual = expit(logits) - targets
         return value, np.array([np.sum(residual * z), np.sum(residual)])
 
     fit = minimize(loss, np.zeros(2), jac=True, method="L-BFGS-B")
     slope, intercept = fit.x
 
     def calibrated(values) -> np.ndarray:
-        return _sigmoid(slope * (np.asarray(values, float) - centre) / scale + intercept)
+        return expit(slope * (np.asarray(values, float) - centre) / scale + intercept)
 
     return calibrated
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|
 
 
 # ------------------------------------------------------------------------------------ estimators
