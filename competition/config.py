@@ -49,7 +49,7 @@ SSL_WEIGHTS = "ssl"
 
 @dataclass
 class ModelConfig:
-    name: str = "efficientnet_b0"  # any timm model name
+    name: str = "efficientnet_b0"  # any timm model name, or segdec (SegDecNet, the `segdec` section)
     pretrained: bool | str = False  # false, a local weights file / folder holding <name>.*, or ssl
     image_size: int = 96  # square input side; 96 keeps 5 CPU folds within make all's budget
     resize: Literal["square", "letterbox"] = "square"  # stretch to the square, or keep the aspect and pad
@@ -79,16 +79,23 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = all cores
     amp: bool = True  # mixed precision, CUDA only
     channels_last: bool = True  # CUDA only
-    tta: bool = False  # average flips at prediction time (oof.csv and test.csv alike)
+    # test-time augmentation (oof.csv and test.csv alike): none | flips (4 views) | dihedral (8: flips and turns)
+    tta: Literal["none", "flips", "dihedral"] = "none"
     # best.pt follows this validation metric (ties broken by the lower validation loss):
     # val_macro_f1 at the fold's best threshold, val_macro_f1_at_05 at 0.5, or val_auroc
     monitor: Literal["val_macro_f1", "val_macro_f1_at_05", "val_auroc"] = "val_macro_f1"
+    # exponential moving average of the weights (timm ModelEmaV3, decay warmed up from 0): the average is the
+    # model validated, checkpointed and predicting; the trained weights ride along in last.pt for resuming
+    ema: bool = False
+    ema_decay: float = 0.995  # the decay the warmup rises to (0.995: a memory of about 200 optimizer steps)
     cache_images: bool = True  # keep decoded, resized images in memory (size^2 * 3 bytes each)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.accumulate_steps < 1:
             raise ValueError(f"epochs, batch_size and accumulate_steps must be >= 1, got "
                              f"{self.epochs}, {self.batch_size}, {self.accumulate_steps}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
@@ -163,6 +170,34 @@ class MaskHeadConfig:
         if not 0.0 <= self.score_weight <= 1.0 or not 0.0 < self.pool_top <= 1.0:
             raise ValueError(f"score_weight must lie in [0, 1] and pool_top in (0, 1], got "
                              f"{self.score_weight} and {self.pool_top}")
+
+
+# `model.name` that selects the segmentation-decision network (competition.classifier.segdec) instead of timm.
+SEGDEC_NAME = "segdec"
+
+
+@dataclass
+class SegDecConfig:
+    """SegDecNet (model.name: segdec): widths and the mixed-supervision recipe (Božič et al. 2021)."""
+    width: int = 16  # first block's channels; the next seven blocks have twice as many (paper: 32)
+    kernel: int = 5  # conv kernel of the eight segmentation blocks (paper: 5)
+    volume_channels: int = 64  # channels of the last, large-kernel block (paper: 1024)
+    volume_kernel: int = 7  # its kernel (paper: 15)
+    delta: float = 1.0  # decision-loss weight (paper, with SGD: 0.01-1; Adam normalises it away)
+    dynamic_balance: bool = True  # epoch n of N: segmentation loss x (1 - n/N), decision loss x delta n/N
+    gradient_adjustment: bool = True  # the decision loss does not reach the segmentation sub-network
+    weight_max: float = 1.0  # distance-transform weighting inside masks: (d / d_max)^weight_power * weight_max
+    weight_power: float = 2.0
+    mask_dilate: int = 0  # grow masks by this many pixels before the loss (thin or under-drawn masks)
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.kernel, self.volume_channels, self.volume_kernel) < 1 or self.kernel % 2 == 0 \
+                or self.volume_kernel % 2 == 0:
+            raise ValueError(f"segdec widths must be >= 1 and kernels odd; got width {self.width}, kernel "
+                             f"{self.kernel}, volume_channels {self.volume_channels}, "
+                             f"volume_kernel {self.volume_kernel}")
+        if self.delta <= 0 or self.weight_max < 0 or self.weight_power < 0 or self.mask_dilate < 0:
+            raise ValueError("segdec: delta must be > 0 and weight_max, weight_power, mask_dilate >= 0")
 
 
 @dataclass
@@ -318,6 +353,7 @@ class Config:
     oversample: OversampleConfig = field(default_factory=OversampleConfig)
     positives: PositivesConfig = field(default_factory=PositivesConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    segdec: SegDecConfig = field(default_factory=SegDecConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

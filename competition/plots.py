@@ -115,10 +115,17 @@ def plot_score_histogram(groups: dict[str, np.ndarray], path: str | Path, title:
 def plot_gallery(images: list[np.ndarray], maps: np.ndarray, captions: list[str], path: str | Path,
                  title: str = "", columns: int = 4) -> Path:
     """Each image beside its anomaly map overlay (one colour scale for the whole gallery)."""
+    return plot_maps_gallery(images, list(maps), captions, path, title, columns)
+
+
+def plot_maps_gallery(images: list[np.ndarray], maps: list[np.ndarray], captions: list[str], path: str | Path,
+                      title: str = "", columns: int = 4) -> Path:
+    """Each image beside its map overlay, maps at their image's size (sizes may differ), one colour scale."""
     n = len(images)
     rows = max(1, math.ceil(n / columns))
     fig, axes = plt.subplots(rows, 2 * columns, figsize=(2.0 * 2 * columns, 2.2 * rows), squeeze=False)
-    low, high = (float(np.min(maps)), float(np.max(maps))) if n else (0.0, 1.0)
+    low = min((float(np.min(m)) for m in maps), default=0.0)
+    high = max((float(np.max(m)) for m in maps), default=1.0)
     for ax in axes.ravel():
         ax.axis("off")
     for i in range(n):

@@ -293,12 +293,14 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, epoch_batches: Calla
         on_fresh_start: Callable[[], None] | None = None,
         after_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
         extra_state: Callable[[], dict[str, Any]] | None = None,
-        restore_extra_state: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+        restore_extra_state: Callable[[dict[str, Any]], None] | None = None,
+        after_step: Callable[[int], None] | None = None) -> FitResult:
     """Train `model` for `config.epochs` epochs (see the module docstring); with a `tracker` the
     model ends holding the best epoch's weights. `parameters` are clipped (default: the
     optimizer's); `on_fresh_start` runs once before the first epoch of a run not resumed;
     `after_epoch(history)` runs after each epoch's files are written; `extra_state()` (e.g. a
-    generator's state) is saved in last.pt after each epoch and handed to `restore_extra_state` on resume."""
+    generator's state) is saved in last.pt after each epoch and handed to `restore_extra_state` on resume;
+    `after_step(step)` runs after every optimizer step (e.g. a weight average's update)."""
     out = Path(config.out) if config.out is not None else None
     if tracker is not None and validate is None:
         raise ValueError(f"{config.name}: choosing the best epoch needs a validate callable")
@@ -336,7 +338,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, epoch_batches: Calla
         began = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch + 1}
         row.update(train_epoch(model, optimizer, epoch_batches(epoch), training_step, config, device=device,
-                               scheduler=scheduler, scaler=scaler, epoch=epoch, parameters=clipped))
+                               scheduler=scheduler, scaler=scaler, epoch=epoch, parameters=clipped,
+                               after_step=after_step))
         if validate is not None:
             row.update(validate())
         row["seconds"] = time.perf_counter() - began
@@ -389,7 +392,8 @@ def grad_scaler(config: EngineConfig, device: torch.device) -> torch.amp.GradSca
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batches,
                 training_step: Callable[[Any], Tensor | dict[str, Tensor]], config: EngineConfig, *,
                 device: torch.device, scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
-                epoch: int = 0, parameters: list[nn.Parameter] | None = None) -> dict[str, Any]:
+                epoch: int = 0, parameters: list[nn.Parameter] | None = None,
+                after_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """One epoch of `fit`'s steps (also what bench/train_speed.py times): mean losses per batch as
     train_loss and train_<name>, then train_images, train_seconds and the learning rate after it."""
     started = time.perf_counter()
@@ -421,6 +425,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
+            if after_step is not None:
+                after_step(step)
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         steps += 1

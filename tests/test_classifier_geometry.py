@@ -162,7 +162,7 @@ def test_a_defect_without_a_mask_is_shown_whole_and_never_as_a_negative(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("geometry", [["model.tiles.enabled=true", "model.tiles.size=24", "train.tta=true"],
+@pytest.mark.parametrize("geometry", [["model.tiles.enabled=true", "model.tiles.size=24", "train.tta=flips"],
                                       ["model.resize=letterbox", "model.tiles.reduce=topk_mean"]])
 def test_a_tiled_or_letterboxed_fold_trains_and_writes_one_row_per_image(tiny_data, tmp_path, geometry):
     cfg = quick_config(tiny_data, tmp_path, "model.name=test_efficientnet", "model.image_size=32",

@@ -119,8 +119,9 @@ def test_a_resumable_fold_with_a_changed_config_is_refused(cfg_factory, monkeypa
     assert list(history["epoch"]) == [1, 2]
 
 
-def test_resume_after_a_kill_ends_like_an_uninterrupted_run(cfg_factory, monkeypatch):
-    overrides = ("train.epochs=3", "seed=5")
+@pytest.mark.parametrize("extra", [(), ("train.ema=true",)], ids=["plain", "ema"])
+def test_resume_after_a_kill_ends_like_an_uninterrupted_run(cfg_factory, monkeypatch, extra):
+    overrides = ("train.epochs=3", "seed=5", *extra)
     straight = cfg_factory("straight", *overrides)
     _train(straight)
 
@@ -135,6 +136,10 @@ def test_resume_after_a_kill_ends_like_an_uninterrupted_run(cfg_factory, monkeyp
 
     a, b = load_checkpoint(_out(straight) / "best.pt"), load_checkpoint(_out(resumed) / "best.pt")
     assert a["epoch"] == b["epoch"]
+    if extra:  # the checkpoints hold the trained weights and their average, which differ
+        assert any(k.startswith("average.") for k in a["model"])
+        assert not torch.equal(a["model"]["model.backbone.conv_stem.weight"],
+                                 a["model"]["average.module.backbone.conv_stem.weight"])
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

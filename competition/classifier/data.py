@@ -157,11 +157,14 @@ class ImageStore:
         """(n, 4) tile boxes (top, left, bottom, right) on the image's surface (tiles only)."""
         cached = self._boxes.get(path)
         if cached is None:
-            height, width = self.image(path).shape[:2]
             # the surface is already scaled: its boxes are those of the original at tile_scale
-            cached = tile_boxes(height, width, replace(self.geometry, tile_scale=1.0))
+            cached = self.boxes_of(self.image(path))
             self._boxes[path] = cached
         return cached
+
+    def boxes_of(self, surface: np.ndarray) -> np.ndarray:
+        """Tile boxes of a surface this store made (`image`): those of `boxes` for its size."""
+        return tile_boxes(surface.shape[0], surface.shape[1], replace(self.geometry, tile_scale=1.0))
 
     def preload(self, paths, desc: str = "decoding") -> None:
         """Decode `paths` now (before DataLoader workers fork, so they share the memory)."""

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import timm
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from competition.config import MaskHeadConfig, ModelConfig
@@ -117,3 +118,27 @@ def build_classifier(model: ModelConfig, mask_head: MaskHeadConfig | None = None
     _reset_head(backbone)
     load_local_weights(backbone, model.pretrained, model.name)  # a fitting one-logit head overrides the reset
     return DefectClassifier(backbone, mask_head, model.image_size)
+
+
+class WeightAveraged(nn.Module):
+    """A model and the exponential moving average of its weights (timm `ModelEmaV3`, decay warmed up
+    from 0 so the first steps are not averaged with the random init).
+
+    In training mode it runs the trained model; in eval mode, the average: validation, best.pt and
+    the predictions all see the average, and its state dict holds both, so last.pt resumes exactly.
+    `update(step)` after each optimizer step (global step count, which drives the warmup).
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.model = model
+        self.average = ModelEmaV3(model, decay=decay, use_warmup=True)
+
+    def update(self, step: int) -> None:
+        self.average.update(self.model, step=step)
+
+    def forward_all(self, images: torch.Tensor) -> ClassifierOutput:
+        return (self.model if self.training else self.average.module).forward_all(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_all(images).logit

@@ -22,26 +22,50 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from competition.artifacts import run_dir, write_json, write_predictions, write_yaml
-from competition.classifier.data import EvalDataset, ImageStore, TrainDataset, classifier_geometry, fold_rows
-from competition.classifier.model import ClassifierOutput, DefectClassifier, build_classifier
-from competition.config import Config
+from competition.classifier.data import (
+    EvalDataset,
+    ImageStore,
+    TrainDataset,
+    build_eval_transform,
+    classifier_geometry,
+    fold_rows,
+)
+from competition.classifier.model import ClassifierOutput, DefectClassifier, WeightAveraged, build_classifier
+from competition.classifier.segdec import SegDecNet, build_segdec, segdec_losses
+from competition.config import SEGDEC_NAME, Config
 from competition.folds import load_index, parse_fold_arg, read_folds
 from competition.metrics import aupr, auroc, best_threshold, binary_metrics
-from competition.plots import plot_confusion, plot_roc_pr, plot_training_curves
+from competition.plots import plot_confusion, plot_maps_gallery, plot_roc_pr, plot_training_curves
+from competition.preprocess import canvas_to_image, fit_to_canvas, stitch_maps
 from competition.runtime import autocast, configure_threads, seed_everything, select_device, to_device_images
 from competition.stage import RunFolder, results_config
 from competition.training import CheckpointTracker, EngineConfig, FitResult, fit, warmup_cosine_schedule
+from competition.tta import TtaMode, dihedral, tta_views
 
 log = logging.getLogger(__name__)
 
 # The config sections a fold's results depend on (less `stage.NEUTRAL_KEYS`).
-RESULTS_KEYS = ("seed", "paths.data", "data", "folds", "model", "train", "augment", "oversample", "positives",
-                "mask_head")
+# `mask_head` configures the timm classifier's decoder, `segdec` the segmentation-decision network: a run
+# depends on the one its model.name selects.
+RESULTS_KEYS = ("seed", "paths.data", "data", "folds", "model", "train", "augment", "oversample", "positives")
 
 
 def run_config(cfg: Config) -> dict[str, Any]:
     """The part of the config a fold's results depend on (compared on resume and before skipping)."""
-    return results_config(cfg, RESULTS_KEYS)
+    return results_config(cfg, RESULTS_KEYS + (("segdec",) if is_segdec(cfg) else ("mask_head",)))
+
+
+def is_segdec(cfg: Config) -> bool:
+    return cfg.model.name == SEGDEC_NAME
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The supervised model `model.name` selects: SegDecNet, or a timm classifier (with its mask head)."""
+    if is_segdec(cfg):
+        if cfg.model.pretrained not in (False, None, ""):
+            raise ValueError("model.name segdec trains from scratch; set model.pretrained: false")
+        return build_segdec(cfg.segdec)
+    return build_classifier(cfg.model, cfg.mask_head)
 
 
 # ---------------------------------------------------------------- losses and prediction
@@ -74,26 +98,51 @@ def mask_loss(mask_logits: torch.Tensor, masks: torch.Tensor, has_mask: torch.Te
     return bce + dice
 
 
-_TTA_FLIPS: list[tuple[int, ...]] = [(), (3,), (2,), (2, 3)]
-
-
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.device, cfg: Config,
-                   tta: bool = False, desc: str = "predict") -> np.ndarray:
-    """Image logits in dataset order; with `tta`, the mean logit over horizontal/vertical flips (of each
-    tile, when the dataset holds tiles: `EvalDataset.image_logits` then reduces them to one per image)."""
+                   tta: TtaMode | bool = "none", desc: str = "predict") -> np.ndarray:
+    """Image logits in dataset order; with `tta`, the mean logit over its views (competition.tta: flips, or
+    all eight flips and quarter turns), of each tile when the dataset holds tiles (`EvalDataset.image_logits`
+    then reduces them to one per image)."""
     model.eval()
-    flips = _TTA_FLIPS if tta else _TTA_FLIPS[:1]
+    views = tta_views(tta)
     out = np.zeros(len(loader.dataset), np.float64)
     for images, index in tqdm(loader, desc=desc, leave=False):
         images = to_device_images(images, device, cfg.train.channels_last)
         total = 0.0
-        for dims in flips:
+        for k in views:
             with autocast(device, cfg.train.amp):
-                logits = model(torch.flip(images, dims) if dims else images)
+                logits = model(dihedral(images, k))
             total = total + logits.float()
-        out[index.numpy()] = (total / len(flips)).cpu().numpy()
+        out[index.numpy()] = (total / len(views)).cpu().numpy()
     return loader.dataset.image_logits(out)
+
+
+@torch.no_grad()
+def predict_map(model: torch.nn.Module, surface: np.ndarray, store: ImageStore, augment, device: torch.device,
+                cfg: Config) -> np.ndarray | None:
+    """The model's defect-probability map of one stored image, on its surface (`ImageStore.image`): tiles
+    stitched back, padding cropped. None for a model without a segmentation output."""
+    geometry = store.geometry
+    transform = build_eval_transform(augment)
+    if geometry.tiles:
+        boxes = store.boxes_of(surface)
+        pieces = [surface[top:bottom, left:right] for top, left, bottom, right in boxes]
+    else:
+        boxes, pieces = None, [surface]
+    maps = []
+    model.eval()
+    for piece in pieces:
+        canvas = transform(image=fit_to_canvas(piece, geometry)[0])["image"][None]
+        with autocast(device, cfg.train.amp):
+            seg = model.forward_all(to_device_images(canvas, device, cfg.train.channels_last)).mask_logits
+        if seg is None:
+            return None
+        probability = torch.sigmoid(seg.float())[0, 0].cpu().numpy()
+        maps.append(canvas_to_image(probability, piece.shape[0], piece.shape[1], geometry))
+    if boxes is None:
+        return maps[0]
+    return stitch_maps(maps, boxes, surface.shape[:2])
 
 
 def validation_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
@@ -130,17 +179,21 @@ class FoldTrainer:
         if store.geometry != classifier_geometry(cfg):  # a store made for another geometry: decode afresh
             self.store = store = ImageStore(classifier_geometry(cfg), keep=store.keep)
         seed_everything(cfg.seed + fold)
-        self.model: DefectClassifier = build_classifier(cfg.model, cfg.mask_head).to(device)
+        self.model: DefectClassifier | SegDecNet | WeightAveraged = build_model(cfg).to(device)
         if device.type == "cuda" and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.with_masks = self.model.decoder is not None
+        self.with_masks = is_segdec(cfg) or self.model.decoder is not None
+        self.epoch = 0
+        trained = self.model.parameters()  # the average (train.ema) is not optimised, only updated
+        if cfg.train.ema:
+            self.model = WeightAveraged(self.model, cfg.train.ema_decay)
         self.train_set = TrainDataset(train_rows, cfg, store, with_masks=self.with_masks)
         t = cfg.train
         self.drop_last = len(self.train_set) > t.batch_size  # no 1-image BatchNorm batch at the end
         n_batches = (len(self.train_set) // t.batch_size if self.drop_last
                      else math.ceil(len(self.train_set) / t.batch_size))
         self.steps_per_epoch = math.ceil(n_batches / t.accumulate_steps)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(trained, lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = warmup_cosine_schedule(self.optimizer, round(t.warmup_epochs * self.steps_per_epoch),
                                                 t.epochs * self.steps_per_epoch)
         self.tracker = CheckpointTracker(metric=t.monitor, tie_metric="val_loss")
@@ -155,8 +208,13 @@ class FoldTrainer:
         return self.loader(dataset, self.cfg.train.batch_size * 2)
 
     def epoch_batches(self, epoch: int) -> DataLoader:
+        self.epoch = epoch
         self.train_set.set_epoch(epoch)
         return self.loader(self.train_set, self.cfg.train.batch_size, self.drop_last)
+
+    def after_step(self, step: int) -> None:
+        """After each optimizer step: the weight average follows (its warmup counts global steps)."""
+        self.model.update(self.epoch * self.steps_per_epoch + step // self.cfg.train.accumulate_steps + 1)
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The image BCE, plus the weighted mask loss when the mask head is on."""
@@ -164,6 +222,8 @@ class FoldTrainer:
         images = to_device_images(batch["image"], self.device, t.channels_last)
         labels = batch["label"].to(self.device, non_blocking=True)
         output: ClassifierOutput = self.model.forward_all(images)
+        if is_segdec(self.cfg):  # the paper's balanced segmentation + decision loss
+            return segdec_losses(output, batch, self.device, self.epoch, t.epochs, self.cfg.segdec, t.pos_weight)
         loss = classification_loss(output.class_logit, labels, t.pos_weight, t.label_smoothing)
         if output.mask_logits is None:
             return {"loss": loss, "class_loss": loss}
@@ -191,7 +251,8 @@ class FoldTrainer:
             shown_metrics=("val_loss", "val_accuracy_at_05", "val_auroc", "val_macro_f1_at_05", "val_macro_f1",
                            "val_threshold"))
         result = fit(self.model, self.optimizer, self.epoch_batches, self.training_step, engine, device=self.device,
-                     validate=self.validate, scheduler=self.scheduler, tracker=self.tracker)
+                     validate=self.validate, scheduler=self.scheduler, tracker=self.tracker,
+                     after_step=self.after_step if t.ema else None)
         return self.finish(result)
 
     def finish(self, result: FitResult) -> dict[str, Any]:
@@ -217,6 +278,7 @@ class FoldTrainer:
         plot_roc_pr(labels, oof["score"], self.out / "roc_pr.png", title)
         plot_confusion(labels, oof["score"], threshold, self.out / "confusion.png",
                        f"fold {self.fold}, threshold {threshold:.3g}: macro-F1 {oof_metrics['macro_f1']:.3f}")
+        self.plot_validation_maps(oof, title)
         summary = {
             "fold": self.fold,
             "model": cfg.model.name,
@@ -238,8 +300,25 @@ class FoldTrainer:
         return summary
 
 
+    def plot_validation_maps(self, oof: pd.DataFrame, title: str, size: int = 12) -> None:
+        """maps.png: predicted defect maps of the fold's validation images (its defects first, then the
+        highest-scored normals), for a model with a segmentation output."""
+        order = oof.assign(path=self.val_rows["path"].astype(str).to_numpy()).sort_values(
+            ["label", "score"], ascending=False).head(size)
+        images, maps, captions = [], [], []
+        for row in order.itertuples():
+            surface = self.store.image(row.path)
+            probability = predict_map(self.model, surface, self.store, self.cfg.augment, self.device, self.cfg)
+            if probability is None:
+                return
+            images.append(surface)
+            maps.append(probability)
+            captions.append(f"{row.image_id} {'defect' if row.label else 'normal'} {row.score:.2f}")
+        plot_maps_gallery(images, maps, captions, self.out / "maps.png", f"{title}: validation maps")
+
+
 _FOLD_FILES = ("oof.csv", "test.csv", "history.csv", "best.pt", "last.pt", "config.yaml", "curves.png",
-               "roc_pr.png", "confusion.png")
+               "roc_pr.png", "confusion.png", "maps.png")
 
 
 def run_folder(out: Path) -> RunFolder:

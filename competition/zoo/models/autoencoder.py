@@ -39,6 +39,7 @@ from torch import nn
 from competition.artifacts import load_checkpoint, save_checkpoint
 from competition.runtime import autocast, to_device_images
 from competition.training import CheckpointTracker, EngineConfig, fit
+from competition.tta import dihedral, undo_dihedral
 from competition.zoo.api import AnomalyModel, ImageSet, ValidationSet
 from competition.zoo.components.maps import gaussian_blur_maps
 from competition.zoo.registry import register
@@ -150,18 +151,6 @@ class AutoencoderModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.network(x)
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th of the eight flips/rotations of (..., H, W) tensors (k = 0 is the identity)."""
-    if k >= 4:
-        x = x.flip(-1)
-    return torch.rot90(x, k % 4, dims=(-2, -1))
-
-
-def undo_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    x = torch.rot90(x, -(k % 4), dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
 
 
 class Autoencoder(AnomalyModel):
