@@ -121,10 +121,15 @@ class OversampleConfig:
     flips: bool = True
     mode: Literal["online", "cached"] = "online"  # rotate on the fly, or make every copy once at the start
     normal_tiles: int = 1  # with model.tiles: tiles of each training normal per epoch, drawn from its grid; 0 = all
+    # share of the training normals (with tiles: of the normal tiles an epoch holds) shown per epoch; below 1
+    # they are chosen by frequency of use (least shown first), so every normal is seen before any repeats
+    normals_per_epoch: float = 1.0
 
     def __post_init__(self) -> None:
         if self.normal_tiles < 0:
             raise ValueError(f"normal_tiles must be >= 0 (0 = every tile), got {self.normal_tiles}")
+        if not 0.0 < self.normals_per_epoch <= 1.0:
+            raise ValueError(f"normals_per_epoch is a share in (0, 1], got {self.normals_per_epoch}")
         if self.defect_ratio < 0 or not 0 < self.angle_step <= 360:
             raise ValueError(f"defect_ratio must be >= 0 and angle_step in 1..360, got "
                              f"{self.defect_ratio} and {self.angle_step}")

@@ -191,3 +191,29 @@ def test_painted_kinds_match_the_painters():
     from competition.data.painters import DEFECT_KINDS
 
     assert set(PAINTED_KINDS) == set(DEFECT_KINDS) | {"cutpaste", "cutpaste_scar", "perlin"}
+
+
+@pytest.mark.parametrize("tiles", [[], ["model.tiles.enabled=true", "model.tiles.size=24",
+                                         "oversample.normal_tiles=0"]], ids=["images", "tiles"])
+def test_frequency_of_use_shows_every_normal_before_any_repeats(tiny_cfg, tiles):
+    cfg = _cfg(tiny_cfg, "oversample.normals_per_epoch=0.3", "model.image_size=32", *tiles)
+    train_rows, _ = fold_rows(read_folds(cfg), 0)
+    dataset = TrainDataset(train_rows, cfg, ImageStore(data_module.classifier_geometry(cfg)))
+    full = TrainDataset(train_rows, _cfg(tiny_cfg, "model.image_size=32", *tiles),
+                        ImageStore(data_module.classifier_geometry(cfg)))
+    per_epoch = dataset.n_normal
+    assert per_epoch == round(0.3 * full.n_normal) and dataset.n_painted < full.n_painted
+    units = full.normal_units if not tiles else int(full.tile_counts[full.normal_idx].sum())
+    epochs = []
+    for epoch in range(-(-units // per_epoch)):
+        dataset.set_epoch(epoch)
+        normal = dataset.plan_source == NORMAL
+        assert normal.sum() == per_epoch
+        epochs.append(list(zip(dataset.plan_row[normal], dataset.plan_tile[normal])))
+    within = [unit for shown in epochs[:units // per_epoch] for unit in shown]
+    assert len(set(within)) == len(within)  # nothing repeats within a pass over the normals
+    assert len({unit for shown in epochs for unit in shown}) == units  # and the pass shows every one
+    again = TrainDataset(train_rows, cfg, ImageStore(data_module.classifier_geometry(cfg)))
+    again.set_epoch(3)
+    dataset.set_epoch(3)
+    assert (again.plan_row == dataset.plan_row).all() and (again.plan_tile == dataset.plan_tile).all()

@@ -262,6 +262,10 @@ class TrainDataset(Dataset):
         if self.tiled:
             self._prepare_tiles()
         n_normal = len(self.normal_idx) if not self.tiled else int(self.normal_tile_counts.sum())
+        self.normal_units = n_normal  # what one epoch would show of the normals at normals_per_epoch 1
+        if over.normals_per_epoch < 1.0:
+            n_normal = max(1, int(round(over.normals_per_epoch * n_normal)))
+        self.n_normal = n_normal
         self.n_defect_copies = (int(round(over.defect_ratio * n_normal)) if over.defect_ratio > 0
                                 else len(self.defect_idx))
         self.n_painted = int(round(cfg.positives.ratio * n_normal))
@@ -325,7 +329,10 @@ class TrainDataset(Dataset):
             return
         self.epoch = epoch
         rng = np.random.default_rng([self.cfg.seed, epoch, 7])
-        normal_rows, normal_tiles = self._normal_tiles(rng) if self.tiled else (self.normal_idx, None)
+        if self.n_normal < self.normal_units:
+            normal_rows, normal_tiles = self._frequency_sampled_normals(epoch)
+        else:
+            normal_rows, normal_tiles = self._normal_tiles(rng) if self.tiled else (self.normal_idx, None)
         sources = [np.full(len(normal_rows), NORMAL), np.full(self.n_defect_copies, DEFECT),
                    np.full(self.n_painted, PAINTED)]
         rows = [normal_rows, self._defect_copy_rows(rng), rng.choice(self.normal_idx, self.n_painted)]
@@ -340,6 +347,21 @@ class TrainDataset(Dataset):
             defect_tiles = [int(rng.choice(self._defect_tile_choices(row))) for row in rows[1]]
             painted_tiles = [int(rng.integers(self.tile_counts[row])) for row in rows[2]]
             self.plan_tile = np.concatenate([normal_tiles, defect_tiles, painted_tiles]).astype(int)[order]
+
+    def _frequency_sampled_normals(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, tiles) of epoch `epoch`'s `n_normal` normals by frequency of use: the epochs walk through one
+        endless sequence of shuffled passes over every normal (every normal tile), so the least shown come
+        first and none repeats before all were shown. Deterministic in (seed, epoch): resuming is exact."""
+        if self.tiled:
+            units = np.array([(row, tile) for row in self.normal_idx for tile in range(self.tile_counts[row])], int)
+        else:
+            units = np.stack([self.normal_idx, np.zeros(len(self.normal_idx), int)], axis=1)
+        start, stop = epoch * self.n_normal, (epoch + 1) * self.n_normal
+        passes = range(start // len(units), (stop - 1) // len(units) + 1)
+        sequence = np.concatenate([np.random.default_rng([self.cfg.seed, p, 11]).permutation(len(units))
+                                   for p in passes])
+        chosen = units[sequence[start - passes[0] * len(units):stop - passes[0] * len(units)]]
+        return chosen[:, 0], chosen[:, 1]
 
     def _normal_tiles(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(row, tile) of this epoch's normal tiles: `normal_tile_counts` distinct tiles of each normal."""

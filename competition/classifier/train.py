@@ -1,4 +1,5 @@
-"""`python -m competition train --fold k|all`: train the classifier on one fold, predict from best.pt.
+"""`python -m competition train --fold k|all`: train the supervised model (a timm classifier, or SegDecNet
+when `model.name` is segdec) on one fold, predict from best.pt.
 
 Per fold, in `<paths.work>/<experiment>/<model.name>/fold<k>/`: config.yaml, last.pt (every epoch,
 resumable), best.pt (best validation macro-F1, ties to the lower validation loss), history.csv,
