@@ -119,7 +119,7 @@ def paint_anomaly(image: np.ndarray, rng: np.random.Generator, kinds: list[str] 
                   pool: NormalPool | None = None, exclude: str | None = None) -> np.ndarray | None:
     """`random_anomaly` of the painters over `kinds` (None: the painters' mix; nsa reads `pool`), redrawn
     when a draw changes nothing visible; None if none did."""
-    from competition.data.painters import random_anomaly
+    from competition.data.anomalies import random_anomaly
 
     for _ in range(PAINT_ATTEMPTS):
         try:

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from competition.data import painters
+from competition.data.anomalies import random_anomaly
 from competition.data.painters import (
     DEFECT_KINDS,
     cutpaste,
     paint_defect,
     perlin_anomaly,
     perlin_noise,
-    random_anomaly,
 )
 from competition.data.textures import DATASET_FAMILIES, make_texture
 

@@ -96,12 +96,12 @@ def test_painted_objective_learns_beside_ntxent(tiny_images, tiny_data, tmp_path
 
 def test_views_no_painter_can_change_are_skipped_by_the_painted_objective(tiny_images, tiny_data, tmp_path,
                                                                          monkeypatch):
-    import competition.data.painters as painters
+    import competition.data.anomalies as anomalies
 
     def nothing_visible(image, rng, **options):
         raise RuntimeError("could not cut-paste a visible patch")
 
-    monkeypatch.setattr(painters, "random_anomaly", nothing_visible)
+    monkeypatch.setattr(anomalies, "random_anomaly", nothing_visible)
     cfg = fast_config(tiny_data, tmp_path, "pretrain.objectives=[{name: painted}]")
     batch = fixed_batch(cfg, tiny_images[:4], painted=True)
     assert not batch.extras["painted_valid"].any()

@@ -11,7 +11,7 @@ import competition.classifier.data as data_module
 import competition.data.images as images_module
 from competition.classifier.data import PAINTED, ImageStore, TrainDataset, fold_rows
 from competition.config import load_config
-from competition.data.painters import paint_kind, random_anomaly
+from competition.data.anomalies import paint_kind, random_anomaly
 from competition.data.transplant import MIN_MARGIN_PX, DefectBank, NormalPool, nsa, transplant
 from competition.folds import read_folds
 from competition.zoo.api import ImageSet

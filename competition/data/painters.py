@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 
 from competition.data.textures import OTHER_FAMILIES, make_texture, rotate_and_crop
 from competition.preprocess import rotate
-
-if TYPE_CHECKING:
-    from competition.data.transplant import DefectBank, NormalPool
 
 DEFECT_KINDS: tuple[str, ...] = ("scratch", "crack", "hole", "stain", "cut", "missing_pattern")
 
@@ -66,7 +62,7 @@ def paint_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
     except KeyError:
         raise ValueError(f"unknown defect kind {kind!r}; allowed: {', '.join(DEFECT_KINDS)}") from None
     work = _as_float_hwc(image)
-    severity = _check_severity(rng.uniform(0.0, 1.0) if severity is None else severity)
+    severity = check_severity(rng.uniform(0.0, 1.0) if severity is None else severity)
     painted = _paint_visible(image, work, painter, rng, severity, _random_centre, RANDOM_PLACEMENTS)
     if painted is None:
         # Blurring or warping a constant patch leaves it constant: centre the defect on structure.
@@ -207,46 +203,6 @@ def perlin_anomaly(image: np.ndarray, rng: np.random.Generator, texture_source: 
     return _substitute(image, work.astype(np.float32), "perlin", rng, severity)
 
 
-def random_anomaly(image: np.ndarray, rng: np.random.Generator, severity: float | None = None,
-                   kinds: Sequence[str] | None = None, bank: DefectBank | None = None,
-                   pool: NormalPool | None = None, exclude: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """An artificial positive: a uniform pick among `kinds` (see `paint_kind`); None = the defect kinds,
-    CutPaste (normal or scar variant, half each) and DRAEM.
-
-    `severity` steers painted defects and DRAEM's opacity (beta = 1 - 0.9 * severity); CutPaste
-    has no severity.
-    """
-    if kinds is not None:
-        return paint_kind(image, kinds[int(rng.integers(len(kinds)))], rng, severity, bank, pool, exclude)
-    choices = DEFECT_KINDS + ("cutpaste", "perlin")
-    choice = choices[int(rng.integers(len(choices)))]
-    if choice == "cutpaste":
-        return cutpaste(image, rng, scar=bool(rng.random() < 0.5))
-    if choice == "perlin":
-        beta = None if severity is None else 1.0 - 0.9 * _check_severity(severity)
-        return perlin_anomaly(image, rng, beta=beta)
-    return paint_defect(image, choice, rng, severity)
-
-
-def paint_kind(image: np.ndarray, kind: str, rng: np.random.Generator, severity: float | None = None,
-               bank: DefectBank | None = None, pool: NormalPool | None = None,
-               exclude: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One anomaly of a named kind (`config.POSITIVE_KINDS`): a defect kind, cutpaste, cutpaste_scar, perlin,
-    or the kinds that read other training images: transplant (a real defect of `bank`) and nsa
-    (patches of `pool`'s normals other than `exclude`; see `competition.data.transplant`)."""
-    if kind in ("cutpaste", "cutpaste_scar"):
-        return cutpaste(image, rng, scar=kind == "cutpaste_scar")
-    if kind == "perlin":
-        return perlin_anomaly(image, rng, beta=None if severity is None else 1.0 - 0.9 * _check_severity(severity))
-    if kind == "transplant":
-        from competition.data.transplant import transplant  # that module builds on this one's helpers
-        return transplant(image, rng, bank, severity)
-    if kind == "nsa":
-        from competition.data.transplant import nsa
-        return nsa(image, rng, pool, exclude)
-    return paint_defect(image, kind, rng, severity)
-
-
 # ----------------------------------------------------------------------------------------------
 # Image layout helpers
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +252,7 @@ def _colour(rgb: tuple[float, float, float], channels: int) -> np.ndarray:
     return np.concatenate([rgb, np.full(channels - 3, 255.0, np.float32)]) if channels > 3 else rgb
 
 
-def _check_severity(severity: float) -> float:
+def check_severity(severity: float) -> float:
     severity = float(severity)
     if not 0.0 <= severity <= 1.0:
         raise ValueError(f"severity must lie in [0, 1] (0 obvious, 1 subtle), got {severity}")

@@ -18,7 +18,7 @@ def painted_copies(images: ImageSet, indices, seed: int, prefix: str = "painted"
                    bank: DefectBank | None = None, pool: NormalPool | None = None) -> tuple[ImageSet, list[np.ndarray]]:
     """One painted defect per image of `indices` (`painters.random_anomaly` over `kinds`; None = its own
     mix); returns the painted images and their masks. transplant reads `bank`, nsa `pool`."""
-    from competition.data.painters import random_anomaly
+    from competition.data.anomalies import random_anomaly
 
     rng = np.random.default_rng(seed)
     painted, masks, ids = [], [], []
