@@ -80,7 +80,8 @@ class TrainConfig:
     amp: bool = True  # mixed precision, CUDA only
     channels_last: bool = True  # CUDA only
     # test-time augmentation (oof.csv and test.csv alike): none | flips (4 views) | dihedral (8: flips and turns)
-    tta: Literal["none", "flips", "dihedral"] = "none"
+    # (true / false, the older switch, read as flips / none)
+    tta: Literal["none", "flips", "dihedral"] | bool = "none"
     # best.pt follows this validation metric (ties broken by the lower validation loss):
     # val_macro_f1 at the fold's best threshold, val_macro_f1_at_05 at 0.5, or val_auroc
     monitor: Literal["val_macro_f1", "val_macro_f1_at_05", "val_auroc"] = "val_macro_f1"
@@ -94,6 +95,8 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 1 or self.accumulate_steps < 1:
             raise ValueError(f"epochs, batch_size and accumulate_steps must be >= 1, got "
                              f"{self.epochs}, {self.batch_size}, {self.accumulate_steps}")
+        if isinstance(self.tta, bool):
+            self.tta = "flips" if self.tta else "none"
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -264,7 +267,8 @@ class ZooConfig:
 @dataclass
 class EnsembleConfig:
     models: list[str] = field(default_factory=list)  # empty = every finished run of the experiment
-    method: Literal["logistic", "rank_blend", "sklearn"] = "logistic"
+    # auto: the best of best_single, mean, rank_blend, logistic by nested out-of-fold macro-F1
+    method: Literal["auto", "best_single", "mean", "rank_blend", "logistic", "sklearn"] = "auto"
     # per fold model, against that model's own test scores (label-free): rank | zscore (median/MAD)
     normalise: Literal["rank", "zscore"] = "rank"
     estimator: str | None = None  # dotted sklearn class for method=sklearn

@@ -151,8 +151,11 @@ def ensemble_row(experiment: str, record: dict, submission_path: Path, answers: 
     columns = {**_cv_columns(cv), "threshold": record.get("threshold", cv["threshold"]),
                "test_share": math.nan if share is None else share,
                "prior": (prior.get("method") or prior.get("mode") or "") if prior else ""}
-    return {"experiment": experiment, "model": f"ensemble ({record.get('method', '?')}: "
-                                               f"{'+'.join(record.get('models', []))})",
+    method = record.get("method", "?")
+    chosen = ((record.get("stacker") or {}).get("auto") or {}).get("chosen")
+    if chosen:  # auto: the blend that nested CV chose
+        method = f"{method} -> {chosen}"
+    return {"experiment": experiment, "model": f"ensemble ({method}: {'+'.join(record.get('models', []))})",
             "kind": "ensemble", **columns, "train_seconds": math.nan if seconds is None else seconds,
             "public": scores.get("Public", math.nan), "private": scores.get("Private", math.nan)}
 

@@ -17,6 +17,7 @@ from competition.ensemble.gather import MissingRunsError, ModelPredictions, gath
 from competition.ensemble.stacking import (
     RankBlend,
     build_stacker,
+    choose_candidate,
     cross_validation_scores,
     level2_features,
     nested_oof_scores,
@@ -207,7 +208,7 @@ def test_rank_blend_puts_its_weight_on_the_informative_model():
 
 def test_logistic_stack_records_coefficients_and_thresholds_the_refit_test_scores():
     oof, test = _features()
-    result = stack(oof, test, EnsembleConfig())
+    result = stack(oof, test, EnsembleConfig(method="logistic"))
     coefficients = result.stacker["coefficients_on_standardised_features"]
     assert set(coefficients) == {"good", "weak", "noise"}
     assert coefficients["good"] > coefficients["weak"] > abs(coefficients["noise"])
@@ -230,7 +231,7 @@ def test_sklearn_stacker_by_dotted_name_and_its_errors():
     with pytest.raises(ValueError, match="cannot be imported"):
         build_stacker(EnsembleConfig(method="sklearn", estimator="nowhere.Model"))
     with pytest.raises(ValueError, match="estimator_params .*LogisticRegression"):
-        build_stacker(EnsembleConfig(estimator_params={"n_trees": 3}))
+        build_stacker(EnsembleConfig(method="logistic", estimator_params={"n_trees": 3}))
     with pytest.raises(ValueError, match="not a classifier"):
         build_stacker(EnsembleConfig(method="sklearn", estimator="sklearn.preprocessing.StandardScaler"))
 
@@ -345,3 +346,51 @@ def test_infer_with_missing_runs_exits_with_one_line(runs, capsys):
     assert cli_main(["infer", *_config_args(cfg, "ensemble.models=[patchcore-resnet18]")]) == 2
     err = capsys.readouterr().err
     assert "patchcore-resnet18: no folds" in err and "make zoo MODEL=patchcore-resnet18 FOLD=all" in err
+
+
+# ------------------------------------------------------------------------------------ auto: the best blend by nested CV
+
+def test_auto_matches_a_strong_model_among_noise():
+    folds = make_folds()
+    models = [make_model("strong", folds, TEST_LABELS, 2.5, 0), make_model("noise_a", folds, TEST_LABELS, 0.0, 1),
+              make_model("noise_b", folds, TEST_LABELS, 0.0, 2)]
+    oof, test = level2_features(models, "rank", folds)
+    result = stack(oof, test, EnsembleConfig(method="auto", prior="train"))
+    strong = cross_validation_scores(oof["label"], oof["strong"], oof["fold"])["oof_macro_f1"]
+    auto = result.stacker["auto"]
+    assert set(auto["candidates"]) == {"best_single", "mean", "rank_blend", "logistic"}
+    assert auto["chosen"] in ("best_single", "rank_blend")  # the noise is left out, not averaged in
+    assert result.cv["oof_macro_f1"] >= strong - 0.03  # honest nested score, within noise of the member
+    assert result.stacker["marginal_gain"]["strong"] > 0.1
+    assert result.stacker["rank_correlation"]["strong"]["strong"] == pytest.approx(1.0)
+
+
+def test_auto_blends_two_complementary_models_beyond_either():
+    """Two models of equal strength whose errors are independent: their average beats both."""
+    folds = make_folds()
+    models = [make_model("left", folds, TEST_LABELS, 1.3, 10), make_model("right", folds, TEST_LABELS, 1.3, 20)]
+    oof, test = level2_features(models, "rank", folds)
+    result = stack(oof, test, EnsembleConfig(method="auto", prior="train"))
+    singles = [cross_validation_scores(oof["label"], oof[m], oof["fold"])["oof_macro_f1"] for m in ("left", "right")]
+    assert result.stacker["auto"]["chosen"] != "best_single"
+    assert result.cv["oof_macro_f1"] > max(singles) + 0.03
+    assert min(result.stacker["marginal_gain"].values()) > 0  # each earns its place
+
+
+def test_bagged_selection_spreads_weight_over_equal_models_and_is_reproducible():
+    oof, _ = _features()
+    X, y = oof[["good", "weak", "noise"]].to_numpy(), oof["label"].to_numpy()
+    bagged = RankBlend(rounds=20, bags=10, bag_fraction=0.5, random_state=1).fit(X, y)
+    again = RankBlend(rounds=20, bags=10, bag_fraction=0.5, random_state=1).fit(X, y)
+    np.testing.assert_array_equal(bagged.weights_, again.weights_)
+    assert bagged.weights_.sum() == pytest.approx(1.0)
+    assert bagged.weights_[0] == bagged.weights_.max()  # the good model still weighs most
+    assert np.count_nonzero(bagged.weights_) >= 2  # bags without it use the next best
+
+
+def test_choose_candidate_keeps_the_simpler_blend_within_tolerance():
+    table = {"best_single": {"oof_macro_f1": 0.80}, "mean": {"oof_macro_f1": 0.803},
+             "rank_blend": {"oof_macro_f1": 0.81}, "logistic": {"oof_macro_f1": 0.812}}
+    assert choose_candidate(table) == "rank_blend"
+    table["rank_blend"]["oof_macro_f1"] = table["logistic"]["oof_macro_f1"] = 0.804
+    assert choose_candidate(table) == "best_single"

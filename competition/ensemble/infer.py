@@ -81,10 +81,33 @@ def main(cfg: Config) -> None:
     cv = result.cv
     print(f"  {'ensemble':<{width}}  {cv['oof_macro_f1']:12.4f}  {_fmt(cv['oof_auroc']):>9}"
           f"   (per fold {cv['cv_mean']:.4f} ± {_fmt(cv['cv_std'])}, threshold {cv['threshold']:.4g})")
+    print_blend_view(result.stacker)
     print(f"  {PriorDecision(**result.prior).describe()}")
     print(f"  {record['n_test_defect_predicted']} of {record['n_test']} test images predicted defective")
     print(f"  stacker outputs: {out}")
     print(paths["submission"])
+
+
+def print_blend_view(stacker: dict[str, Any]) -> None:
+    """Which blend auto chose and why, the blend's weights, each model's marginal gain, and the rank
+    correlation of the models' out-of-fold scores: which models earn their place."""
+    auto = stacker.get("auto")
+    if auto:
+        scores = ", ".join(f"{name} {row['oof_macro_f1']:.4f}" for name, row in auto["candidates"].items())
+        per_fold = ", ".join(f"{k}: {name}" for k, name in auto["chosen_per_fold"].items())
+        print(f"  auto chose {auto['chosen']} (nested OOF macro-F1: {scores}; per outer fold {per_fold})")
+    weights = stacker.get("weights") or stacker.get("coefficients_on_standardised_features") or {}
+    gains = stacker.get("marginal_gain") or {}
+    if weights or gains:
+        print("  " + "; ".join(f"{name}: weight {_fmt(weights.get(name))}, gain {_fmt(gains.get(name))}"
+                               for name in (weights or gains)))
+    correlation = stacker.get("rank_correlation") or {}
+    if len(correlation) > 1:
+        names = list(correlation)
+        width = max(map(len, names))
+        print(f"  rank correlation of OOF scores:\n    {'':<{width}}  " + "  ".join(f"{n[:8]:>8}" for n in names))
+        for a in names:
+            print(f"    {a:<{width}}  " + "  ".join(f"{correlation[a][b]:8.3f}" for b in names))
 
 
 def _fmt(value: float | None) -> str:

@@ -121,21 +121,42 @@ class RankBlend(ClassifierMixin, BaseEstimator):
     Weights: greedy forward selection with replacement (Caruana et al., 2004), adding at each of
     `rounds` steps the model that most raises the AUROC of the blend, and keeping the best round.
     AUROC rather than macro-F1 because it is threshold-free; the threshold is chosen afterwards.
+    With `bags` > 1, the paper's bagged selection: each bag selects among a random `bag_fraction`
+    of the models (at least three), and the weights are the mean over bags (a model that wins only by chance on
+    these few defects is diluted, which stabilises the blend).
     """
 
-    def __init__(self, rounds: int = 50):
+    def __init__(self, rounds: int = 50, bags: int = 1, bag_fraction: float = 0.5, random_state: int = 0):
         self.rounds = rounds
+        self.bags = bags
+        self.bag_fraction = bag_fraction
+        self.random_state = random_state
 
     def fit(self, X, y):
         X, y = np.asarray(X, float), np.asarray(y, int)
         self.classes_ = np.unique(y)
         self.n_features_in_ = X.shape[1]
-        if self.rounds < 1:
-            raise ValueError(f"RankBlend rounds must be >= 1, got {self.rounds}")
+        if self.rounds < 1 or self.bags < 1 or not 0.0 < self.bag_fraction <= 1.0:
+            raise ValueError(f"RankBlend needs rounds >= 1, bags >= 1 and bag_fraction in (0, 1]; got "
+                             f"{self.rounds}, {self.bags}, {self.bag_fraction}")
         if len(self.classes_) < 2:
             self.weights_ = np.full(X.shape[1], 1.0 / X.shape[1])
-            self.threshold_ = best_threshold(y, X @ self.weights_)[0]
-            return self
+        elif self.bags == 1:
+            self.weights_ = self._select(X, y)
+        else:
+            rng = np.random.default_rng(self.random_state)
+            # a bag holds at least three models (all of them, when there are fewer): a bag of one or two
+            # out of a handful often lacks every good model, and its weights would only dilute the blend
+            size = max(min(3, X.shape[1]), int(round(self.bag_fraction * X.shape[1])))
+            weights = np.zeros(X.shape[1])
+            for _ in range(self.bags):
+                columns = np.sort(rng.choice(X.shape[1], size, replace=False))
+                weights[columns] += self._select(X[:, columns], y)
+            self.weights_ = weights / self.bags
+        self.threshold_ = best_threshold(y, X @ self.weights_)[0]
+        return self
+
+    def _select(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         counts, total = np.zeros(X.shape[1]), np.zeros(len(X))
         best_counts, best_auc = None, -math.inf
         for step in range(1, self.rounds + 1):
@@ -145,9 +166,7 @@ class RankBlend(ClassifierMixin, BaseEstimator):
             total += X[:, pick]
             if gains[pick] > best_auc + 1e-12:
                 best_auc, best_counts = gains[pick], counts.copy()
-        self.weights_ = best_counts / best_counts.sum()
-        self.threshold_ = best_threshold(y, X @ self.weights_)[0]
-        return self
+        return best_counts / best_counts.sum()
 
     def decision_function(self, X) -> np.ndarray:
         return np.asarray(X, float) @ self.weights_
@@ -155,6 +174,35 @@ class RankBlend(ClassifierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         """1 where the blend reaches the plateau-middle macro-F1 threshold of the data it was fitted on."""
         return (self.decision_function(X) >= self.threshold_).astype(int)
+
+
+class MeanBlend(RankBlend):
+    """The plain mean of the normalised scores (equal weights): the blend with nothing to fit."""
+
+    def __init__(self):
+        super().__init__()
+
+    def fit(self, X, y):
+        X, y = np.asarray(X, float), np.asarray(y, int)
+        self.classes_, self.n_features_in_ = np.unique(y), X.shape[1]
+        self.weights_ = np.full(X.shape[1], 1.0 / X.shape[1])
+        self.threshold_ = best_threshold(y, X @ self.weights_)[0]
+        return self
+
+
+class BestSingle(MeanBlend):
+    """The one model with the best out-of-fold macro-F1 at its plateau threshold (ties: the higher
+    AUROC, then the first): submitting the best member is a candidate the blends must beat."""
+
+    def fit(self, X, y):
+        X, y = np.asarray(X, float), np.asarray(y, int)
+        self.classes_, self.n_features_in_ = np.unique(y), X.shape[1]
+        f1 = np.array([best_threshold(y, X[:, j])[1] for j in range(X.shape[1])])
+        aucs = auroc_columns(y, X) if len(self.classes_) > 1 else np.zeros(X.shape[1])
+        best = max(range(X.shape[1]), key=lambda j: (round(f1[j], 12), np.nan_to_num(aucs[j], nan=0.0), -j))
+        self.weights_ = np.eye(X.shape[1])[best]
+        self.threshold_ = best_threshold(y, X @ self.weights_)[0]
+        return self
 
 
 def import_estimator(dotted: str) -> type:
@@ -174,17 +222,30 @@ def import_estimator(dotted: str) -> type:
     return cls
 
 
-def build_stacker(ensemble: EnsembleConfig, seed: int = 0) -> BaseEstimator:
-    """The unfitted level-2 estimator that `ensemble.method` names, with `ensemble.estimator_params`."""
-    params = dict(ensemble.estimator_params)
-    if ensemble.method == "logistic":
+# The candidates `ensemble.method: auto` chooses among, simplest first (ties go to the earlier one).
+AUTO_CANDIDATES = ("best_single", "mean", "rank_blend", "logistic")
+
+
+def build_stacker(ensemble: EnsembleConfig, seed: int = 0, method: str | None = None) -> BaseEstimator:
+    """The unfitted level-2 estimator that `ensemble.method` (or `method`) names, with
+    `ensemble.estimator_params` (for the configured method only: auto's candidates use their defaults,
+    rank_blend there with the paper's bagging)."""
+    chosen = method or ensemble.method
+    params = dict(ensemble.estimator_params) if chosen == ensemble.method else {}
+    if chosen == "rank_blend" and chosen != ensemble.method:
+        params = {"bags": 20, "bag_fraction": 0.5, "random_state": seed}
+    if chosen == "logistic":
         cls, wrap = LogisticRegression, lambda est: make_pipeline(StandardScaler(), est)
-    elif ensemble.method == "rank_blend":
+    elif chosen == "rank_blend":
         cls, wrap = RankBlend, lambda est: est
-    elif ensemble.method == "sklearn":
+    elif chosen == "mean":
+        cls, wrap = MeanBlend, lambda est: est
+    elif chosen == "best_single":
+        cls, wrap = BestSingle, lambda est: est
+    elif chosen == "sklearn":
         cls, wrap = import_estimator(ensemble.estimator), lambda est: est
     else:
-        raise ValueError(f"ensemble.method must be logistic, rank_blend or sklearn, got {ensemble.method!r}")
+        raise ValueError(f"ensemble.method must be auto, {', '.join(AUTO_CANDIDATES)} or sklearn, got {chosen!r}")
     try:
         estimator = cls(**params)
     except TypeError as exc:
@@ -221,7 +282,7 @@ def describe_stacker(fitted, names: list[str]) -> dict[str, Any]:
     """What the fitted stacker learned, per model: coefficients, weights or importances."""
     final = fitted.steps[-1][1] if isinstance(fitted, Pipeline) else fitted
     out: dict[str, Any] = {"estimator": f"{type(final).__module__}.{type(final).__name__}"}
-    if isinstance(final, RankBlend):
+    if isinstance(final, RankBlend):  # also MeanBlend and BestSingle
         out["weights"] = dict(zip(names, map(float, final.weights_)))
     elif hasattr(final, "coef_"):
         scaled = isinstance(fitted, Pipeline)
@@ -265,22 +326,108 @@ class StackResult:
     prior: dict[str, Any] = field(default_factory=dict)  # prior.PriorDecision.as_record()
 
 
+# `ensemble.method: auto` replaces a simpler candidate only when a blend beats it by more than this
+# nested out-of-fold macro-F1: with ~30 defects, smaller gaps are one or two images.
+AUTO_TOLERANCE = 0.005
+
+
+def candidate_scores(ensemble: EnsembleConfig, X, y, folds, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Every auto candidate's nested out-of-fold macro-F1 and AUROC on (X, y, folds)."""
+    table = {}
+    for name in AUTO_CANDIDATES:
+        scores = nested_oof_scores(build_stacker(ensemble, seed, name), X, y, folds)
+        cv = cross_validation_scores(y, scores, folds)
+        table[name] = {"oof_macro_f1": cv["oof_macro_f1"], "oof_auroc": cv["oof_auroc"]}
+    return table
+
+
+def choose_candidate(table: dict[str, dict[str, float]], tolerance: float = AUTO_TOLERANCE) -> str:
+    """The simplest candidate that no more complex one beats by more than `tolerance` macro-F1."""
+    chosen = AUTO_CANDIDATES[0]
+    for name in AUTO_CANDIDATES[1:]:
+        if table[name]["oof_macro_f1"] > table[chosen]["oof_macro_f1"] + tolerance:
+            chosen = name
+    return chosen
+
+
+def _on_test_ranks(fitted, X_rows, X_test) -> np.ndarray:
+    """A fitted stacker's scores of `X_rows` as ranks among its own test scores: candidates (and the
+    folds of auto, which may choose differently) then share one scale, as fold models do at level 1."""
+    reference = np.sort(stacker_scores(fitted, X_test) if len(X_test) else stacker_scores(fitted, X_rows))
+    # the empirical CDF interpolated between the reference's scores: monotone without collapsing scores
+    # that fall between two reference scores onto one rank (a few hundred test images quantise coarsely)
+    return np.interp(stacker_scores(fitted, X_rows), reference, (np.arange(len(reference)) + 0.5) / len(reference))
+
+
+def auto_oof_scores(ensemble: EnsembleConfig, X, y, folds, X_test, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """auto's honest out-of-fold scores: for each fold k, the choice among the candidates is made by
+    nested CV on the other folds only, and the chosen one, fitted there, scores fold k."""
+    out, choices = np.zeros(len(y)), {}
+    for k in np.unique(folds):
+        inner = folds != k
+        name = choose_candidate(candidate_scores(ensemble, X[inner], y[inner], folds[inner], seed))
+        fitted = clone(build_stacker(ensemble, seed, name)).fit(X[inner], y[inner])
+        out[~inner] = _on_test_ranks(fitted, X[~inner], X_test)
+        choices[int(k)] = name
+    return out, choices
+
+
+def marginal_gains(ensemble: EnsembleConfig, method: str, X, y, folds, names: list[str],
+                   seed: int = 0) -> dict[str, float]:
+    """Per model: nested OOF macro-F1 of `method` over every model minus that without the model
+    (positive: the model earns its place)."""
+    if len(names) < 2:
+        return {}
+    stacker = build_stacker(ensemble, seed, method)
+    full = cross_validation_scores(y, nested_oof_scores(stacker, X, y, folds), folds)["oof_macro_f1"]
+    gains = {}
+    for j, name in enumerate(names):
+        keep = [i for i in range(len(names)) if i != j]
+        without = cross_validation_scores(y, nested_oof_scores(stacker, X[:, keep], y, folds), folds)
+        gains[name] = full - without["oof_macro_f1"]
+    return gains
+
+
+def rank_correlations(oof_features: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Spearman correlation of the models' out-of-fold scores: near 1, a model adds little."""
+    names = feature_names(oof_features)
+    matrix = oof_features[names].corr(method="spearman")
+    return {a: {b: float(matrix.loc[a, b]) for b in names} for a in names}
+
+
 def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: EnsembleConfig,
           seed: int = 0) -> StackResult:
     """Nested out-of-fold scores and CV figures, then the stacker refit on all out-of-fold rows
     scores the test features and the threshold, tuned for the test defect share that
-    `ensemble.prior` gives (`prior.decide_threshold`), turns them into 0/1."""
+    `ensemble.prior` gives (`prior.decide_threshold`), turns them into 0/1.
+
+    `ensemble.method: auto` judges every candidate (`AUTO_CANDIDATES`) by nested out-of-fold macro-F1
+    and submits the best (the simpler within `AUTO_TOLERANCE`); its own out-of-fold scores make that
+    choice inside each outer fold, so its CV figures are honest. Its scores are ranks among the chosen
+    stacker's test scores."""
     names = feature_names(oof_features)
     X = oof_features[names].to_numpy(float)
+    X_test = test_features[names].to_numpy(float)
     y = oof_features["label"].to_numpy(int)
     folds = oof_features["fold"].to_numpy(int)
-    stacker = build_stacker(ensemble, seed)
-    oof_scores = nested_oof_scores(stacker, X, y, folds)
+    auto = ensemble.method == "auto"
+    if auto:
+        table = candidate_scores(ensemble, X, y, folds, seed)
+        method = choose_candidate(table)
+        oof_scores, choices = auto_oof_scores(ensemble, X, y, folds, X_test, seed)
+    else:
+        method = ensemble.method
+        oof_scores = nested_oof_scores(build_stacker(ensemble, seed), X, y, folds)
     cv = cross_validation_scores(y, oof_scores, folds)
-    fitted = clone(stacker).fit(X, y)
-    test_scores = stacker_scores(fitted, test_features[names].to_numpy(float))
+    fitted = clone(build_stacker(ensemble, seed, method)).fit(X, y)
+    test_scores = _on_test_ranks(fitted, X_test, X_test) if auto else stacker_scores(fitted, X_test)
     decision = decide_threshold(y, oof_scores, test_scores, ensemble.prior, ensemble.prior_method)
     oof = oof_features.assign(score=oof_scores)
     test = test_features.assign(score=test_scores, answer=(test_scores >= decision.threshold).astype(int))
-    return StackResult(names, oof, test, decision.threshold, cv, describe_stacker(fitted, names),
-                       decision.as_record())
+    described = describe_stacker(fitted, names)
+    if auto:
+        described["auto"] = {"chosen": method, "candidates": table, "tolerance": AUTO_TOLERANCE,
+                             "chosen_per_fold": choices}
+    described["rank_correlation"] = rank_correlations(oof_features)
+    described["marginal_gain"] = marginal_gains(ensemble, method, X, y, folds, names, seed)
+    return StackResult(names, oof, test, decision.threshold, cv, described, decision.as_record())
