@@ -27,6 +27,7 @@ from competition.ensemble.gather import (
     model_names,
     read_model,
 )
+from competition.ensemble.infer import print_blend_view
 from competition.ensemble.stacking import cross_validation_scores, level2_features
 from competition.ensemble.submission import SubmissionError, read_submission, validate_submission
 from competition.metrics import macro_f1
@@ -276,4 +277,8 @@ def main(cfg: Config) -> None:
         print(f"(no answer key at {answers_path}: Public/Private columns left out)")
     for note in notes:
         print(f"note: {note}")
+    record = _ensemble_records(out).get(cfg.experiment)
+    if record and isinstance(record.get("stacker"), dict):  # which models earn their place in the blend
+        print(f"{cfg.experiment}: the submitted blend")
+        print_blend_view(record["stacker"])
     print(out / "leaderboard.csv")
