@@ -30,6 +30,15 @@ def quick_config(data: Path, work: Path, *overrides: str) -> Config:
     return load_config(ROOT / "configs" / "quick.yaml", sets + list(overrides))
 
 
+def config_with_folds(data: Path, work: Path, *overrides: str) -> Config:
+    """`quick_config` with folds.csv already written in `work`."""
+    from competition.folds import write_folds
+
+    cfg = quick_config(data, work, *overrides)
+    write_folds(cfg)
+    return cfg
+
+
 @pytest.fixture
 def tiny_cfg(tiny_data, tmp_path) -> Config:
     """Quick config on the tiny set with folds already written in a fresh work folder."""

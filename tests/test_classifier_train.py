@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import quick_config
+from conftest import config_with_folds
 
 import competition.classifier.train as train_module
 import competition.training as training_module
@@ -23,13 +23,7 @@ TINY_MODEL = ["model.name=test_efficientnet", "model.image_size=32", "train.batc
 
 @pytest.fixture
 def cfg_factory(tiny_data, tmp_path):
-    from competition.folds import write_folds
-
-    def make(name: str, *overrides: str):
-        cfg = quick_config(tiny_data, tmp_path / name, *TINY_MODEL, *overrides)
-        write_folds(cfg)
-        return cfg
-    return make
+    return lambda name, *overrides: config_with_folds(tiny_data, tmp_path / name, *TINY_MODEL, *overrides)
 
 
 def _train(cfg, fold: int = 0, force: bool = False):

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import quick_config
+from conftest import config_with_folds
 from torch.utils.data import DataLoader, Dataset
 
 from competition.artifacts import read_json, run_dir
@@ -21,7 +21,7 @@ from competition.classifier.segdec import (
 )
 from competition.classifier.train import predict_logits, train_fold
 from competition.config import SegDecConfig
-from competition.folds import load_index, read_folds, write_folds
+from competition.folds import load_index, read_folds
 from competition.metrics import auroc
 
 SMALL = SegDecConfig(width=8, kernel=3, volume_channels=16, volume_kernel=5)
@@ -87,11 +87,7 @@ def test_weak_positives_train_the_decision_head_only():
 
 @pytest.fixture
 def segdec_cfg(tiny_data, tmp_path):
-    def make(name: str, *overrides: str):
-        cfg = quick_config(tiny_data, tmp_path / name, *SEGDEC, *overrides)
-        write_folds(cfg)
-        return cfg
-    return make
+    return lambda name, *overrides: config_with_folds(tiny_data, tmp_path / name, *SEGDEC, *overrides)
 
 
 def test_segdec_learns_to_separate_painted_defects(segdec_cfg):

@@ -95,10 +95,6 @@ class SegDecNet(nn.Module):
         return self.forward_all(images).logit
 
 
-def build_segdec(params: SegDecConfig) -> SegDecNet:
-    return SegDecNet(params)
-
-
 # ---------------------------------------------------------------- the training loss
 
 def loss_weights(epoch: int, epochs: int, params: SegDecConfig) -> tuple[float, float]:

@@ -32,12 +32,12 @@ from competition.classifier.data import (
     fold_rows,
 )
 from competition.classifier.model import ClassifierOutput, DefectClassifier, WeightAveraged, build_classifier
-from competition.classifier.segdec import SegDecNet, build_segdec, segdec_losses
+from competition.classifier.segdec import SegDecNet, segdec_losses
 from competition.config import SEGDEC_NAME, Config
 from competition.folds import load_index, parse_fold_arg, read_folds
 from competition.metrics import aupr, auroc, best_threshold, binary_metrics
 from competition.plots import plot_confusion, plot_maps_gallery, plot_roc_pr, plot_training_curves
-from competition.preprocess import canvas_to_image, fit_to_canvas, stitch_maps
+from competition.preprocess import canvas_to_image, cut_tiles, fit_to_canvas, stitch_maps
 from competition.runtime import autocast, configure_threads, seed_everything, select_device, to_device_images
 from competition.stage import RunFolder, results_config
 from competition.training import CheckpointTracker, EngineConfig, FitResult, fit, warmup_cosine_schedule
@@ -65,7 +65,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     if is_segdec(cfg):
         if cfg.model.pretrained not in (False, None, ""):
             raise ValueError("model.name segdec trains from scratch; set model.pretrained: false")
-        return build_segdec(cfg.segdec)
+        return SegDecNet(cfg.segdec)
     return build_classifier(cfg.model, cfg.mask_head)
 
 
@@ -120,17 +120,14 @@ def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.dev
 
 
 @torch.no_grad()
-def predict_map(model: torch.nn.Module, surface: np.ndarray, store: ImageStore, augment, device: torch.device,
+def predict_map(model: torch.nn.Module, surface: np.ndarray, store: ImageStore, device: torch.device,
                 cfg: Config) -> np.ndarray | None:
     """The model's defect-probability map of one stored image, on its surface (`ImageStore.image`): tiles
     stitched back, padding cropped. None for a model without a segmentation output."""
     geometry = store.geometry
-    transform = build_eval_transform(augment)
-    if geometry.tiles:
-        boxes = store.boxes_of(surface)
-        pieces = [surface[top:bottom, left:right] for top, left, bottom, right in boxes]
-    else:
-        boxes, pieces = None, [surface]
+    transform = build_eval_transform(cfg.augment)
+    boxes = store.boxes_of(surface) if geometry.tiles else None
+    pieces = cut_tiles(surface, boxes) if boxes is not None else [surface]
     maps = []
     model.eval()
     for piece in pieces:
@@ -141,9 +138,7 @@ def predict_map(model: torch.nn.Module, surface: np.ndarray, store: ImageStore, 
             return None
         probability = torch.sigmoid(seg.float())[0, 0].cpu().numpy()
         maps.append(canvas_to_image(probability, piece.shape[0], piece.shape[1], geometry))
-    if boxes is None:
-        return maps[0]
-    return stitch_maps(maps, boxes, surface.shape[:2])
+    return maps[0] if boxes is None else stitch_maps(maps, boxes, surface.shape[:2])
 
 
 def validation_metrics(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
@@ -309,7 +304,7 @@ class FoldTrainer:
         images, maps, captions = [], [], []
         for row in order.itertuples():
             surface = self.store.image(row.path)
-            probability = predict_map(self.model, surface, self.store, self.cfg.augment, self.device, self.cfg)
+            probability = predict_map(self.model, surface, self.store, self.device, self.cfg)
             if probability is None:
                 return
             images.append(surface)

@@ -333,14 +333,15 @@ class StackResult:
 AUTO_TOLERANCE = 0.0
 
 
-def candidate_scores(ensemble: EnsembleConfig, X, y, folds, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Every auto candidate's nested out-of-fold macro-F1 and AUROC on (X, y, folds)."""
-    table = {}
+def candidate_scores(ensemble: EnsembleConfig, X, y, folds, seed: int = 0
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Every auto candidate's nested out-of-fold macro-F1 and AUROC on (X, y, folds), and its nested scores."""
+    table, scores = {}, {}
     for name in AUTO_CANDIDATES:
-        scores = nested_oof_scores(build_stacker(ensemble, seed, name), X, y, folds)
-        cv = cross_validation_scores(y, scores, folds)
+        scores[name] = nested_oof_scores(build_stacker(ensemble, seed, name), X, y, folds)
+        cv = cross_validation_scores(y, scores[name], folds)
         table[name] = {"oof_macro_f1": cv["oof_macro_f1"], "oof_auroc": cv["oof_auroc"]}
-    return table
+    return table, scores
 
 
 def choose_candidate(table: dict[str, dict[str, float]], tolerance: float = AUTO_TOLERANCE) -> str:
@@ -367,21 +368,20 @@ def auto_oof_scores(ensemble: EnsembleConfig, X, y, folds, X_test, seed: int = 0
     out, choices = np.zeros(len(y)), {}
     for k in np.unique(folds):
         inner = folds != k
-        name = choose_candidate(candidate_scores(ensemble, X[inner], y[inner], folds[inner], seed))
+        name = choose_candidate(candidate_scores(ensemble, X[inner], y[inner], folds[inner], seed)[0])
         fitted = clone(build_stacker(ensemble, seed, name)).fit(X[inner], y[inner])
         out[~inner] = _on_test_ranks(fitted, X[~inner], X_test)
         choices[int(k)] = name
     return out, choices
 
 
-def marginal_gains(ensemble: EnsembleConfig, method: str, X, y, folds, names: list[str],
+def marginal_gains(ensemble: EnsembleConfig, method: str, X, y, folds, names: list[str], full: float,
                    seed: int = 0) -> dict[str, float]:
-    """Per model: nested OOF macro-F1 of `method` over every model minus that without the model
-    (positive: the model earns its place)."""
+    """Per model: `full`, the nested OOF macro-F1 of `method` over every model, minus that without the
+    model (positive: the model earns its place)."""
     if len(names) < 2:
         return {}
     stacker = build_stacker(ensemble, seed, method)
-    full = cross_validation_scores(y, nested_oof_scores(stacker, X, y, folds), folds)["oof_macro_f1"]
     gains = {}
     for j, name in enumerate(names):
         keep = [i for i in range(len(names)) if i != j]
@@ -414,12 +414,15 @@ def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: Ens
     y = oof_features["label"].to_numpy(int)
     folds = oof_features["fold"].to_numpy(int)
     auto = ensemble.method == "auto"
-    method = choose_candidate(table := candidate_scores(ensemble, X, y, folds, seed)) if auto else ensemble.method
-    oof_scores = nested_oof_scores(build_stacker(ensemble, seed, method), X, y, folds)
     if auto:  # the CV figure is auto's own, choice included; the submission is the chosen blend's
+        table, candidates = candidate_scores(ensemble, X, y, folds, seed)
+        method = choose_candidate(table)
+        oof_scores = candidates[method]
         auto_scores, choices = auto_oof_scores(ensemble, X, y, folds, X_test, seed)
         cv = cross_validation_scores(y, auto_scores, folds)
     else:
+        method = ensemble.method
+        oof_scores = nested_oof_scores(build_stacker(ensemble, seed), X, y, folds)
         cv = cross_validation_scores(y, oof_scores, folds)
     fitted = clone(build_stacker(ensemble, seed, method)).fit(X, y)
     test_scores = stacker_scores(fitted, X_test)
@@ -431,5 +434,6 @@ def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: Ens
         described["auto"] = {"chosen": method, "candidates": table, "tolerance": AUTO_TOLERANCE,
                              "chosen_per_fold": choices}
     described["rank_correlation"] = rank_correlations(oof_features)
-    described["marginal_gain"] = marginal_gains(ensemble, method, X, y, folds, names, seed)
+    own_f1 = table[method]["oof_macro_f1"] if auto else cv["oof_macro_f1"]
+    described["marginal_gain"] = marginal_gains(ensemble, method, X, y, folds, names, own_f1, seed)
     return StackResult(names, oof, test, decision.threshold, cv, described, decision.as_record())
