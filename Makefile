@@ -10,12 +10,17 @@ SET    ?=
 PRESET ?= small
 DATA   ?= input/synthetic
 BACKBONES ?=
+IMAGES ?= $(DATA)/test/images
+OUT    ?= submissions/predictions.csv
+MAPS   ?=
+RUNTIME ?= torch
+FORMAT ?= onnx
 
 SETS  := $(foreach s,$(SET),--set $(s))
 RUN   := $(PY) -m competition
 ARGS  := --config $(CONFIG) $(SETS)
 
-.PHONY: setup data folds train zoo pretrain infer leaderboard test all clean-runs
+.PHONY: setup data folds train zoo pretrain infer leaderboard predict export report test all clean-runs
 
 setup: $(STAMP)
 
@@ -45,6 +50,16 @@ infer: $(STAMP)
 
 leaderboard: $(STAMP)
 	$(RUN) leaderboard $(ARGS)
+
+# IMAGES: files, folders or globs (quote globs); MAPS=DIR also draws the maps of the images predicted defective.
+predict: $(STAMP)
+	$(RUN) predict $(ARGS) --images $(IMAGES) --out $(OUT) --runtime $(RUNTIME) $(if $(MAPS),--maps $(MAPS),)
+
+export: $(STAMP)
+	$(RUN) export $(ARGS) --format $(FORMAT)
+
+report: $(STAMP)
+	$(RUN) report $(ARGS)
 
 # Lint first (ruff, configured in pyproject.toml), then the suite; pytest prints the 25 slowest tests.
 # pytest exits 5 when it collects nothing; that is not a failure of the project.

@@ -59,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("leaderboard", help="compare every experiment by cross-validation")
     _add_config_args(p)
 
+    p = sub.add_parser("predict", help="score new images with the experiment's trained ensemble")
+    _add_config_args(p)
+    p.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                   help="image files, folders (searched recursively) or globs")
+    p.add_argument("--out", required=True, help="CSV to write: path,score,answer,error, each model's score, map")
+    p.add_argument("--maps", default=None, metavar="DIR", help="write map overlays of the images predicted defective")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="run the fold models eagerly or through their exported graphs (make export)")
+    p.add_argument("--chunk", type=int, default=128, help="images decoded and scored at a time (memory bound)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="defect if the ensemble score reaches this; default: the ensemble's own threshold")
+
+    p = sub.add_parser("export", help="export the fold models to ONNX or OpenVINO")
+    _add_config_args(p)
+    p.add_argument("--format", dest="fmt", choices=["onnx", "openvino"], default="onnx")
+
+    p = sub.add_parser("report", help="write the experiment's HTML report under paths.submissions")
+    _add_config_args(p)
+
     p = sub.add_parser("score", help="score a submission against an answer key by macro-F1")
     p.add_argument("--submission", required=True)
     p.add_argument("--answers", required=True)
@@ -131,6 +150,18 @@ def main(argv: list[str] | None = None) -> int:
             from competition.leaderboard import main as leaderboard_main
 
             leaderboard_main(cfg)
+        elif args.command == "predict":
+            from competition.predict import main as predict_main
+
+            return predict_main(cfg, args.images, args.out, args.maps, args.runtime, args.chunk, args.threshold)
+        elif args.command == "export":
+            from competition.export import main as export_main
+
+            return export_main(cfg, args.fmt)
+        elif args.command == "report":
+            from competition.report import main as report_main
+
+            report_main(cfg)
         return 0
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         # Expected user-facing failures: one clear line; COMPETITION_DEBUG=1 shows the traceback.

@@ -121,14 +121,16 @@ class ImageStore:
         top, left, height, width = canvas_box(image.shape[0], image.shape[1], geometry)
         return np.ascontiguousarray(canvas[top:top + height, left:left + width])
 
-    def image(self, path: str) -> np.ndarray:
+    def image(self, path: str, decoded: np.ndarray | None = None) -> np.ndarray:
+        """The surface of the image at `path`; `decoded` is that image already read (predict decodes once)."""
         cached = self._images.get(path)
         if cached is not None:
             return cached
+        decoded = read_image(path) if decoded is None else decoded
         if self.geometry.is_square:
-            image = resize_square(read_image(path), self.size)
+            image = resize_square(decoded, self.size)
         else:
-            image = self._surface(read_image(path))
+            image = self._surface(decoded)
         image.setflags(write=False)  # shared between samples: painters and transforms must copy
         if self.keep:
             self._images[path] = image

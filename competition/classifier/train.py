@@ -8,9 +8,11 @@ summary.json, oof.csv and test.csv from best.pt, and plots. A finished fold is s
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from scipy.special import expit
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from competition.artifacts import run_dir, write_json, write_predictions, write_yaml
+from competition.artifacts import load_checkpoint, run_dir, write_json, write_predictions, write_yaml
 from competition.classifier.data import (
     EvalDataset,
     ImageStore,
@@ -105,7 +107,8 @@ def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.dev
     """Image logits in dataset order; with `tta`, the mean logit over its views (competition.tta: flips, or
     all eight flips and quarter turns), of each tile when the dataset holds tiles (`EvalDataset.image_logits`
     then reduces them to one per image)."""
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     views = tta_views(tta)
     out = np.zeros(len(loader.dataset), np.float64)
     for images, index in tqdm(loader, desc=desc, leave=False):
@@ -117,6 +120,40 @@ def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.dev
             total = total + logits.float()
         out[index.numpy()] = (total / len(views)).cpu().numpy()
     return loader.dataset.image_logits(out)
+
+
+def load_fold_classifier(cfg: Config, fold_dir: str | Path, device: torch.device) -> torch.nn.Module:
+    """A fold's best.pt as the model that wrote its predictions: `build_model(cfg)` (inside the weight
+    average when `train.ema`), in eval mode on `device`. `model(images)` gives (B,) logits."""
+    path = Path(fold_dir) / "best.pt"
+    if not path.is_file():
+        fold = Path(fold_dir).name.removeprefix("fold")
+        raise FileNotFoundError(f"{path} does not exist: train the fold first (make train FOLD={fold})")
+    # best.pt holds every weight: the initial ones (model.pretrained) need not be at hand any more
+    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False)))
+    if cfg.train.ema:
+        model = WeightAveraged(model, cfg.train.ema_decay)
+    model.load_state_dict(load_checkpoint(path)["model"])
+    model = model.to(device).eval()
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def image_scores(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], paths: list[str], cfg: Config,
+                 store: ImageStore, device: torch.device, desc: str = "predict") -> np.ndarray:
+    """Defect probabilities of the images at `paths` as test.csv holds them: the evaluation pipeline, the
+    config's TTA, tiles reduced to one logit per image, then the sigmoid. `model` may also be an exported
+    graph's forward (`competition.export.classifier_forward`): any callable from a batch to (B,) logits."""
+    if not paths:
+        return np.zeros(0)
+    return expit(predict_logits(model, eval_loader(paths, cfg, store, device), device, cfg, cfg.train.tta, desc=desc))
+
+
+def eval_loader(paths: list[str], cfg: Config, store: ImageStore, device: torch.device) -> DataLoader:
+    """Validation, test and new images in order, through the evaluation pipeline (nothing random)."""
+    return DataLoader(EvalDataset(list(paths), cfg.augment, store), batch_size=cfg.train.batch_size * 2,
+                      shuffle=False, num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -200,8 +237,7 @@ class FoldTrainer:
                           drop_last=drop_last, pin_memory=self.device.type == "cuda")
 
     def eval_loader(self, rows: pd.DataFrame) -> DataLoader:
-        dataset = EvalDataset(rows["path"].astype(str).tolist(), self.cfg.augment, self.store)
-        return self.loader(dataset, self.cfg.train.batch_size * 2)
+        return eval_loader(rows["path"].astype(str).tolist(), self.cfg, self.store, self.device)
 
     def epoch_batches(self, epoch: int) -> DataLoader:
         self.epoch = epoch
@@ -257,11 +293,11 @@ class FoldTrainer:
         labels = self.val_rows["label"].astype(int).to_numpy()
         oof_logits = predict_logits(self.model, self.eval_loader(self.val_rows), self.device, cfg, cfg.train.tta,
                                     desc="oof")
-        test_logits = predict_logits(self.model, self.eval_loader(self.test_rows), self.device, cfg, cfg.train.tta,
-                                     desc="test") if len(self.test_rows) else np.zeros(0)
+        test_scores = image_scores(self.model, self.test_rows["path"].astype(str).tolist(), cfg, self.store,
+                                   self.device, desc="test")
         oof = pd.DataFrame({"image_id": self.val_rows["image_id"].astype(str), "label": labels,
                             "score": expit(oof_logits)})
-        test = pd.DataFrame({"image_id": self.test_rows["image_id"].astype(str), "score": expit(test_logits)})
+        test = pd.DataFrame({"image_id": self.test_rows["image_id"].astype(str), "score": test_scores})
         write_predictions(oof, test, self.out)
         threshold, _ = best_threshold(labels, oof["score"])
         oof_metrics = {**binary_metrics(labels, oof["score"], threshold), "auroc": auroc(labels, oof["score"]),

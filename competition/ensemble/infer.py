@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from competition.artifacts import json_safe, write_csv, write_json, write_yaml
+from competition.artifacts import json_safe, model_dir, write_csv, write_json, write_yaml
 from competition.config import Config
 from competition.ensemble.gather import Gathered, gather
 from competition.ensemble.prior import PriorDecision
 from competition.ensemble.stacking import StackResult, cross_validation_scores, level2_features, stack
 from competition.ensemble.submission import build_submission, expected_image_ids, write_submission
 from competition.plots import plot_stacker_threshold
+from competition.zoo.api import file_digest
 
 ENSEMBLE_DIR = "_ensemble"  # under <paths.work>/<experiment>/; model folders never start with "_"
 
@@ -60,6 +61,33 @@ def write_ensemble_outputs(cfg: Config, result: StackResult, record: dict[str, A
     return out
 
 
+PREDICTOR_FORMAT = 1
+
+
+def predictor_path(cfg: Config) -> Path:
+    """`submissions/<experiment>.predictor.json`: what `predict` needs beyond the fold models themselves."""
+    return Path(cfg.paths.submissions) / f"{cfg.experiment}.predictor.json"
+
+
+def predictor_record(cfg: Config, gathered: Gathered, result: StackResult) -> dict[str, Any]:
+    """The ensemble as plain numbers for `python -m competition predict`: per model and fold model the
+    reference scores its scores are normalised against (its test.csv scores, sorted) and a digest of that
+    test.csv (a fold retrained after infer makes the record stale), the stacker's form and the threshold."""
+    references, digests = {}, {}
+    for model in gathered.models:
+        root = model_dir(cfg.paths.work, cfg.experiment, model.name)
+        references[model.name] = {str(k): np.sort(model.test.loc[model.test["fold"] == k, "score"].to_numpy(float))
+                                  for k in model.folds}
+        digests[model.name] = {str(k): file_digest(root / f"fold{k}" / "test.csv") for k in model.folds}
+    return json_safe({
+        "format": PREDICTOR_FORMAT, "experiment": cfg.experiment, "models": result.models,
+        "kinds": {name: "classifier" if name == cfg.model.name else "zoo" for name in result.models},
+        "n_folds": cfg.folds.n_splits, "normalise": cfg.ensemble.normalise, "method": cfg.ensemble.method,
+        "stacker": result.form, "threshold": result.threshold, "prior": result.prior,
+        "references": references, "test_csv_sha1": digests,
+    })
+
+
 def main(cfg: Config) -> None:
     start = time.perf_counter()
     gathered = gather(cfg)
@@ -71,6 +99,7 @@ def main(cfg: Config) -> None:
     record = ensemble_record(cfg, gathered, result, time.perf_counter() - start)
     paths = write_submission(submission, expected, cfg.paths.submissions, cfg.experiment, record)
     out = write_ensemble_outputs(cfg, result, record)
+    write_json(predictor_record(cfg, gathered, result), predictor_path(cfg))
 
     print(f"experiment {cfg.experiment}: {cfg.ensemble.method} stacker over {len(result.models)} model(s), "
           f"{cfg.ensemble.normalise}-normalised, {record['n_folds']}-fold nested CV")
@@ -85,6 +114,9 @@ def main(cfg: Config) -> None:
     print(f"  {PriorDecision(**result.prior).describe()}")
     print(f"  {record['n_test_defect_predicted']} of {record['n_test']} test images predicted defective")
     print(f"  stacker outputs: {out}")
+    if result.form is None:
+        print(f"  predict cannot reuse this stacker ({record['stacker']['estimator']} has no plain-number form); "
+              "it can with ensemble.method logistic, auto, rank_blend, mean or best_single")
     print(paths["submission"])
 
 

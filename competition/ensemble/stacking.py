@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import PredefinedSplit, cross_val_predict
@@ -48,17 +49,25 @@ _MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard 
 
 # ------------------------------------------------------------------------------------ features
 
-def normalise_scores(scores, reference, method: str) -> np.ndarray:
+def normalise_scores(scores, reference, method: str, snap_tolerance: float = 0.0) -> np.ndarray:
     """Scores placed on the scale of `reference` (one fold model's test scores).
 
     rank: mid-rank position among the reference scores, in [0, 1]; zscore: (score - median) / scale
     with scale = 1.4826 * MAD (the standard deviation when the MAD is 0, 1 when both are 0).
+    `snap_tolerance` (rank only): a score this close to a reference score is taken as that score. `predict`
+    recomputes scores in other batches and threads, whose last bits may differ; without it a test image
+    scored again would move half a rank against its own reference score.
     """
     scores = np.asarray(scores, float)
     ref = np.sort(np.asarray(reference, float))
     if len(ref) == 0:
         raise ValueError("normalising needs reference scores; the fold model's test.csv is empty")
     if method == "rank":
+        if snap_tolerance > 0:
+            right = np.clip(np.searchsorted(ref, scores), 0, len(ref) - 1)
+            left = np.clip(right - 1, 0, len(ref) - 1)
+            nearest = np.where(np.abs(scores - ref[left]) <= np.abs(ref[right] - scores), ref[left], ref[right])
+            scores = np.where(np.abs(nearest - scores) <= snap_tolerance, nearest, scores)
         below = np.searchsorted(ref, scores, side="left")
         up_to = np.searchsorted(ref, scores, side="right")
         return (below + up_to) / (2.0 * len(ref))
@@ -295,6 +304,33 @@ def describe_stacker(fitted, names: list[str]) -> dict[str, Any]:
     return out
 
 
+def stacker_form(fitted, names: list[str]) -> dict[str, Any] | None:
+    """The fitted stacker as plain numbers, enough for `form_scores` to reproduce its scores: what `predict`
+    reads back from JSON, so no pickled code ever runs. None for a stacker without such a form (an arbitrary
+    `ensemble.method: sklearn` estimator)."""
+    final = fitted.steps[-1][1] if isinstance(fitted, Pipeline) else fitted
+    if isinstance(final, RankBlend):  # also MeanBlend and BestSingle
+        return {"kind": "weighted_mean", "features": list(names), "weights": final.weights_.tolist()}
+    if isinstance(fitted, Pipeline) and len(fitted.steps) == 2 and isinstance(final, LogisticRegression) \
+            and isinstance(fitted.steps[0][1], StandardScaler) and len(final.classes_) == 2:
+        scaler = fitted.steps[0][1]
+        return {"kind": "logistic", "features": list(names), "mean": scaler.mean_.tolist(),
+                "scale": scaler.scale_.tolist(), "coef": np.ravel(final.coef_).tolist(),
+                "intercept": float(np.ravel(final.intercept_)[0])}
+    return None
+
+
+def form_scores(form: dict[str, Any], X) -> np.ndarray:
+    """`stacker_scores` of the stacker that `stacker_form` wrote, from its numbers alone."""
+    X = np.asarray(X, float)
+    if form["kind"] == "weighted_mean":
+        return X @ np.asarray(form["weights"], float)
+    if form["kind"] == "logistic":
+        z = (X - np.asarray(form["mean"], float)) / np.asarray(form["scale"], float)
+        return expit(z @ np.asarray(form["coef"], float) + float(form["intercept"]))
+    raise ValueError(f"unknown stacker form {form.get('kind')!r}")
+
+
 # ------------------------------------------------------------------------------------ scoring
 
 def cross_validation_scores(labels, scores, folds) -> dict[str, Any]:
@@ -324,6 +360,7 @@ class StackResult:
     cv: dict[str, Any]  # out-of-fold figures at the training share (cv["threshold"])
     stacker: dict[str, Any] = field(default_factory=dict)
     prior: dict[str, Any] = field(default_factory=dict)  # prior.PriorDecision.as_record()
+    form: dict[str, Any] | None = None  # the fitted stacker as plain numbers (`stacker_form`); None: it has none
 
 
 # `ensemble.method: auto` replaces a simpler candidate only when a blend beats it by more than this nested
@@ -436,4 +473,5 @@ def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: Ens
     described["rank_correlation"] = rank_correlations(oof_features)
     own_f1 = table[method]["oof_macro_f1"] if auto else cv["oof_macro_f1"]
     described["marginal_gain"] = marginal_gains(ensemble, method, X, y, folds, names, own_f1, seed)
-    return StackResult(names, oof, test, decision.threshold, cv, described, decision.as_record())
+    return StackResult(names, oof, test, decision.threshold, cv, described, decision.as_record(),
+                       stacker_form(fitted, names))
