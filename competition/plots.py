@@ -195,3 +195,73 @@ def plot_leaderboard(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set_title("local leaderboard (orange: stacked ensembles)")
     ax.legend(loc="lower right", fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_roc_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "") -> Path:
+    """ROC and precision-recall of several scorers of the same images, overlaid: {name: (labels, scores)}."""
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(11, 4.4))
+    prevalence = None
+    for name, (labels, scores) in curves.items():
+        labels, scores = np.asarray(labels, int), np.asarray(scores, float)
+        if not 0 < labels.sum() < len(labels):
+            continue
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax_roc.plot(fpr, tpr, label=f"{name}: {auroc(labels, scores):.3f}")
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        ax_pr.plot(recall, precision, label=f"{name}: {aupr(labels, scores):.3f}")
+        prevalence = labels.mean()
+    if prevalence is not None:
+        ax_pr.axhline(prevalence, color="grey", linestyle=":", label=f"prevalence {prevalence:.3f}")
+    ax_roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (legend: AUROC)",
+               xlim=(0, 1), ylim=(0, 1.02))
+    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall (legend: average precision)",
+              xlim=(0, 1), ylim=(0, 1.02))
+    for ax in (ax_roc, ax_pr):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_macro_f1_by_share(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
+                           marks: dict[str, float] | None = None, title: str = "") -> Path:
+    """Macro-F1 against the share of images called defective, one line per scorer: {name: (labels, scores)}.
+
+    The share, unlike a threshold, means the same for every scorer, so the lines compare directly.
+    `marks` draws vertical lines at given shares (the true defect share, a submission's share).
+    """
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, (labels, scores) in curves.items():
+        labels, scores = np.asarray(labels, int), np.asarray(scores, float)
+        if not len(labels):
+            continue
+        cuts, f1 = macro_f1_curve(labels, scores)
+        called = np.searchsorted(np.sort(scores), cuts, side="left")  # images below each cut
+        share = np.append(1.0 - called / len(scores), 0.0)
+        ax.plot(share, f1, label=f"{name}: best {f1.max():.3f}")
+    for (label, share), colour in zip((marks or {}).items(), ["grey", "tab:red", "tab:purple"]):
+        ax.axvline(share, color=colour, linestyle="--", linewidth=1, label=f"{label} {share:.3f}")
+    ax.set(xlabel="share of images called defective", ylabel="out-of-fold macro-F1", xlim=(0, 1), ylim=(0, 1.02),
+           title=title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right")
+    return save_figure(fig, path)
+
+
+def plot_image_with_map(image: np.ndarray, anomaly_map: np.ndarray | None, path: str | Path,
+                        value_range: tuple[float, float] | None = None) -> Path:
+    """One image, and beside it its anomaly map overlay when there is one (`value_range`: the colour scale)."""
+    panels = 1 if anomaly_map is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(2.2 * panels, 2.2), squeeze=False)
+    for ax in axes.ravel():
+        ax.imshow(image)
+        ax.axis("off")
+    if anomaly_map is not None:
+        low, high = value_range or (float(np.min(anomaly_map)), float(np.max(anomaly_map)))
+        axes[0, 1].imshow(anomaly_map, cmap="jet", alpha=0.5, vmin=low, vmax=high)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=0.03)
+    return save_figure(fig, path, dpi=80)
