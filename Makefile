@@ -46,7 +46,7 @@ pretrain: $(STAMP)
 	$(if $(strip $(BACKBONES)),$(foreach b,$(BACKBONES),$(RUN) pretrain $(ARGS) --set pretrain.backbone=$(b) &&) true,$(RUN) pretrain $(ARGS))
 
 infer: $(STAMP)
-	$(RUN) infer $(ARGS)
+	$(RUN) infer $(ARGS) $(if $(ALLOW_PARTIAL),--allow-partial,)
 
 leaderboard: $(STAMP)
 	$(RUN) leaderboard $(ARGS)

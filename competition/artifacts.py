@@ -6,9 +6,11 @@ JSON is strict (RFC 8259: no NaN or Infinity; they are written as null) and ids 
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -41,20 +43,57 @@ def pretrained_weights_path(work: str | Path, backbone: str) -> Path:
     return pretrain_dir(work) / f"{backbone}.safetensors"
 
 
+TEMP_SUFFIX = ".tmp"  # atomic writes' temporary files: `.<name>.<random>.tmp` beside their target
+
+
+def _process_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files get the permissions any other tool would give them (mkstemp's own are 0600).
+FILE_MODE = 0o666 & ~_process_umask()
+
+
+class UnreadableFileError(ValueError):
+    """A file the pipeline wrote cannot be read back (truncated, corrupted, another format)."""
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    A full disk or another OS error names `path`, not the temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write there: {exc.strerror}", str(path)) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        raise OSError(exc.errno, f"{reason} (writing it)", str(path)) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left in `folder` (not below it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -80,7 +119,11 @@ def write_yaml(data: Any, path: str | Path) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """The JSON at `path`; a file that is not JSON raises UnreadableFileError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnreadableFileError(f"cannot read {path}: not valid JSON ({exc})") from None
 
 
 def read_table(path: str | Path, id_columns: Iterable[str] = ("image_id",), all_text: bool = False) -> pd.DataFrame:
@@ -112,15 +155,37 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch's writer reports a failed write (a full disk) as a RuntimeError
+            if "write" not in str(exc).lower():
+                raise
+            full = shutil.disk_usage(tmp.parent).free < (64 << 20)
+            raise OSError(errno.ENOSPC if full else errno.EIO, "file write failed", str(tmp)) from exc
     return Path(path)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Checkpoints hold tensors and plain Python values only, so `weights_only=True` always works."""
+    """Checkpoints hold tensors and plain Python values only, so `weights_only=True` always works.
+    A truncated or corrupted file raises UnreadableFileError naming it."""
+    import pickle
+    import zipfile
+
     import torch
 
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        text = str(exc)
+        if "zip archive" in text or "central directory" in text or isinstance(exc, (EOFError, zipfile.BadZipFile)):
+            reason = "truncated or corrupted (not a complete torch checkpoint)"
+        elif "Weights only load failed" in text:
+            reason = "not a checkpoint of this project (it holds objects that weights_only loading refuses)"
+        else:
+            reason = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise UnreadableFileError(f"cannot read {path}: {reason}") from None
 
 
 def write_predictions(oof: pd.DataFrame, test: pd.DataFrame, out_dir: str | Path) -> None:

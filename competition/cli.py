@@ -9,6 +9,19 @@ from pathlib import Path
 
 from competition.config import DEFAULT_CONFIG, ConfigError, load_config
 
+WORKFLOW = """workflow (make targets in brackets):
+  synth --preset small --out DIR       a synthetic competition, or bring your own in the same layout [make data]
+  check-data --data DIR                decode every image and mask, report problems before training
+  folds                                stratified k-fold assignment: <paths.work>/folds.csv [make folds]
+  train --fold all | zoo --fold all    the classifier and the anomaly zoo, per fold [make train, make zoo]
+  infer                                stack the finished runs, write submissions/submission.csv [make infer]
+  leaderboard                          every experiment by cross-validation (and the answer key if any)
+  score --submission F --answers K     macro-F1 of a submission
+  predict --images ... --out F         the trained ensemble on new images [make predict IMAGES=...]
+  export --format onnx|openvino        the fold models as graphs for predict --runtime [make export]
+  report                               one HTML page of the experiment [make report]
+"""
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
@@ -17,29 +30,34 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="competition", description=__doc__)
+    parser = argparse.ArgumentParser(prog="competition", description=__doc__, epilog=WORKFLOW,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write the synthetic competition dataset")
-    p.add_argument("--preset", choices=["tiny", "small", "full"], default="small")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-defect-rate", type=float, default=None)
+    p.add_argument("--preset", choices=["tiny", "small", "full"], default="small",
+                   help="dataset size: tiny (tests), small (the default experiment), full (the original counts)")
+    p.add_argument("--out", required=True, help="folder to write the dataset into")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the textures and defects")
+    p.add_argument("--test-defect-rate", type=float, default=None,
+                   help="share of defective test images (default: the preset's)")
     p.add_argument("--real-like", action="store_true", help="harder variant: grayscale, varying sizes, JPEG, subtle")
     p.add_argument("--if-missing", action="store_true", help="do nothing if OUT already holds this preset and seed")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
 
     p = sub.add_parser("check-data", help="validate a dataset and print a report")
-    p.add_argument("--data", required=True)
-    p.add_argument("--layout", default="competition")
-    p.add_argument("--category", default=None)
+    p.add_argument("--data", default=None, help="dataset folder (default: paths.data of --config)")
+    p.add_argument("--layout", default=None,
+                   help="competition | mvtec | btad | visa | folder (default: data.layout of --config)")
+    p.add_argument("--category", default=None, help="object category of an mvtec/btad/visa layout")
+    _add_config_args(p)
 
     p = sub.add_parser("folds", help="write <paths.work>/folds.csv")
     _add_config_args(p)
 
     p = sub.add_parser("train", help="train the classifier on one fold or all")
     _add_config_args(p)
-    p.add_argument("--fold", default="0", help="fold index or 'all'")
+    p.add_argument("--fold", default="all", help="fold index or 'all' (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="retrain a finished fold")
 
     p = sub.add_parser("zoo", help="fit anomaly models and write their per-fold scores")
@@ -55,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="stack the finished runs and write submission.csv")
     _add_config_args(p)
+    p.add_argument("--allow-partial", action="store_true",
+                   help="stack the finished models even when others of the experiment are unfinished")
 
     p = sub.add_parser("leaderboard", help="compare every experiment by cross-validation")
     _add_config_args(p)
@@ -73,14 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export the fold models to ONNX or OpenVINO")
     _add_config_args(p)
-    p.add_argument("--format", dest="fmt", choices=["onnx", "openvino"], default="onnx")
+    p.add_argument("--format", dest="fmt", choices=["onnx", "openvino"], default="onnx",
+                   help="onnx (model.onnx, for onnxruntime) or openvino (model.xml + model.bin)")
 
     p = sub.add_parser("report", help="write the experiment's HTML report under paths.submissions")
     _add_config_args(p)
 
     p = sub.add_parser("score", help="score a submission against an answer key by macro-F1")
-    p.add_argument("--submission", required=True)
-    p.add_argument("--answers", required=True)
+    p.add_argument("--submission", required=True, help="the CSV to score (ImageId,answer)")
+    p.add_argument("--answers", required=True, help="the answer key (ImageId,answer, optionally Usage)")
     return parser
 
 
@@ -113,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-data":
             from competition.data.check import run_check_data
 
+            if args.data is None or args.layout is None:  # from the config, as the stages would read it
+                cfg = load_config(args.config, args.overrides)
+                args.data = args.data or cfg.paths.data
+                args.layout = args.layout or cfg.data.layout
+                args.category = args.category or cfg.data.category
             return run_check_data(args.data, args.layout, args.category)
         if args.command == "score":
             from competition.leaderboard import score_main
@@ -145,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "infer":
             from competition.ensemble.infer import main as infer_main
 
-            infer_main(cfg)
+            infer_main(cfg, allow_partial=args.allow_partial)
         elif args.command == "leaderboard":
             from competition.leaderboard import main as leaderboard_main
 
@@ -163,7 +189,16 @@ def main(argv: list[str] | None = None) -> int:
 
             report_main(cfg)
         return 0
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except KeyboardInterrupt:
+        print("interrupted; run the same command to resume", file=sys.stderr)
+        return 130
+    except OSError as exc:  # full disk, permissions, a file where a folder should be: name the path
+        if os.environ.get("COMPETITION_DEBUG"):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError, RuntimeError) as exc:
         # Expected user-facing failures: one clear line; COMPETITION_DEBUG=1 shows the traceback.
         if os.environ.get("COMPETITION_DEBUG"):
             raise

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from competition.artifacts import read_json
+from competition.artifacts import UnreadableFileError, read_json, remove_stale_temporaries
 from competition.config import Config
 from competition.messages import first_few
 
@@ -120,7 +120,10 @@ class RunFolder:
         """The marker's content if the run is finished, else None."""
         if not self.marker.exists() or not all(Path(p).exists() for p in self.required):
             return None
-        done = read_json(self.marker)
+        try:
+            done = read_json(self.marker)
+        except UnreadableFileError as exc:
+            raise UnreadableFileError(f"{exc}; delete it or pass --force to {self.redo}") from None
         return done if done.get("finished", True) else None
 
     def prepare(self, record: dict[str, Any], force: bool) -> dict[str, Any] | None:
@@ -128,6 +131,8 @@ class RunFolder:
         a finished run made with the same `record` returns its marker (the caller reuses it), one
         made with another record raises ConfigChangedError, and an unfinished one returns None
         (the engine resumes from last.pt, after the same check)."""
+        for folder in {Path(p) if Path(p).is_dir() else Path(p).parent for p in (self.marker, *self.outputs)}:
+            remove_stale_temporaries(folder)  # left by a killed write; never read
         if force:
             self.clear()
             return None

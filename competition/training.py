@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from competition.artifacts import load_checkpoint, save_checkpoint, write_csv
+from competition.artifacts import UnreadableFileError, load_checkpoint, save_checkpoint, write_csv
 from competition.runtime import autocast
 from competition.stage import ANOTHER_EXPERIMENT, refuse_changed
 
@@ -197,7 +197,11 @@ def load_training_state(path: str | Path, *, model: nn.Module,
     path = Path(path)
     if not path.exists():
         return None
-    return restore_training_state(load_checkpoint(path, map_location=map_location), path, model=model,
+    try:
+        state = load_checkpoint(path, map_location=map_location)
+    except UnreadableFileError as exc:
+        raise UnreadableFileError(f"{exc}; delete it to start this run again, or pass --force") from None
+    return restore_training_state(state, path, model=model,
                                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, tracker=tracker,
                                   restore_rng=restore_rng)
 

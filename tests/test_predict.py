@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import config_with_folds
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -15,7 +16,6 @@ from sklearn.preprocessing import StandardScaler
 from competition.cli import main as cli_main
 from competition.ensemble.stacking import MeanBlend, RankBlend, form_scores, stacker_form, stacker_scores
 from competition.predict import ExperimentNotReadyError, expand_images, predict
-from conftest import config_with_folds
 
 OVERRIDES = ("train.epochs=1", "folds.n_splits=2", "zoo.models=[padim-resnet18]", "zoo.gallery_size=0")
 

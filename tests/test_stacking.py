@@ -281,7 +281,10 @@ def test_unfinished_models_are_left_out_or_named_with_the_command_for_each_missi
     write("zoo-a", 2.0, 1)
     write(cfg.model.name, 1.0, 2, only_folds=[0, 2])
     write("zoo-b", 1.0, 3, only_folds=[1])
-    gathered = gather(cfg)
+    with pytest.raises(MissingRunsError, match="--allow-partial") as info:
+        gather(cfg)  # an unfinished model would silently change the stack
+    assert "`make train FOLD=1`" in str(info.value) and "zoo-b: fold(s) 0, 2 missing" in str(info.value)
+    gathered = gather(cfg, allow_partial=True)
     assert [m.name for m in gathered.models] == ["zoo-a"]
     assert "make train FOLD=1" in caplog.text
 

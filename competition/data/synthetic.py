@@ -135,7 +135,8 @@ def write_competition(out: str | Path, preset: str = "small", seed: int = 0,
 def _prepare_output(out: Path, overwrite: bool) -> None:
     existing = [out / name for name in _OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a dataset ({existing[0].name}); delete it or pass overwrite=True")
+        raise FileExistsError(f"{out} already holds a dataset ({existing[0].name}); delete it, or pass "
+                              "--overwrite (overwrite=True from Python) to replace it")
     for path in existing:
         if path.is_dir():
             shutil.rmtree(path)

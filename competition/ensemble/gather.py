@@ -178,8 +178,10 @@ def read_model(model_path: Path, folds: list[int], check_disjoint: bool = True) 
     return ModelPredictions(model_path.name, oof, pd.concat(tests, ignore_index=True), summaries)
 
 
-def select_models(cfg: Config) -> list[str]:
-    """The models that enter the ensemble; stops naming every missing fold and its command."""
+def select_models(cfg: Config, allow_partial: bool = False) -> list[str]:
+    """The models that enter the ensemble; stops naming every missing fold and its command. With the default
+    `ensemble.models: []` every model of the experiment must be finished: an unfinished one would silently
+    change the stack; `allow_partial` leaves it out with a warning instead."""
     work, experiment, n_splits = cfg.paths.work, cfg.experiment, cfg.folds.n_splits
     root = Path(work) / experiment
     present = model_names(work, experiment)
@@ -203,6 +205,12 @@ def select_models(cfg: Config) -> list[str]:
         raise MissingRunsError(
             f"ensemble.models of experiment {experiment!r} needs all {n_splits} folds of every listed model:\n  "
             f"{lines}\n(with the config of experiment {experiment!r}; or remove the model from ensemble.models)")
+    if incomplete and not allow_partial:
+        lines = "\n  ".join(describe(name, folds) for name, folds in incomplete.items())
+        raise MissingRunsError(
+            f"experiment {experiment!r} has unfinished models (a model is finished when all {n_splits} folds have "
+            f"predictions):\n  {lines}\nFinish them, or stack only the finished ones: `python -m competition infer "
+            "--allow-partial` (make infer ALLOW_PARTIAL=1), or list the models in ensemble.models")
     finished = [name for name in wanted if name not in incomplete]
     if not finished:
         lines = "\n  ".join(describe(name, folds) for name, folds in incomplete.items())
@@ -255,11 +263,11 @@ def check_alignment(model: ModelPredictions, folds: pd.DataFrame, test_ids: list
             f"{make_command(cfg, model.name, bad_folds, force=True)}")
 
 
-def gather(cfg: Config, index: pd.DataFrame | None = None) -> Gathered:
+def gather(cfg: Config, index: pd.DataFrame | None = None, allow_partial: bool = False) -> Gathered:
     """The finished, aligned runs of `cfg.experiment` (restricted to `ensemble.models` when set)."""
     from competition.folds import load_index, read_folds
 
-    names = select_models(cfg)  # before reading the dataset: missing runs are the likelier problem
+    names = select_models(cfg, allow_partial)  # before reading the dataset: missing runs are the likelier problem
     index = load_index(cfg) if index is None else index
     folds = read_folds(cfg, index)[["image_id", "label", "fold"]].copy()
     folds["label"] = folds["label"].astype(int)

@@ -88,9 +88,9 @@ def predictor_record(cfg: Config, gathered: Gathered, result: StackResult) -> di
     })
 
 
-def main(cfg: Config) -> None:
+def main(cfg: Config, allow_partial: bool = False) -> None:
     start = time.perf_counter()
-    gathered = gather(cfg)
+    gathered = gather(cfg, allow_partial=allow_partial)
     oof_features, test_features = level2_features(gathered.models, cfg.ensemble.normalise,
                                                   gathered.folds, gathered.test_ids)
     result = stack(oof_features, test_features, cfg.ensemble, cfg.seed)

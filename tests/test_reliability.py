@@ -1,0 +1,155 @@
+"""Errors about files name the file and the way out; killed writes leave nothing behind that is trusted
+or kept; the CLI answers a full disk, Ctrl-C and a bad path in one line."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from competition.artifacts import (
+    UnreadableFileError,
+    atomic_path,
+    load_checkpoint,
+    read_json,
+    save_checkpoint,
+    write_csv,
+    write_json,
+)
+from competition.cli import main as cli_main
+from competition.stage import RunFolder
+from competition.training import load_training_state
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    write_json({"a": 1}, tmp_path / "x.json")
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o666 & ~mask != 0o600
+
+
+def test_a_corrupted_json_names_its_file(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text('{"fold": 0, "trunc')
+    with pytest.raises(UnreadableFileError, match=re.escape(f"cannot read {path}: not valid JSON")):
+        read_json(path)
+
+
+def test_a_corrupted_marker_says_delete_it_or_force(tmp_path):
+    marker = tmp_path / "summary.json"
+    marker.write_text("{not json")
+    folder = RunFolder(marker=marker, outputs=(tmp_path,), redo="refit this fold")
+    with pytest.raises(UnreadableFileError, match="delete it or pass --force to refit this fold"):
+        folder.prepare({}, force=False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupted_checkpoint_names_its_file(tmp_path, damage):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00junk" * 20, "empty": b""}[damage])
+    with pytest.raises(UnreadableFileError, match=re.escape(f"cannot read {path}")):
+        load_checkpoint(path)
+    with pytest.raises(UnreadableFileError, match="delete it to start this run again, or pass --force"):
+        load_training_state(path, model=torch.nn.Linear(3, 1))
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    target = tmp_path / "runs" / "oof.csv"
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    import pandas as pd
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", no_space)
+    with pytest.raises(OSError) as info:
+        write_csv(pd.DataFrame({"a": [1]}), target)
+    assert info.value.filename == str(target) and "no space left on device" in info.value.strerror
+    assert not list(target.parent.iterdir())  # no temporary file left behind
+
+
+def test_a_failed_checkpoint_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    def failing_save(state, path, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    target = tmp_path / "best.pt"
+    with pytest.raises(OSError) as info:
+        save_checkpoint({"w": torch.ones(1)}, target)
+    assert info.value.filename == str(target)
+    assert not list(tmp_path.iterdir())
+
+
+def test_stale_temporaries_are_removed_when_a_stage_starts_and_by_force(tmp_path):
+    out = tmp_path / "fold0"
+    out.mkdir()
+    stale = out / ".best.pt.abc123.tmp"
+    stale.write_bytes(b"x" * 100)
+    keep = out / "history.csv"
+    keep.write_text("epoch\n1\n")
+    RunFolder(marker=out / "summary.json", outputs=(out / "best.pt",)).prepare({}, force=False)
+    assert not stale.exists() and keep.exists()
+    stale.write_bytes(b"x")
+    RunFolder(marker=out / "summary.json", outputs=(out,)).prepare({}, force=True)
+    assert not stale.exists()
+
+
+def test_the_cli_names_the_path_of_an_os_error_in_one_line(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("I am a file")
+    code = cli_main(["synth", "--preset", "tiny", "--out", str(blocker / "data")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and str(blocker) in err and len(err.strip().splitlines()) == 1
+
+
+def test_synth_into_a_dataset_says_to_pass_overwrite(tiny_data, tmp_path, capsys):
+    out = tmp_path / "data"
+    assert cli_main(["synth", "--preset", "tiny", "--out", str(out), "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["synth", "--preset", "tiny", "--out", str(out), "--seed", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
+
+
+def test_ctrl_c_prints_one_line(monkeypatch, capsys):
+    import competition.data.synthetic as synthetic
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_competition", interrupted)
+    assert cli_main(["synth", "--preset", "tiny", "--out", "unused"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; run the same command to resume"
+
+
+def test_train_defaults_to_every_fold_and_every_option_has_help():
+    from competition.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train"]).fold == "all"
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help text"
+
+
+def test_check_data_reads_the_dataset_from_the_config(tiny_data, capsys):
+    code = cli_main(["check-data", "--config", "configs/quick.yaml", "--set", f"paths.data={tiny_data}"])
+    assert code == 0 and str(tiny_data) in capsys.readouterr().out
+
+
+def test_atomic_path_leaves_the_old_file_when_the_block_fails(tmp_path):
+    target = tmp_path / "x.json"
+    write_json({"v": 1}, target)
+    with pytest.raises(ZeroDivisionError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        1 / 0
+    assert read_json(target) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
