@@ -13,7 +13,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-DEFAULT_CONFIG = Path("configs/default.yaml")
+# The repository's configs/default.yaml, wherever the command runs from (an installed copy without the
+# repository's configs/ gets a ConfigError saying to pass --config).
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 class ConfigError(ValueError):
@@ -32,6 +34,7 @@ class DataConfig:
     layout: Literal["competition", "mvtec", "btad", "visa", "folder"] = "competition"
     category: str | None = None  # object category for mvtec/btad/visa
     skip_unreadable_train: bool = False  # drop unreadable training images with a warning (test: never)
+    resize_mismatched_masks: bool = False  # a mask of another size than its image: resize it with a warning
 
 
 @dataclass
@@ -386,8 +389,9 @@ class Config:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"config file not found: {path}; pass one with --config PATH (the repository's "
+                          "configs/ holds default.yaml, quick.yaml, real.yaml, ...)") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
@@ -526,10 +530,47 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict[str, str]) -> Any:
             raise fail(f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `experiment: 2024` as a number; the user meant the name
         if not isinstance(value, str):
             raise fail(f"expected a string, got {value!r}")
         return value
     raise fail(f"unsupported type {tp}")
+
+
+# Ranges of numeric keys, checked as each key is read so that an error names that key and where it was set.
+_AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
+_POSITIVE = ("> 0", lambda v: v > 0)
+_NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+_SHARE = ("in [0, 1]", lambda v: 0 <= v <= 1)
+_OPEN_SHARE = ("in (0, 1)", lambda v: 0 < v < 1)
+_IMAGE_SIDE = (">= 16", lambda v: v >= 16)
+RANGES: dict[str, tuple[str, Any]] = {
+    "train.epochs": _AT_LEAST_ONE, "train.batch_size": _AT_LEAST_ONE, "train.accumulate_steps": _AT_LEAST_ONE,
+    "train.lr": _POSITIVE, "train.weight_decay": _NON_NEGATIVE, "train.warmup_epochs": _NON_NEGATIVE,
+    "train.grad_clip": _NON_NEGATIVE, "train.pos_weight": _POSITIVE,
+    "train.label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
+    "train.patience": _NON_NEGATIVE, "train.num_workers": _NON_NEGATIVE, "train.threads": _NON_NEGATIVE,
+    "train.ema_decay": _OPEN_SHARE,
+    "model.image_size": _IMAGE_SIDE, "model.drop_rate": _SHARE, "model.drop_path_rate": _SHARE,
+    "model.tiles.size": _IMAGE_SIDE, "zoo.tiles.size": _IMAGE_SIDE, "model.tiles.scale": _POSITIVE,
+    "zoo.tiles.scale": _POSITIVE, "model.tiles.topk": _AT_LEAST_ONE, "zoo.tiles.topk": _AT_LEAST_ONE,
+    "oversample.defect_ratio": _NON_NEGATIVE, "oversample.normals_per_epoch": _POSITIVE,
+    "positives.ratio": _NON_NEGATIVE, "mask_head.loss_weight": _NON_NEGATIVE, "mask_head.score_weight": _SHARE,
+    "mask_head.pool_top": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "segdec.width": _AT_LEAST_ONE, "segdec.volume_channels": _AT_LEAST_ONE, "segdec.mask_dilate": _NON_NEGATIVE,
+    "zoo.image_size": _IMAGE_SIDE, "zoo.batch_size": _AT_LEAST_ONE, "zoo.num_workers": _NON_NEGATIVE,
+    "zoo.min_real_defects": _NON_NEGATIVE, "zoo.painted_per_fold": _NON_NEGATIVE,
+    "zoo.validation_share": ("in [0, 1)", lambda v: 0 <= v < 1), "zoo.gallery_size": _NON_NEGATIVE,
+    "pretrain.epochs": _AT_LEAST_ONE, "pretrain.batch_size": ("> 1", lambda v: v > 1), "pretrain.lr": _POSITIVE,
+    "pretrain.temperature": _POSITIVE, "pretrain.image_size": _IMAGE_SIDE, "pretrain.hold_size": _IMAGE_SIDE,
+}
+
+
+def _check_range(key: str, value: Any, sources: dict[str, str]) -> None:
+    rule = RANGES.get(key)
+    if rule is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and not rule[1](value):
+        raise ConfigError(f"{key} (set in {sources.get(key, 'defaults')}): must be {rule[0]}, got {value!r}")
 
 
 def _build(cls: type, data: Any, prefix: str, sources: dict[str, str]) -> Any:
@@ -549,6 +590,7 @@ def _build(cls: type, data: Any, prefix: str, sources: dict[str, str]) -> Any:
         if name in data:
             dotted = f"{prefix}.{name}" if prefix else name
             kwargs[name] = _coerce(data[name], hints[name], dotted, sources)
+            _check_range(dotted, kwargs[name], sources)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:

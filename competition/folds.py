@@ -7,6 +7,7 @@ fingerprint of the dataset; reading folds for a changed dataset stops instead of
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,8 @@ from competition.artifacts import read_json, read_table, write_csv, write_json
 from competition.config import Config
 
 FOLD_COLUMNS = ["image_id", "label", "group", "fold"]
+
+log = logging.getLogger(__name__)
 
 
 class StaleFoldsError(RuntimeError):
@@ -27,6 +30,39 @@ def load_index(cfg: Config) -> pd.DataFrame:
     from competition.data.layouts import read_dataset
 
     return read_dataset(cfg.paths.data, cfg.data.layout, cfg.data.category, cfg.data.skip_unreadable_train)
+
+
+def check_stage_inputs(cfg: Config, index: pd.DataFrame) -> None:
+    """What check-data would stop on, checked before a stage trains anything: every test image decodes
+    (a truncated one would otherwise fail only after a whole fold has trained), and every defect mask has
+    its image's size (else it would be stretched silently; `data.resize_mismatched_masks` allows it with a
+    warning). Defects without a mask train on their image-level label; a note says how many."""
+    from competition.data.images import ImageReadError, find_unreadable, image_size
+    from competition.messages import first_few
+
+    test_paths = index.loc[index["split"] == "test", "path"].astype(str).tolist()
+    failures = find_unreadable(test_paths)
+    if failures:
+        raise ImageReadError(failures[0][0], f"{failures[0][1]}; {len(failures)} test image(s) cannot be read: "
+                             f"{first_few(f'{p} ({why})' for p, why in failures)}. Every test image needs a "
+                             f"prediction: repair or replace them (python -m competition check-data lists "
+                             "every problem)")
+    defects = index[(index["split"] == "train") & (index["label"] == 1)]
+    with_mask = defects[defects["mask_path"].astype(str) != ""]
+    if len(with_mask) < len(defects):
+        log.info("%d of %d training defect(s) have no mask: they train on their image-level label",
+                 len(defects) - len(with_mask), len(defects))
+    mismatched = []
+    for row in with_mask.itertuples():
+        image, mask = image_size(row.path), image_size(row.mask_path)
+        if image != mask:
+            mismatched.append(f"{row.mask_path} is {mask[1]}x{mask[0]}, its image {row.path} {image[1]}x{image[0]}")
+    if mismatched and not cfg.data.resize_mismatched_masks:
+        raise ValueError(f"{len(mismatched)} defect mask(s) differ in size from their image: "
+                         f"{first_few(mismatched)}. Fix the masks, or set data.resize_mismatched_masks: true to "
+                         "resize them (nearest neighbour) with a warning")
+    for line in mismatched:
+        log.warning("resizing a mask to its image (data.resize_mismatched_masks): %s", line)
 
 
 def labeled_train(index: pd.DataFrame) -> pd.DataFrame:

@@ -153,3 +153,76 @@ def test_atomic_path_leaves_the_old_file_when_the_block_fails(tmp_path):
         tmp.write_text("half")
         1 / 0
     assert read_json(target) == {"v": 1} and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+@pytest.mark.parametrize("override, key", [("train.batch_size=0", "train.batch_size"), ("train.lr=-1", "train.lr"),
+                                           ("zoo.image_size=0", "zoo.image_size"),
+                                           ("zoo.validation_share=1.5", "zoo.validation_share")])
+def test_an_out_of_range_value_names_its_key_and_source(override, key):
+    from competition.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(f"{key} (set in --set {override}): must be")):
+        load_config(None, [override])
+
+
+def test_a_number_where_a_name_is_expected_is_the_name_typed():
+    from competition.config import load_config
+
+    assert load_config(None, ["experiment=2024"]).experiment == "2024"
+
+
+def test_the_default_config_resolves_from_any_folder(tmp_path, monkeypatch):
+    from competition.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config().experiment == "default"
+
+
+def test_a_misspelt_zoo_params_model_is_an_error_with_suggestions(tiny_cfg):
+    from competition.config import load_config
+    from competition.zoo.runner import main as zoo_main
+
+    cfg = load_config("configs/quick.yaml", [f"paths.data={tiny_cfg.paths.data}", f"paths.work={tiny_cfg.paths.work}",
+                                             "zoo.params={patchcor-resnet18: {coreset_ratio: 0.5}}"])
+    with pytest.raises(ValueError, match="'patchcor-resnet18' in zoo.params; did you mean patchcore-resnet18"):
+        zoo_main(cfg, None, "0", False)
+
+
+@pytest.fixture
+def own_data(tiny_data, tmp_path):
+    """A writable copy of the tiny set, with folds."""
+    import shutil
+
+    from conftest import config_with_folds
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    return config_with_folds(data, tmp_path)
+
+
+def test_a_truncated_test_image_stops_training_before_it_starts(own_data, capsys):
+    from competition.classifier.train import main as train_main
+    from competition.data.images import ImageReadError
+
+    test_image = sorted((Path(own_data.paths.data) / "test" / "images").iterdir())[3]
+    test_image.write_bytes(test_image.read_bytes()[:120])
+    with pytest.raises(ImageReadError, match=re.escape(str(test_image))):
+        train_main(own_data, "0")
+    assert not (Path(own_data.paths.work) / own_data.experiment).exists()  # nothing trained
+
+
+def test_a_mask_of_another_size_stops_naming_both_files_unless_allowed(own_data, caplog):
+    from PIL import Image
+
+    from competition.config import load_config
+    from competition.folds import check_stage_inputs, load_index
+
+    mask = sorted((Path(own_data.paths.data) / "train" / "defect_masks").iterdir())[0]
+    Image.open(mask).resize((20, 30)).save(mask)
+    index = load_index(own_data)
+    with pytest.raises(ValueError, match=re.escape(str(mask)) + ".*20x30.*resize_mismatched_masks"):
+        check_stage_inputs(own_data, index)
+    allowed = load_config("configs/quick.yaml", [f"paths.data={own_data.paths.data}",
+                                                 "data.resize_mismatched_masks=true"])
+    check_stage_inputs(allowed, index)
+    assert "resizing a mask to its image" in caplog.text and mask.name in caplog.text

@@ -289,14 +289,22 @@ def test_unfinished_models_are_left_out_or_named_with_the_command_for_each_missi
     assert "make train FOLD=1" in caplog.text
 
     listed = quick_config(Path(cfg.paths.data), Path(cfg.paths.work).parent,
-                          f"ensemble.models=[zoo-a, {cfg.model.name}, zoo-b, zoo-c]")
+                          f"ensemble.models=[zoo-a, {cfg.model.name}, zoo-b, padim-resnet18]")
     with pytest.raises(MissingRunsError) as info:
         gather(listed)
     message = str(info.value)
     assert f"{cfg.model.name}: fold(s) 1 missing" in message and "`make train FOLD=1`" in message
     assert "zoo-b: fold(s) 0, 2 missing" in message and "`make zoo MODEL=zoo-b FOLD=all`" in message
-    assert "zoo-c: no folds" in message and "make zoo MODEL=zoo-c FOLD=all" in message
+    assert "padim-resnet18: no folds" in message and "make zoo MODEL=padim-resnet18 FOLD=all" in message
     assert "zoo-a" not in message.split("\n", 1)[1]
+
+
+def test_a_misspelt_ensemble_model_is_named_with_what_it_may_mean(runs):
+    cfg, write, *_ = runs
+    write("zoo-a", 2.0, 1)
+    listed = quick_config(Path(cfg.paths.data), Path(cfg.paths.work).parent, "ensemble.models=[zoo-aa]")
+    with pytest.raises(MissingRunsError, match="ensemble.models: 'zoo-aa' is neither.*did you mean zoo-a"):
+        gather(listed)
 
 
 def test_predictions_from_other_folds_stop_naming_the_file_and_the_rerun(runs):

@@ -36,7 +36,7 @@ from competition.classifier.data import (
 from competition.classifier.model import ClassifierOutput, DefectClassifier, WeightAveraged, build_classifier
 from competition.classifier.segdec import SegDecNet, segdec_losses
 from competition.config import SEGDEC_NAME, Config
-from competition.folds import load_index, parse_fold_arg, read_folds
+from competition.folds import check_stage_inputs, load_index, parse_fold_arg, read_folds
 from competition.metrics import aupr, auroc, best_threshold, binary_metrics
 from competition.plots import plot_confusion, plot_maps_gallery, plot_roc_pr, plot_training_curves
 from competition.preprocess import canvas_to_image, cut_tiles, fit_to_canvas, stitch_maps
@@ -379,6 +379,7 @@ def main(cfg: Config, fold: str, force: bool = False) -> None:
     threads = configure_threads(cfg.train.threads)
     index = load_index(cfg)
     folds = read_folds(cfg, index)
+    check_stage_inputs(cfg, index)
     test_rows = index[index["split"] == "test"].reset_index(drop=True)
     geometry = classifier_geometry(cfg)
     store = ImageStore(geometry, keep=cfg.train.cache_images)

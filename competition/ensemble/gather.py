@@ -8,6 +8,7 @@ command that makes it.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -178,6 +179,12 @@ def read_model(model_path: Path, folds: list[int], check_disjoint: bool = True) 
     return ModelPredictions(model_path.name, oof, pd.concat(tests, ignore_index=True), summaries)
 
 
+def _is_zoo_model(name: str) -> bool:
+    from competition.zoo.registry import entries
+
+    return name in entries()
+
+
 def select_models(cfg: Config, allow_partial: bool = False) -> list[str]:
     """The models that enter the ensemble; stops naming every missing fold and its command. With the default
     `ensemble.models: []` every model of the experiment must be finished: an unfinished one would silently
@@ -186,6 +193,12 @@ def select_models(cfg: Config, allow_partial: bool = False) -> list[str]:
     root = Path(work) / experiment
     present = model_names(work, experiment)
     wanted = list(cfg.ensemble.models) or present
+    for name in cfg.ensemble.models:  # a typo is not a missing run: say so, with the names it may have meant
+        if name not in present and name != cfg.model.name and not _is_zoo_model(name):
+            close = difflib.get_close_matches(name, present + [cfg.model.name], n=3, cutoff=0.5)
+            raise MissingRunsError(f"ensemble.models: {name!r} is neither a run of experiment {experiment!r} "
+                                   f"({', '.join(present) or 'none yet'}), the classifier ({cfg.model.name}) nor a "
+                                   f"zoo model{'; did you mean ' + ' or '.join(close) + '?' if close else ''}")
     incomplete = {name: missing_folds(model_dir(work, experiment, name), n_splits) for name in wanted}
     incomplete = {name: folds for name, folds in incomplete.items() if folds}
 

@@ -7,6 +7,7 @@ hyperparameters with `zoo.params: {NAME: {key: value}}`, checked against the mod
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 from collections.abc import Iterator
@@ -79,11 +80,15 @@ def entries() -> dict[str, ZooEntry]:
     return dict(sorted(_ENTRIES.items()))
 
 
-def get_entry(name: str) -> ZooEntry:
+def get_entry(name: str, where: str = "") -> ZooEntry:
+    """The registered configuration `name`; an unknown name says which config key gave it (`where`) and
+    suggests the closest registered names."""
     known = entries()
     if name not in known:
-        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(known)} "
-                         "(python -m competition zoo --list)")
+        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(f"unknown zoo model {name!r}{f' in {where}' if where else ''}; {hint}known: "
+                         f"{', '.join(known)} (python -m competition zoo --list)")
     return known[name]
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from competition.artifacts import run_dir, write_csv, write_json, write_predictions, write_yaml
 from competition.config import Config
-from competition.folds import load_index, parse_fold_arg, read_folds
+from competition.folds import check_stage_inputs, load_index, parse_fold_arg, read_folds
 from competition.metrics import best_threshold, binary_metrics
 from competition.plots import plot_gallery, plot_score_histogram
 from competition.preprocess import fit_to_canvas
@@ -190,11 +190,14 @@ def main(cfg: Config, model: str | None, fold: str, force: bool) -> None:
     if not names:
         raise ValueError("no zoo model to run: give --model NAME or list names in zoo.models")
     for name in names:
-        get_entry(name)  # unknown names stop before any work
+        get_entry(name, "zoo.models" if not model else "--model")  # unknown names stop before any work
+    for name in cfg.zoo.params:  # a typo there would silently leave the intended model at its defaults
+        get_entry(name, "zoo.params")
     configure_threads(cfg.train.threads)
     folds_to_run = parse_fold_arg(fold, cfg.folds.n_splits)
     index = load_index(cfg)
     folds = read_folds(cfg, index)
+    check_stage_inputs(cfg, index)
     jobs = [(name, k) for name in names for k in folds_to_run]
     for name, k in tqdm(jobs, desc="zoo", unit="fold", disable=len(jobs) < 2):
         out = run_fold(cfg, name, k, index, folds, force)
