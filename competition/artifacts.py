@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,22 +67,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A full disk or another OS error names `path`, not the temporary file."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write there: {exc.strerror}", str(path)) from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, FILE_MODE)
-        os.replace(tmp_path, path)
+        with _temporary_beside(path) as tmp:
+            yield tmp
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, path)
     except OSError as exc:
         reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
         raise OSError(exc.errno, f"{reason} (writing it)", str(path)) from exc
+
+
+@contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
+    """`atomic_path` for files that must agree: every one is written to its temporary file first, and only
+    when all are complete are they renamed into place, one right after the other."""
+    with ExitStack() as stack:
+        temporaries = [stack.enter_context(_temporary_beside(Path(path))) for path in paths]
+        yield temporaries
+        for tmp in temporaries:
+            os.chmod(tmp, FILE_MODE)
+        for tmp, path in zip(temporaries, paths):
+            os.replace(tmp, path)
+
+
+@contextmanager
+def _temporary_beside(path: Path) -> Iterator[Path]:
+    """A temporary file in `path`'s folder (made if needed), deleted on the way out unless renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        Path(tmp).unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:

@@ -226,3 +226,17 @@ def test_a_mask_of_another_size_stops_naming_both_files_unless_allowed(own_data,
                                                  "data.resize_mismatched_masks=true"])
     check_stage_inputs(allowed, index)
     assert "resizing a mask to its image" in caplog.text and mask.name in caplog.text
+
+
+def test_the_submission_files_land_together_or_not_at_all(tmp_path):
+    import pandas as pd
+
+    from competition.ensemble.submission import write_submission
+
+    ids = ["a", "b"]
+    submission = pd.DataFrame({"ImageId": ids, "answer": [0, 1]})
+    write_submission(submission, ids, tmp_path, "exp", {"v": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(TypeError):  # the record fails after the experiment's CSV was already written
+        write_submission(submission.assign(answer=[1, 1]), ids, tmp_path, "exp", {"v": object()})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from competition.artifacts import atomic_path, read_table, write_json
+from competition.artifacts import atomic_path, atomic_paths, read_table, write_json
 from competition.config import Config
 from competition.data.layouts import IMAGE_EXTENSIONS, SUBMISSION_COLUMNS
 from competition.messages import first_few
@@ -127,9 +127,13 @@ def build_submission(expected_ids: list[str], answers: Mapping[str, int] | pd.Se
 def write_checked_submission(submission: pd.DataFrame, expected_ids: list[str], path: str | Path) -> Path:
     """Write through a temporary file, re-read and validate it, then rename it into place."""
     with atomic_path(path) as tmp:
-        submission.to_csv(tmp, index=False)
-        validate_submission(read_submission(tmp), expected_ids, source=str(path))
+        _write_checked(submission, expected_ids, tmp, path)
     return Path(path)
+
+
+def _write_checked(submission: pd.DataFrame, expected_ids: list[str], tmp: Path, path: str | Path) -> None:
+    submission.to_csv(tmp, index=False)
+    validate_submission(read_submission(tmp), expected_ids, source=str(path))
 
 
 def write_submission(submission: pd.DataFrame, expected_ids: list[str], submissions_dir: str | Path,
@@ -139,7 +143,10 @@ def write_submission(submission: pd.DataFrame, expected_ids: list[str], submissi
     out = Path(submissions_dir)
     paths = {"experiment": out / f"{experiment}.csv", "record": out / f"{experiment}.json",
              "submission": out / "submission.csv"}
-    write_checked_submission(submission, expected_ids, paths["experiment"])
-    write_json(record, paths["record"])
-    write_checked_submission(submission, expected_ids, paths["submission"])
+    # The three land together (all written and checked, then renamed), so a kill never leaves them disagreeing.
+    with atomic_paths(paths["experiment"], paths["record"], paths["submission"]) as (experiment_tmp, record_tmp,
+                                                                                     submission_tmp):
+        _write_checked(submission, expected_ids, experiment_tmp, paths["experiment"])
+        write_json(record, record_tmp)
+        _write_checked(submission, expected_ids, submission_tmp, paths["submission"])
     return paths
