@@ -104,6 +104,30 @@ def dataset_fingerprint(train: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
+def test_fingerprint(index: pd.DataFrame) -> str:
+    """Hash of the test images' ids and file sizes: changes when the test set does."""
+    test = index[index["split"] == "test"]
+    sizes = [Path(p).stat().st_size if Path(p).exists() else -1 for p in test["path"]]
+    digest = hashlib.sha256()
+    for row in sorted(zip(test["image_id"].astype(str), sizes)):
+        digest.update("\t".join(map(str, row)).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def fold_inputs(cfg: Config) -> dict[str, str]:
+    """What a fold's results depend on besides the config: the dataset (training and test fingerprints that
+    `read_folds` has checked against the files) and the fold assignment itself (a digest of folds.csv). Kept in
+    every fold's record, so a fold made before the data or folds changed is refused, not reused."""
+    from competition.zoo.api import file_digest
+
+    csv_path, meta_path = folds_paths(cfg)
+    if not meta_path.exists() or not csv_path.exists():
+        return {}
+    meta = read_json(meta_path)
+    return {"train": meta.get("fingerprint", ""), "test": meta.get("test_fingerprint", ""),
+            "folds_csv": file_digest(csv_path)}
+
+
 def folds_paths(cfg: Config) -> tuple[Path, Path]:
     work = Path(cfg.paths.work)
     return work / "folds.csv", work / "folds.json"
@@ -122,6 +146,7 @@ def write_folds(cfg: Config, index: pd.DataFrame | None = None) -> Path:
         "n_images": len(folds),
         "n_defect": int(folds["label"].sum()),
         "fingerprint": dataset_fingerprint(train),
+        "test_fingerprint": test_fingerprint(index),
     }, meta_path)
     return csv_path
 
@@ -141,6 +166,8 @@ def read_folds(cfg: Config, index: pd.DataFrame | None = None) -> pd.DataFrame:
         problems.append(f"it was split with seed {meta.get('seed')}, the config has seed {cfg.seed}")
     if meta.get("fingerprint") != dataset_fingerprint(train):
         problems.append(f"the dataset at {cfg.paths.data} changed since it was written")
+    elif meta.get("test_fingerprint") != test_fingerprint(index):
+        problems.append(f"the test images at {cfg.paths.data} changed since it was written")
     folds = read_table(csv_path, id_columns=("image_id", "group"))
     if set(folds["image_id"]) != set(train["image_id"]):
         problems.append("its image ids differ from the dataset's labeled training images")

@@ -240,3 +240,38 @@ def test_the_submission_files_land_together_or_not_at_all(tmp_path):
     with pytest.raises(TypeError):  # the record fails after the experiment's CSV was already written
         write_submission(submission.assign(answer=[1, 1]), ids, tmp_path, "exp", {"v": object()})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_finished_fold_made_on_other_data_is_refused_not_reused(own_data):
+    import shutil
+
+    from competition.folds import write_folds
+    from competition.stage import ConfigChangedError
+    from competition.zoo.runner import main as zoo_main
+
+    zoo_main(own_data, "padim-resnet18", "0", False)
+    normals = Path(own_data.paths.data) / "train" / "normal_images"
+    shutil.copy(sorted(normals.iterdir())[0], normals / "normal_extra.png")  # the dataset changes...
+    write_folds(own_data)  # ...and the folds are made again, as `make folds` would
+    with pytest.raises(ConfigChangedError, match=r"inputs\.train") as info:
+        zoo_main(own_data, "padim-resnet18", "0", False)
+    assert "--force" in str(info.value)
+    zoo_main(own_data, "padim-resnet18", "0", True)  # the way out the message names
+
+
+def test_a_dataset_moved_to_another_folder_keeps_its_runs(own_data, tmp_path):
+    """The data's identity is its fingerprint, not its path: every stage agrees on that."""
+    import shutil
+
+    from competition.config import load_config
+    from competition.zoo.runner import main as zoo_main
+
+    zoo_main(own_data, "padim-resnet18", "0", False)
+    moved = tmp_path / "moved"
+    shutil.move(own_data.paths.data, moved)
+    cfg = load_config("configs/quick.yaml", [f"paths.data={moved}", f"paths.work={own_data.paths.work}",
+                                             f"paths.submissions={own_data.paths.submissions}"])
+    summary = Path(own_data.paths.work) / own_data.experiment / "padim-resnet18" / "fold0" / "summary.json"
+    written = summary.stat().st_mtime_ns
+    zoo_main(cfg, "padim-resnet18", "0", False)
+    assert summary.stat().st_mtime_ns == written  # reused, not refitted

@@ -36,7 +36,7 @@ from competition.classifier.data import (
 from competition.classifier.model import ClassifierOutput, DefectClassifier, WeightAveraged, build_classifier
 from competition.classifier.segdec import SegDecNet, segdec_losses
 from competition.config import SEGDEC_NAME, Config
-from competition.folds import check_stage_inputs, load_index, parse_fold_arg, read_folds
+from competition.folds import check_stage_inputs, fold_inputs, load_index, parse_fold_arg, read_folds
 from competition.metrics import aupr, auroc, best_threshold, binary_metrics
 from competition.plots import plot_confusion, plot_maps_gallery, plot_roc_pr, plot_training_curves
 from competition.preprocess import canvas_to_image, cut_tiles, fit_to_canvas, stitch_maps
@@ -50,12 +50,13 @@ log = logging.getLogger(__name__)
 # The config sections a fold's results depend on (less `stage.NEUTRAL_KEYS`).
 # `mask_head` configures the timm classifier's decoder, `segdec` the segmentation-decision network: a run
 # depends on the one its model.name selects.
-RESULTS_KEYS = ("seed", "paths.data", "data", "folds", "model", "train", "augment", "oversample", "positives")
+RESULTS_KEYS = ("seed", "data", "folds", "model", "train", "augment", "oversample", "positives")
 
 
 def run_config(cfg: Config) -> dict[str, Any]:
     """The part of the config a fold's results depend on (compared on resume and before skipping)."""
-    return results_config(cfg, RESULTS_KEYS + (("segdec",) if is_segdec(cfg) else ("mask_head",)))
+    record = results_config(cfg, RESULTS_KEYS + (("segdec",) if is_segdec(cfg) else ("mask_head",)))
+    return {**record, "inputs": fold_inputs(cfg)}
 
 
 def is_segdec(cfg: Config) -> bool:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from competition.artifacts import run_dir, write_csv, write_json, write_predictions, write_yaml
 from competition.config import Config
-from competition.folds import check_stage_inputs, load_index, parse_fold_arg, read_folds
+from competition.folds import check_stage_inputs, fold_inputs, load_index, parse_fold_arg, read_folds
 from competition.metrics import best_threshold, binary_metrics
 from competition.plots import plot_gallery, plot_score_histogram
 from competition.preprocess import fit_to_canvas
@@ -44,7 +44,7 @@ SUMMARY_FILE = "summary.json"
 
 # The config sections a zoo fold's results depend on (less `stage.NEUTRAL_KEYS`); `zoo.models` and
 # the other models' `zoo.params` are not among them.
-RESULTS_KEYS = ("seed", "paths.data", "data", "folds", "zoo")
+RESULTS_KEYS = ("seed", "data", "folds", "zoo")
 
 
 def zoo_record(cfg: Config, name: str) -> dict[str, Any]:
@@ -53,6 +53,7 @@ def zoo_record(cfg: Config, name: str) -> dict[str, Any]:
     record = results_config(cfg, RESULTS_KEYS)
     record["zoo"].pop("models")
     record["zoo"]["params"] = dataclasses.asdict(resolved_params(name, cfg.zoo.params.get(name)))
+    record["inputs"] = fold_inputs(cfg)
     return json_form(record)
 
 
