@@ -166,7 +166,7 @@ def read_folds(cfg: Config, index: pd.DataFrame | None = None) -> pd.DataFrame:
         problems.append(f"it was split with seed {meta.get('seed')}, the config has seed {cfg.seed}")
     if meta.get("fingerprint") != dataset_fingerprint(train):
         problems.append(f"the dataset at {cfg.paths.data} changed since it was written")
-    elif meta.get("test_fingerprint") != test_fingerprint(index):
+    elif "test_fingerprint" in meta and meta["test_fingerprint"] != test_fingerprint(index):  # older files lack it
         problems.append(f"the test images at {cfg.paths.data} changed since it was written")
     folds = read_table(csv_path, id_columns=("image_id", "group"))
     if set(folds["image_id"]) != set(train["image_id"]):

@@ -482,7 +482,7 @@ def main(cfg: Config, force: bool = False) -> Path:
     batch_size = min(p.batch_size, len(dataset))
     model = build_pretrain_net(name, p, objectives)
     if p.init_weights:
-        load_local_weights(model.backbone, p.init_weights, name)
+        load_local_weights(model.backbone, p.init_weights, name, "pretrain.init_weights")
     model.to(device)
     if device.type == "cuda" and channels_last:
         model.to(memory_format=torch.channels_last)

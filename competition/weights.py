@@ -23,8 +23,20 @@ class WeightsError(ValueError):
     """Weights that cannot be found or do not fit the architecture."""
 
 
-def resolve_weights_path(pretrained: bool | str | None, model_name: str) -> Path | None:
-    """`false`/None -> None; a file -> itself; a folder -> its `<model_name>.<suffix>` file."""
+def resolve_weights_path(pretrained: bool | str | None, model_name: str, key: str = "weights") -> Path | None:
+    """`false`/None -> None; a file -> itself; a folder -> its `<model_name>.<suffix>` file. Errors name
+    `key`, the config key that gave the path."""
+    try:
+        return _resolve(pretrained, model_name)
+    except WeightsError as exc:
+        hint = ""
+        if Path(str(pretrained)).name == "pretrain":  # `ssl`: this experiment's own pretraining output
+            hint = (f"; it is this experiment's self-supervised pretraining output (ssl): run `make pretrain` "
+                    f"(python -m competition pretrain --set pretrain.backbone={model_name}) first")
+        raise WeightsError(f"{key}: {exc}{hint}") from None
+
+
+def _resolve(pretrained: bool | str | None, model_name: str) -> Path | None:
     if pretrained in (False, None, ""):
         return None
     if pretrained is True:
@@ -143,9 +155,11 @@ def load_weights_into(model: nn.Module, path: str | Path, model_name: str = "") 
     return skipped_head
 
 
-def load_local_weights(model: nn.Module, pretrained: bool | str | None, model_name: str) -> Path | None:
-    """Resolve `pretrained` for `model_name` and load it into `model`; returns the file used or None."""
-    path = resolve_weights_path(pretrained, model_name)
+def load_local_weights(model: nn.Module, pretrained: bool | str | None, model_name: str,
+                       key: str = "weights") -> Path | None:
+    """Resolve `pretrained` (given by config key `key`) for `model_name` and load it into `model`; returns the
+    file used or None."""
+    path = resolve_weights_path(pretrained, model_name, key)
     if path is not None:
         load_weights_into(model, path, model_name)
     return path

@@ -203,9 +203,11 @@ def own_data(tiny_data, tmp_path):
 def test_a_truncated_test_image_stops_training_before_it_starts(own_data, capsys):
     from competition.classifier.train import main as train_main
     from competition.data.images import ImageReadError
+    from competition.folds import write_folds
 
     test_image = sorted((Path(own_data.paths.data) / "test" / "images").iterdir())[3]
-    test_image.write_bytes(test_image.read_bytes()[:120])
+    test_image.write_bytes(test_image.read_bytes()[:120])  # as downloaded: the folds see it this way
+    write_folds(own_data)
     with pytest.raises(ImageReadError, match=re.escape(str(test_image))):
         train_main(own_data, "0")
     assert not (Path(own_data.paths.work) / own_data.experiment).exists()  # nothing trained
@@ -275,3 +277,13 @@ def test_a_dataset_moved_to_another_folder_keeps_its_runs(own_data, tmp_path):
     written = summary.stat().st_mtime_ns
     zoo_main(cfg, "padim-resnet18", "0", False)
     assert summary.stat().st_mtime_ns == written  # reused, not refitted
+
+
+def test_missing_ssl_weights_say_to_pretrain_and_name_the_key(tiny_cfg):
+    from competition.classifier.train import build_model
+    from competition.config import load_config
+    from competition.weights import WeightsError
+
+    cfg = load_config("configs/quick.yaml", [f"paths.work={tiny_cfg.paths.work}", "model.pretrained=ssl"])
+    with pytest.raises(WeightsError, match=r"^model\.pretrained: .*run `make pretrain`"):
+        build_model(cfg)

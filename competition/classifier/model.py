@@ -116,7 +116,8 @@ def build_classifier(model: ModelConfig, mask_head: MaskHeadConfig | None = None
     except TypeError:  # architectures without stochastic depth
         backbone = timm.create_model(model.name, pretrained=False, num_classes=1, drop_rate=model.drop_rate)
     _reset_head(backbone)
-    load_local_weights(backbone, model.pretrained, model.name)  # a fitting one-logit head overrides the reset
+    # a fitting one-logit head in the weights overrides the reset
+    load_local_weights(backbone, model.pretrained, model.name, "model.pretrained")
     return DefectClassifier(backbone, mask_head, model.image_size)
 
 

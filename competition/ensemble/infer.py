@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from competition.artifacts import json_safe, model_dir, write_csv, write_json, write_yaml
+from competition.artifacts import json_safe, model_dir, remove_stale_temporaries, write_csv, write_json, write_yaml
 from competition.config import Config
 from competition.ensemble.gather import Gathered, gather
 from competition.ensemble.prior import PriorDecision
@@ -90,6 +90,8 @@ def predictor_record(cfg: Config, gathered: Gathered, result: StackResult) -> di
 
 def main(cfg: Config, allow_partial: bool = False) -> None:
     start = time.perf_counter()
+    for folder in (Path(cfg.paths.submissions), Path(cfg.paths.work) / cfg.experiment / ENSEMBLE_DIR):
+        remove_stale_temporaries(folder)  # left by a killed infer; never read
     gathered = gather(cfg, allow_partial=allow_partial)
     oof_features, test_features = level2_features(gathered.models, cfg.ensemble.normalise,
                                                   gathered.folds, gathered.test_ids)
