@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
 from competition.artifacts import read_json, read_table, write_csv, write_json
 from competition.config import Config
@@ -73,13 +73,25 @@ def make_folds(train: pd.DataFrame, n_splits: int, seed: int) -> pd.DataFrame:
     """Assign a fold to each labeled training image; groups never straddle folds."""
     labels = train["label"].astype(int).to_numpy()
     n_pos = int(labels.sum())
-    if min(n_pos, len(labels) - n_pos) < n_splits:
-        raise ValueError(
-            f"{n_splits} folds need at least {n_splits} images of each class; found {n_pos} defect and "
-            f"{len(labels) - n_pos} normal. Lower folds.n_splits.")
+    n_neg = len(labels) - n_pos
     groups = train["group"].astype(str).to_numpy()
     grouped = len(set(groups)) < len(groups)
-    if grouped:
+    if n_neg < n_splits:
+        raise ValueError(f"{n_splits} folds need at least {n_splits} normal training images; found {n_neg}. "
+                         f"Add normal images{f' or set folds.n_splits={n_neg}' if n_neg >= 2 else ''}.")
+    if 2 <= n_pos < n_splits:
+        raise ValueError(f"{n_splits} folds need at least {n_splits} defect images to put one in every fold; found "
+                         f"{n_pos}. Set folds.n_splits={n_pos} (--set folds.n_splits={n_pos}), or add defect images.")
+    if n_pos < 2:
+        # Nothing to stratify: the unsupervised zoo still fits on each fold's normals and scores the test
+        # images; the classifier and the stacker need labelled defects and will say so.
+        log.warning("%d defect image(s) among the training images: folds are assigned without stratification; "
+                    "the anomaly zoo (make zoo) can run on the normals, training the classifier and stacking "
+                    "need defects", n_pos)
+        splitter = GroupKFold(n_splits=n_splits) if grouped else KFold(n_splits=n_splits, shuffle=True,
+                                                                       random_state=seed)
+        splits = splitter.split(train, labels, groups) if grouped else splitter.split(train)
+    elif grouped:
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         splits = splitter.split(train, labels, groups)
     else:

@@ -36,7 +36,7 @@ def test_groups_never_straddle_folds():
 
 
 def test_too_few_defects_for_the_fold_count():
-    with pytest.raises(ValueError, match="at least 5 images of each class"):
+    with pytest.raises(ValueError, match="at least 5 defect images .* found 3. Set folds.n_splits=3"):
         make_folds(fake_train(n_defect=3), n_splits=5, seed=0)
 
 

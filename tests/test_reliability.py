@@ -287,3 +287,25 @@ def test_missing_ssl_weights_say_to_pretrain_and_name_the_key(tiny_cfg):
     cfg = load_config("configs/quick.yaml", [f"paths.work={tiny_cfg.paths.work}", "model.pretrained=ssl"])
     with pytest.raises(WeightsError, match=r"^model\.pretrained: .*run `make pretrain`"):
         build_model(cfg)
+
+
+def test_folds_without_enough_defects_give_advice_that_works(tiny_data, tmp_path, caplog):
+    import shutil
+
+    from competition.config import load_config
+    from competition.folds import write_folds
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    defects = sorted((data / "train" / "defect_images").iterdir())
+    for path in defects[2:]:
+        path.unlink()
+    cfg = load_config("configs/quick.yaml", [f"paths.data={data}", f"paths.work={tmp_path / 'runs'}"])
+    with pytest.raises(ValueError, match=r"folds\.n_splits=2"):
+        write_folds(cfg)  # 2 defects, 3 folds: the advice names a fold count that works
+    write_folds(load_config("configs/quick.yaml", [f"paths.data={data}", f"paths.work={tmp_path / 'runs'}",
+                                                   "folds.n_splits=2"]))
+    for path in defects[:2]:
+        path.unlink()
+    write_folds(cfg)  # no defect at all: unstratified folds, so the zoo can still run on the normals
+    assert "folds are assigned without stratification" in caplog.text

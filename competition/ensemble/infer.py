@@ -93,6 +93,10 @@ def main(cfg: Config, allow_partial: bool = False) -> None:
     for folder in (Path(cfg.paths.submissions), Path(cfg.paths.work) / cfg.experiment / ENSEMBLE_DIR):
         remove_stale_temporaries(folder)  # left by a killed infer; never read
     gathered = gather(cfg, allow_partial=allow_partial)
+    if gathered.folds["label"].nunique() < 2:
+        raise ValueError("the training images hold no defect (or no normal): stacking and its threshold need both. "
+                         "On normals only, use the zoo models' own OK/NG decisions: test_decisions.csv in each "
+                         "fold folder, at zoo.confidence or the 95th percentile of the held-out normals' scores")
     oof_features, test_features = level2_features(gathered.models, cfg.ensemble.normalise,
                                                   gathered.folds, gathered.test_ids)
     result = stack(oof_features, test_features, cfg.ensemble, cfg.seed)
