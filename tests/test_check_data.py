@@ -10,7 +10,7 @@ from PIL import Image
 from competition.data.check import check_dataset, format_report, run_check_data
 
 
-def _image(path: Path, size=(16, 12), mode="RGB", noise=False) -> Path:
+def _image(path: Path, size=(40, 36), mode="RGB", noise=False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     width, height = size
     if noise:  # incompressible, so truncating the file cuts pixel data
@@ -21,7 +21,7 @@ def _image(path: Path, size=(16, 12), mode="RGB", noise=False) -> Path:
     return path
 
 
-def _mask(path: Path, size=(16, 12)) -> Path:
+def _mask(path: Path, size=(40, 36)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.zeros((size[1], size[0]), dtype=np.uint8)
     pixels[2:5, 3:7] = 255
@@ -59,10 +59,10 @@ def test_clean_tree_passes(tmp_path, capsys):
     assert report.counts["defect masks"] == 2
     assert report.counts["sample_submission rows"] == 2
     assert report.modes == {"RGB": 6}
-    assert report.sizes["train"] == {(12, 16): 4} and report.sizes["test"] == {(12, 16): 2}
+    assert report.sizes["train"] == {(36, 40): 4} and report.sizes["test"] == {(36, 40): 2}
     assert run_check_data(root) == 0
     printed = capsys.readouterr().out
-    assert "OK: no problems" in printed and "12x16 (4)" in printed
+    assert "OK: no problems" in printed and "36x40 (4)" in printed
 
 
 def test_missing_mask_is_a_warning_naming_the_defect(tmp_path):
@@ -87,7 +87,7 @@ def test_mask_of_wrong_size_is_a_problem_naming_both_files(tmp_path):
     report = _check(root)
     [problem] = report.problems
     assert "train/defect_masks/defect_00001.png is 8x8" in problem
-    assert "train/defect_images/defect_00001.png is 12x16" in problem
+    assert "train/defect_images/defect_00001.png is 36x40" in problem
     assert run_check_data(root) == 1
 
 
@@ -175,3 +175,13 @@ def test_test_sizes_outside_training_range_are_a_warning(tmp_path):
     report = _check(root)
     assert report.problems == []
     assert any("outside the training range" in w and "48x64 (1)" in w for w in report.warnings)
+
+
+def test_tiny_and_extreme_aspect_images_are_warned_with_their_count(tmp_path):
+    root = _clean_competition(tmp_path)
+    _image(root / "test" / "images" / "a.png", size=(20, 12))
+    _image(root / "test" / "images" / "b.png", size=(200, 40))
+    report = _check(root)
+    assert report.problems == []
+    assert any(w.startswith("1 test image(s) with a side under 32 px") for w in report.warnings)
+    assert any(w.startswith("1 test image(s) with an aspect ratio of 4:1 or more") for w in report.warnings)

@@ -293,10 +293,29 @@ def _decode_all(to_check: list[_ImageToCheck], root: Path, report: CheckReport, 
             empty_masks.append(show(item.mask))
     _add_capped(report.problems, unreadable, "unreadable files")
     _add_capped(report.problems, wrong_size, "masks of the wrong size")
+    _warn_odd_shapes(report)
     if empty_masks:
         report.warnings.append(f"{len(empty_masks)} mask(s) with no defect pixel: "
                                f"{first_few(empty_masks, _NAMES_PER_LINE)}")
     _compare_train_and_test(report, modes_by_split)
+
+
+# Shapes worth a warning: a side this small leaves a backbone nothing to see; this aspect ratio loses most
+# of the image's detail when squashed to a square (letterbox or tiles keep it).
+TINY_SIDE = 32
+EXTREME_ASPECT = 4.0
+
+
+def _warn_odd_shapes(report: CheckReport) -> None:
+    for split, sizes in sorted(report.sizes.items()):
+        tiny = sum(n for (h, w), n in sizes.items() if min(h, w) < TINY_SIDE)
+        extreme = sum(n for (h, w), n in sizes.items() if max(h, w) >= EXTREME_ASPECT * min(h, w))
+        if tiny:
+            report.warnings.append(f"{tiny} {split} image(s) with a side under {TINY_SIDE} px: too small for the "
+                                   "backbones' downsampling; they are upscaled")
+        if extreme:
+            report.warnings.append(f"{extreme} {split} image(s) with an aspect ratio of {EXTREME_ASPECT:g}:1 or more: "
+                                   "the square resize squashes them; consider model.resize: letterbox or tiles")
 
 
 def _compare_train_and_test(report: CheckReport, modes_by_split: dict[str, Counter]) -> None:
