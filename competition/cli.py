@@ -125,7 +125,17 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def plain_progress_when_redirected() -> None:
+    """Progress bars in a log file: every bar on one line position (nested bars would write cursor-up codes)
+    and a refresh at most every 10 s. tqdm takes these defaults from TQDM_* variables; a terminal keeps its
+    live bars."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_POSITION", "0")
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
+
+
 def main(argv: list[str] | None = None) -> int:
+    plain_progress_when_redirected()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

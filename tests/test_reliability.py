@@ -309,3 +309,16 @@ def test_folds_without_enough_defects_give_advice_that_works(tiny_data, tmp_path
         path.unlink()
     write_folds(cfg)  # no defect at all: unstratified folds, so the zoo can still run on the normals
     assert "folds are assigned without stratification" in caplog.text
+
+
+def test_nested_progress_bars_write_no_cursor_codes_into_a_log():
+    import subprocess
+    import sys
+
+    # tqdm reads its TQDM_* defaults when it is imported: the CLI sets them before anything imports it.
+    program = ("import sys; import competition.cli as cli; assert 'tqdm' not in sys.modules; "
+               "cli.plain_progress_when_redirected(); from tqdm import tqdm\n"
+               "for _ in tqdm(range(2), desc='outer'):\n    for _ in tqdm(range(2), desc='inner', leave=False): pass")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=True)
+    assert "outer" in done.stderr and "\x1b[A" not in done.stderr
