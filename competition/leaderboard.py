@@ -21,6 +21,7 @@ from competition.artifacts import read_json, read_table, write_csv, write_text
 from competition.config import Config
 from competition.ensemble.gather import (
     ModelPredictions,
+    check_alignment,
     experiment_names,
     fold_folders,
     is_fold_complete,
@@ -30,6 +31,7 @@ from competition.ensemble.gather import (
 from competition.ensemble.infer import print_blend_view
 from competition.ensemble.stacking import cross_validation_scores, level2_features
 from competition.ensemble.submission import SubmissionError, read_submission, validate_submission
+from competition.messages import first_few
 from competition.metrics import macro_f1
 from competition.plots import plot_leaderboard
 
@@ -181,11 +183,46 @@ def _ensemble_records(submissions: Path) -> dict[str, dict]:
     return records
 
 
+def _current_folds(cfg: Config, notes: list[str]) -> tuple[pd.DataFrame, list[str]] | None:
+    """(folds.csv rows, test ids) of the configured experiment's dataset, for infer's alignment check."""
+    from competition.folds import load_index, read_folds
+
+    try:
+        index = load_index(cfg)
+        folds = read_folds(cfg, index)[["image_id", "label", "fold"]].copy()
+    except (OSError, RuntimeError, ValueError) as exc:
+        notes.append(f"{cfg.experiment}: its runs are not checked against the folds ({exc})")
+        return None
+    folds["label"] = folds["label"].astype(int)
+    return folds, index.loc[index["split"] == "test", "image_id"].astype(str).tolist()
+
+
+def _changed_since_infer(work: Path, submissions: Path, experiment: str) -> list[str]:
+    """The fold test.csv files whose digest differs from the one `infer` recorded (predictor.json)."""
+    from competition.zoo.api import file_digest
+
+    path = submissions / f"{experiment}.predictor.json"
+    if not path.is_file():
+        return []
+    try:
+        digests = read_json(path).get("test_csv_sha1", {})
+    except ValueError:
+        return [str(path)]
+    changed = []
+    for model, folds in digests.items():
+        for fold, digest in folds.items():
+            test_csv = work / experiment / model / f"fold{fold}" / "test.csv"
+            if not test_csv.is_file() or file_digest(test_csv) != digest:
+                changed.append(f"{model}/fold{fold}")
+    return changed
+
+
 def collect_rows(cfg: Config, answers: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
     """(table sorted by out-of-fold macro-F1, notes on what was left out)."""
     work, submissions = Path(cfg.paths.work), Path(cfg.paths.submissions)
     rows, notes = [], []
     records = _ensemble_records(submissions)
+    current = _current_folds(cfg, notes)
     for experiment in sorted(set(experiment_names(work)) | set(records)):
         for name in model_names(work, experiment):
             model_path = work / experiment / name
@@ -199,10 +236,16 @@ def collect_rows(cfg: Config, answers: pd.DataFrame | None = None) -> tuple[pd.D
                 continue
             try:
                 model = read_model(model_path, list(range(n_splits)))
+                if experiment == cfg.experiment and current is not None:  # infer's own check: never rank
+                    check_alignment(model, *current, cfg)                  # on partial or misaligned rows
                 rows.append(model_row(experiment, model, cfg.ensemble.normalise, answers, notes))
             except (RuntimeError, ValueError) as exc:
                 notes.append(f"{experiment}/{name}: left out: {exc}")
         if experiment in records:
+            stale = _changed_since_infer(work, submissions, experiment)
+            if stale:
+                notes.append(f"{experiment}: the ensemble is stale, {first_few(stale)} changed since `make infer`; "
+                             "its row describes the older runs")
             try:
                 rows.append(ensemble_row(experiment, records[experiment], submissions / f"{experiment}.csv",
                                          answers, notes))

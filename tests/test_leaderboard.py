@@ -162,3 +162,21 @@ def test_an_auto_ensemble_row_names_the_blend_it_chose(tmp_path):
                      "cv_mean": 0.8, "cv_std": 0.0}, "threshold": 0.4}
     row = ensemble_row("exp", record, tmp_path / "missing.csv", None, [])
     assert row["model"] == "ensemble (auto -> logistic: a+b)" and row["kind"] == "ensemble"
+
+
+def test_a_truncated_oof_is_left_out_and_a_stale_ensemble_flagged(tiny_cfg, capsys):
+    cfg = tiny_cfg
+    _write_runs(cfg, "quick", {"zoo-good": (3.0, 1), "zoo-cut": (1.0, 2)})
+    infer_main(cfg)
+    cut = Path(cfg.paths.work) / "quick" / "zoo-cut" / "fold1" / "oof.csv"
+    lines = cut.read_text().splitlines()
+    cut.write_text("\n".join(lines[:-3]) + "\n")  # a killed copy, say: rows lost
+    test_csv = Path(cfg.paths.work) / "quick" / "zoo-good" / "fold0" / "test.csv"
+    test_csv.write_text(test_csv.read_text().replace("0.", "0.1", 1))  # refit after infer
+    capsys.readouterr()
+    leaderboard_main(cfg)
+    out = capsys.readouterr().out
+    table = pd.read_csv(Path(cfg.paths.submissions) / "leaderboard.csv")
+    assert "zoo-cut" not in set(table["model"])
+    assert "quick/zoo-cut: left out" in out and "of fold 1 missing" in out
+    assert "quick: the ensemble is stale, zoo-good/fold0 changed since `make infer`" in out
