@@ -78,6 +78,7 @@ class TrainConfig:
     pos_weight: float = 1.0  # BCE positive-class weight
     label_smoothing: float = 0.0
     patience: int = 0  # early stopping on macro-F1; 0 disables
+    validate_from: int = 1  # first epoch (from 1) validated and eligible for best.pt; the last always is
     num_workers: int = 0  # DataLoader workers; 0 = in the main process
     threads: int = 0  # torch CPU threads; 0 = all cores
     amp: bool = True  # mixed precision, CUDA only
@@ -550,7 +551,8 @@ RANGES: dict[str, tuple[str, Any]] = {
     "train.lr": _POSITIVE, "train.weight_decay": _NON_NEGATIVE, "train.warmup_epochs": _NON_NEGATIVE,
     "train.grad_clip": _NON_NEGATIVE, "train.pos_weight": _POSITIVE,
     "train.label_smoothing": ("in [0, 0.5)", lambda v: 0 <= v < 0.5),
-    "train.patience": _NON_NEGATIVE, "train.num_workers": _NON_NEGATIVE, "train.threads": _NON_NEGATIVE,
+    "train.patience": _NON_NEGATIVE, "train.validate_from": _AT_LEAST_ONE, "train.num_workers": _NON_NEGATIVE,
+    "train.threads": _NON_NEGATIVE,
     "train.ema_decay": _OPEN_SHARE,
     "model.image_size": _IMAGE_SIDE, "model.drop_rate": _SHARE, "model.drop_path_rate": _SHARE,
     "model.tiles.size": _IMAGE_SIDE, "zoo.tiles.size": _IMAGE_SIDE, "model.tiles.scale": _POSITIVE,

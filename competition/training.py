@@ -272,6 +272,7 @@ class EngineConfig:
     record: dict[str, Any] | None = None  # results-relevant config, in last.pt and best.pt; resuming checks it
     elsewhere: str = ANOTHER_EXPERIMENT  # the second way out when a resume is refused
     validate_first: bool = False  # a row for epoch 0: validate() before any training
+    validate_from: int = 1  # first epoch (from 1) validated, and so eligible for best.pt; the last always is
     shown_metrics: tuple[str, ...] = ()  # printed in each epoch line
     progress: bool = True  # a tqdm bar per epoch and a line per epoch
 
@@ -344,11 +345,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, epoch_batches: Calla
         row.update(train_epoch(model, optimizer, epoch_batches(epoch), training_step, config, device=device,
                                scheduler=scheduler, scaler=scaler, epoch=epoch, parameters=clipped,
                                after_step=after_step))
-        if validate is not None:
+        validated = validate is not None and (epoch + 1 >= config.validate_from or epoch + 1 == config.epochs)
+        if validated:
             row.update(validate())
         row["seconds"] = time.perf_counter() - began
         reason = ""
-        if tracker is not None:
+        if tracker is not None and validated:
             decision = tracker.update(epoch + 1, row)
             reason = decision.reason
             if decision.improved:  # best.pt before last.pt: see the module docstring

@@ -334,3 +334,16 @@ def test_validate_first_adds_an_epoch_zero_row(tmp_path):
     assert "train_loss" not in result.history[0] and "val_loss" in result.history[0]
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2] and history["train_loss"].iloc[1:].notna().all()
+
+
+def test_validation_starts_at_validate_from_and_the_last_epoch_is_always_validated(tmp_path):
+    calls = []
+    scripted = iter([{"val_score": 0.5, "val_loss": 0.5}, {"val_score": 0.4, "val_loss": 0.5}])
+    toy = _Toy()
+    result = fit(toy.model, toy.optimizer, toy.epoch_batches, toy.training_step,
+                 EngineConfig(epochs=5, out=tmp_path, validate_from=4, progress=False), device=torch.device("cpu"),
+                 validate=lambda: calls.append(1) or next(scripted), tracker=_tracker())
+    assert len(calls) == 2 and ["val_score" in row for row in result.history] == [False, False, False, True, True]
+    assert result.best_epoch == 4  # an epoch never validated is never best
+    last_only = _Toy().fit(EngineConfig(epochs=3, validate_from=9, progress=False), _tracker())
+    assert ["val_score" in row for row in last_only.history] == [False, False, True] and last_only.best_epoch == 3
