@@ -6,6 +6,7 @@ names the file (or `--set`) that set a wrong key. Sections belong to the stage t
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,6 +388,17 @@ class Config:
 
 # ---------------------------------------------------------------- loading
 
+class ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that a number written with a leading zero (`0012`, an id) stays the text typed:
+    YAML 1.1 would read it as an octal 10. Safe loading otherwise unchanged."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {key: list(value)
+                                       for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "+-0":
+    ConfigLoader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, ("tag:yaml.org,2002:str", re.compile(r"^[-+]?0[0-9_]+$")))
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
@@ -394,7 +406,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}; pass one with --config PATH (the repository's "
                           "configs/ holds default.yaml, quick.yaml, real.yaml, ...)") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=ConfigLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -448,7 +460,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=ConfigLoader) if raw.strip() else ""  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         value = raw
     return key, value

@@ -116,14 +116,18 @@ def dataset_fingerprint(train: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def test_fingerprint(index: pd.DataFrame) -> str:
-    """Hash of the test images' ids and file sizes: changes when the test set does."""
-    test = index[index["split"] == "test"]
-    sizes = [Path(p).stat().st_size if Path(p).exists() else -1 for p in test["path"]]
+def images_fingerprint(rows: pd.DataFrame) -> str:
+    """Hash of the rows' image ids and file sizes: changes when those images do."""
+    sizes = [Path(p).stat().st_size if Path(p).exists() else -1 for p in rows["path"]]
     digest = hashlib.sha256()
-    for row in sorted(zip(test["image_id"].astype(str), sizes)):
+    for row in sorted(zip(rows["image_id"].astype(str), sizes)):
         digest.update("\t".join(map(str, row)).encode() + b"\n")
     return digest.hexdigest()
+
+
+def test_fingerprint(index: pd.DataFrame) -> str:
+    """`images_fingerprint` of the test images: changes when the test set does."""
+    return images_fingerprint(index[index["split"] == "test"])
 
 
 def fold_inputs(cfg: Config) -> dict[str, str]:

@@ -408,13 +408,23 @@ def pretraining_step(model: PretrainNet, objectives: list[tuple[float, Objective
 
 # The config a pretraining run's weights depend on (less `stage.NEUTRAL_KEYS`); the backbone is
 # resolved, since `pretrain.backbone: null` means `model.name`.
-RESULTS_KEYS = ("seed", "paths.data", "data", "augment.mean", "augment.std", "pretrain")
+# The images are in the record as their fingerprint (`folds.images_fingerprint`), not as `paths.data`: a
+# dataset moved elsewhere keeps its weights, a changed one is refused.
+RESULTS_KEYS = ("seed", "data", "augment.mean", "augment.std", "pretrain")
 
 
-def pretrain_record(cfg: Config) -> dict[str, Any]:
+def pretrain_rows(cfg: Config, index: pd.DataFrame) -> pd.DataFrame:
+    """The images pretraining learns from: the training images, and the test images with `include_test`."""
+    return index[(index["split"] == "train") | (cfg.pretrain.include_test & (index["split"] == "test"))]
+
+
+def pretrain_record(cfg: Config, index: pd.DataFrame) -> dict[str, Any]:
     """Everything that shapes the weights: a resumed or finished run must have been made with these."""
+    from competition.folds import images_fingerprint
+
     record = results_config(cfg, RESULTS_KEYS)
     record["pretrain"]["backbone"] = backbone_name(cfg)
+    record["inputs"] = {"images": images_fingerprint(pretrain_rows(cfg, index))}
     return record
 
 
@@ -444,7 +454,8 @@ def main(cfg: Config, force: bool = False) -> Path:
     name = backbone_name(cfg)
     weights_path = pretrained_weights_path(cfg.paths.work, name)
     log_dir = pretrain_dir(cfg.paths.work) / name
-    record = pretrain_record(cfg)
+    index = load_index(cfg)
+    record = pretrain_record(cfg, index)
     folder = RunFolder(marker=log_dir / "summary.json", required=(weights_path,),
                        outputs=(weights_path, log_dir / "last.pt", log_dir / "history.csv"),
                        redo="pretrain again", elsewhere=OTHER_WORK_FOLDER)
@@ -459,8 +470,7 @@ def main(cfg: Config, force: bool = False) -> Path:
     device = select_device(cfg.device)
     channels_last = cfg.train.channels_last
 
-    index = load_index(cfg)
-    rows = index[(index["split"] == "train") | (p.include_test & (index["split"] == "test"))]
+    rows = pretrain_rows(cfg, index)
     images = load_held_images(rows["path"].tolist(), p.hold_size, resize=p.resize)
     if len(images) < 2:
         raise ValueError(f"pretraining needs at least 2 images; {cfg.paths.data} gave {len(images)}")

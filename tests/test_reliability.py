@@ -322,3 +322,10 @@ def test_nested_progress_bars_write_no_cursor_codes_into_a_log():
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, check=True)
     assert "outer" in done.stderr and "\x1b[A" not in done.stderr
+
+
+def test_an_id_with_leading_zeros_stays_as_typed():
+    from competition.config import load_config
+
+    assert load_config(None, ["experiment=0012"]).experiment == "0012"  # YAML 1.1 would say 10
+    assert load_config(None, ["seed=0"]).seed == 0
