@@ -7,6 +7,7 @@ JSON is strict (RFC 8259: no NaN or Infinity; they are written as null) and ids 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -110,6 +111,20 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def file_digest(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 - deliberate process memo
+    """sha1 of a file's bytes, remembered per (path, size, mtime) so each file is hashed once per process."""
+    stat = os.stat(path)
+    memo_key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    digest = _memo.get(memo_key)
+    if digest is None:
+        hasher = hashlib.sha1()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                hasher.update(block)
+        digest = _memo[memo_key] = hasher.hexdigest()
+    return digest
 
 
 def write_text(path: str | Path, text: str) -> Path:

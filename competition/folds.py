@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
-from competition.artifacts import read_json, read_table, write_csv, write_json
+from competition.artifacts import file_digest, read_json, read_table, write_csv, write_json
 from competition.config import Config
 
 FOLD_COLUMNS = ["image_id", "label", "group", "fold"]
@@ -134,8 +134,6 @@ def fold_inputs(cfg: Config) -> dict[str, str]:
     """What a fold's results depend on besides the config: the dataset (training and test fingerprints that
     `read_folds` has checked against the files) and the fold assignment itself (a digest of folds.csv). Kept in
     every fold's record, so a fold made before the data or folds changed is refused, not reused."""
-    from competition.zoo.api import file_digest
-
     csv_path, meta_path = folds_paths(cfg)
     if not meta_path.exists() or not csv_path.exists():
         return {}

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from competition.artifacts import read_json, read_table, write_csv, write_text
+from competition.artifacts import file_digest, read_json, read_table, write_csv, write_text
 from competition.config import Config
 from competition.ensemble.gather import (
     ModelPredictions,
@@ -199,8 +199,6 @@ def _current_folds(cfg: Config, notes: list[str]) -> tuple[pd.DataFrame, list[st
 
 def _changed_since_infer(work: Path, submissions: Path, experiment: str) -> list[str]:
     """The fold test.csv files whose digest differs from the one `infer` recorded (predictor.json)."""
-    from competition.zoo.api import file_digest
-
     path = submissions / f"{experiment}.predictor.json"
     if not path.is_file():
         return []

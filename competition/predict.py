@@ -31,20 +31,20 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from competition.artifacts import load_checkpoint, model_dir, read_json, write_csv
+from competition.artifacts import file_digest, load_checkpoint, model_dir, read_json, write_csv
 from competition.config import Config, config_from_dict
 from competition.data.images import ImageReadError, read_image
 from competition.data.layouts import IMAGE_EXTENSIONS
 from competition.ensemble.infer import PREDICTOR_FORMAT, predictor_path
 from competition.ensemble.stacking import form_scores, normalise_scores
 from competition.runtime import select_device
-from competition.zoo.api import file_digest
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
-# A score this close (relative to the reference's magnitude) to a reference score is that score (normalise_scores).
-SNAP_TOLERANCE = 1e-6
+# A score this close (relative to the reference's magnitude) to a reference score is that score (normalise_scores):
+# scores recomputed in other batches differ in their last bits, exported graphs by up to about 1e-5 relative.
+SNAP_TOLERANCE = 1e-4
 
 
 class ExperimentNotReadyError(RuntimeError):

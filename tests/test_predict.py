@@ -149,3 +149,14 @@ def test_a_stacker_without_a_plain_form_has_none():
 
     fitted = RandomForestClassifier(n_estimators=3, random_state=0).fit([[0.0], [1.0]], [0, 1])
     assert stacker_form(fitted, ["a"]) is None
+
+
+def test_predict_through_the_onnx_graphs_agrees_with_torch(experiment, tmp_path):
+    from competition.export import main as export_main
+
+    assert export_main(experiment, "onnx") == 0
+    images = [f"{experiment.paths.data}/test/images"]
+    eager = predict(experiment, images, tmp_path / "torch.csv")
+    graphs = predict(experiment, images, tmp_path / "onnx.csv", runtime="onnxruntime")
+    assert (eager["answer"] == graphs["answer"]).all()
+    np.testing.assert_allclose(graphs["score"], eager["score"], atol=1e-3)

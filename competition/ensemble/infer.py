@@ -13,14 +13,21 @@ from typing import Any
 
 import numpy as np
 
-from competition.artifacts import json_safe, model_dir, remove_stale_temporaries, write_csv, write_json, write_yaml
+from competition.artifacts import (
+    file_digest,
+    json_safe,
+    model_dir,
+    remove_stale_temporaries,
+    write_csv,
+    write_json,
+    write_yaml,
+)
 from competition.config import Config
 from competition.ensemble.gather import Gathered, gather
 from competition.ensemble.prior import PriorDecision
 from competition.ensemble.stacking import StackResult, cross_validation_scores, level2_features, stack
 from competition.ensemble.submission import build_submission, expected_image_ids, write_submission
 from competition.plots import plot_stacker_threshold
-from competition.zoo.api import file_digest
 
 ENSEMBLE_DIR = "_ensemble"  # under <paths.work>/<experiment>/; model folders never start with "_"
 

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import os
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from competition.artifacts import load_checkpoint, pretrained_weights_path, save_checkpoint
+from competition.artifacts import file_digest, load_checkpoint, pretrained_weights_path, save_checkpoint
 from competition.config import type_name
 from competition.preprocess import (
     IMAGENET_MEAN,
@@ -115,20 +115,6 @@ class ZooSettings:
 
 
 # ---------------------------------------------------------------- images
-
-def file_digest(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 - deliberate process memo
-    """sha1 of a file's bytes, remembered per (path, size, mtime) so each file is hashed once per process."""
-    stat = os.stat(path)
-    memo_key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
-    digest = _memo.get(memo_key)
-    if digest is None:
-        hasher = hashlib.sha1()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(block)
-        digest = _memo[memo_key] = hasher.hexdigest()
-    return digest
-
 
 def array_digest(image: np.ndarray) -> str:
     hasher = hashlib.sha1(f"{image.shape}|{image.dtype}|".encode())
@@ -472,6 +458,8 @@ class AnomalyModel:
     params_class: ClassVar[type] = NoParams  # the model's hyperparameters, a dataclass
     uses_validation: ClassVar[bool] = False  # True: the runner passes a ValidationSet to fit
     has_maps: ClassVar[bool] = True  # False: anomaly_maps are the image score spread uniformly
+    # why `scoring_module` is None, for the export record; models with a scoring module never read it
+    export_unsupported: ClassVar[str] = "its scoring is not written as one torch module"
 
     def __init__(self, settings: ZooSettings | None = None, **params: Any):
         self.settings = settings or ZooSettings()
@@ -483,6 +471,9 @@ class AnomalyModel:
         self.model: nn.Module | None = None  # the pure torch module; its state_dict is the fitted model
         self.fitted_ = False
         self.fit_info: dict[str, Any] = {}  # figures a model reports about its fit (sizes, timings)
+        # an exported scoring module run by a graph runtime ((B, 3, S, S) in [0, 1] -> (scores, maps));
+        # when set, predict runs it instead of `_predict` (`competition.export.zoo_with_runtime` sets it)
+        self.scoring_graph: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def get_params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
@@ -512,7 +503,7 @@ class AnomalyModel:
         if self.settings.geometry.tiles:
             scores, maps = self._predict_tiled(images, with_maps)
         else:
-            scores, maps = self._predict(images, with_maps)
+            scores, maps = self._score(images, with_maps)
             if with_maps and self.settings.resize != "square":
                 maps = np.asarray(maps, dtype=np.float32).copy()
                 for i in range(len(images)):  # padding never looks anomalous in a map
@@ -528,7 +519,7 @@ class AnomalyModel:
         where tiles overlap, padding cut away) and is fitted to the canvas like a whole image."""
         geometry = self.settings.geometry
         tiles, owners, boxes = images.tiles(geometry)
-        tile_scores, tile_maps = self._predict(tiles, with_maps)
+        tile_scores, tile_maps = self._score(tiles, with_maps)
         tile_scores = np.asarray(tile_scores, dtype=np.float64).reshape(-1)
         scores = np.array([reduce_tile_scores(tile_scores[owners == i], geometry) for i in range(len(images))])
         if not with_maps:
@@ -543,6 +534,36 @@ class AnomalyModel:
             canvas, valid = fit_to_canvas(stitched, whole)
             maps[i] = np.where(valid, canvas, canvas[valid].min())  # padding never looks anomalous
         return scores, maps
+
+    def _score(self, images: ImageSet, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.scoring_graph is None:
+            return self._predict(images, with_maps)
+        return self.predict_with(self.scoring_graph, images, with_maps)
+
+    @torch.inference_mode()
+    def predict_with(self, forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], images: ImageSet,
+                     with_maps: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps of whole canvases through `forward` ((B, 3, S, S) in [0, 1] -> (scores (B,), maps
+        (B, S, S)), the scoring module or its exported graph), batch by batch, in image order."""
+        view = images.tensors(self.settings.image_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                              resize=self.settings.resize)
+        loader = DataLoader(view, batch_size=self.settings.batch_size, num_workers=self.settings.num_workers)
+        scores, maps = [], []
+        for _, batch in loader:
+            if isinstance(forward, nn.Module):
+                batch = batch.to(self.device)
+            batch_scores, batch_maps = forward(batch)
+            scores.append(batch_scores.float().cpu().numpy())
+            if with_maps:
+                maps.append(batch_maps.float().cpu().numpy())
+        return np.concatenate(scores), (np.concatenate(maps) if with_maps else None)
+
+    def scoring_module(self) -> nn.Module | None:
+        """The fitted scoring as one pure module, on the model's device, in eval mode: (B, 3, S, S) images in
+        [0, 1] -> (scores (B,), maps (B, S, S)), the normalisation, backbone and fitted buffers inside; what
+        `competition.export` turns into a graph. None where the scoring is no tensor program (sklearn parts,
+        Python control flow over data): `export_unsupported` says why."""
+        return None
 
     def score_samples(self, images: ImageSet) -> np.ndarray:
         """(N,) anomaly scores; higher means more likely defective (sklearn's sign is the opposite)."""

@@ -32,6 +32,7 @@ touched.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,10 +44,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from competition.artifacts import atomic_path, write_text
+from competition.artifacts import atomic_path, file_digest, write_text
 from competition.runtime import autocast, to_device_images
-from competition.zoo.api import ImageSet, ZooSettings, file_digest, unit_tensor
+from competition.zoo.api import ImageSet, ZooSettings, unit_tensor
 from competition.zoo.components.frozen import freeze
+from competition.zoo.components.normalise import ImageNormalise
 
 RESIZE_RULE = "cv2 area-down/bilinear-up square"
 # The layers extracted (and cached) for a backbone whatever subset a model uses, so that the
@@ -414,6 +416,47 @@ def score_from_features(extractor: FeatureExtractor, images: ImageSet, size: int
         if with_maps:
             maps[idx] = batch_maps.cpu().numpy()
     return scores, maps
+
+
+class HalfRounding(nn.Module):
+    """x rounded to the nearest float16 value (as `x.half().float()`, ties to even, subnormals included),
+    in float32 arithmetic: OpenVINO's CPU plugin runs float16 casts in float32, which would skip the rounding.
+    Values beyond float16's range (65504) are not sent to infinity."""
+
+    def __init__(self):
+        super().__init__()
+        # exact powers of two 2^-24 .. 2^16, read by index: a graph's Pow may be approximate
+        self.register_buffer("powers", torch.tensor([2.0 ** k for k in range(-24, 17)]), persistent=False)
+
+    def _power(self, exponent: torch.Tensor) -> torch.Tensor:
+        return self.powers[(exponent + 24).long()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.abs().clamp(min=2.0 ** -24)
+        exponent = torch.floor(torch.log2(a)).clamp(-14, 15)
+        # an approximate log2 may miss the binade by one near a power of two: step back into it
+        exponent = exponent + (a >= self._power(exponent + 1)).float() - (a < self._power(exponent)).float()
+        ulp = self._power(exponent.clamp(-14, 15) - 10)  # float16 keeps 10 fraction bits; 2^-24 below 2^-14
+        return torch.round(x / ulp) * ulp
+
+
+class BackboneScorer(nn.Module):
+    """A feature model's whole scoring as one module: [0, 1] images -> normalised -> the extractor's backbone
+    (a private copy, its BatchNorm statistics in place) -> the maps of `layers`, rounded through float16 as
+    `extract` gives them -> `head` (the module the model's eager scoring calls on extracted maps)."""
+
+    def __init__(self, extractor: FeatureExtractor, layers: Sequence[int], head: nn.Module):
+        super().__init__()
+        extractor._use_statistics()
+        self.normalise = ImageNormalise(extractor.settings.mean, extractor.settings.std)
+        self.backbone = freeze(copy.deepcopy(extractor.model).float())
+        self.positions = [extractor.layers.index(int(i)) for i in layers]
+        self.half_rounding = HalfRounding()
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.backbone(self.normalise(images))
+        return self.head([self.half_rounding(maps[i]) for i in self.positions])
 
 
 def shared_extractor(backbone: str, layers: Sequence[int], settings: ZooSettings) -> FeatureExtractor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 
@@ -34,3 +35,21 @@ def upsample_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
 def mean_filter_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
     """(N, H, W) -> (N, H, W): the mean over `size` x `size` windows (odd size; zeros beyond the border count)."""
     return F.avg_pool2d(maps[:, None], size, stride=1, padding=size // 2)[:, 0]
+
+
+class SmoothedMaps(nn.Module):
+    """A fitted head's coarse maps -> (scores (B,), maps (B, size, size)): upsampled and blurred as the papers
+    do. A head returning (scores, maps) keeps its scores; one returning maps alone scores by the smoothed
+    map's maximum. The same module scores eagerly and inside an exported graph."""
+
+    def __init__(self, head: nn.Module, size: int, sigma: float):
+        super().__init__()
+        self.head = head
+        self.size = int(size)
+        self.sigma = float(sigma)
+
+    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.head(maps)
+        scores, coarse = out if isinstance(out, tuple) else (None, out)
+        smooth = gaussian_blur_maps(upsample_maps(coarse, self.size), self.sigma)
+        return (smooth.flatten(1).amax(1) if scores is None else scores), smooth

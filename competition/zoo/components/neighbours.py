@@ -5,18 +5,20 @@ import torch
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None,
-                       k: int = 1, query_chunk: int = 2048,
+                       k: int = 1, query_chunk: int | None = 2048,
                        bank_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest rows of `bank` for each query: (distances (Q, k), indices (Q, k)).
 
     `bank_sq` (the rows' squared norms) can be passed when the bank is searched many times.
+    `query_chunk` None takes every query at once, as a traced graph must: a loop over query chunks
+    would be unrolled for the example's number of queries.
     """
     if bank_sq is None:
         bank_sq = (bank * bank).sum(1)
     k = min(k, bank.shape[0])
     all_dist, all_idx = [], []
-    for qs in range(0, queries.shape[0], query_chunk):
-        q = queries[qs:qs + query_chunk]
+    for qs in ([None] if query_chunk is None else range(0, queries.shape[0], query_chunk)):
+        q = queries if qs is None else queries[qs:qs + query_chunk]
         q_sq = (q * q).sum(1, keepdim=True)
         best_d = best_i = None
         for bs in range(0, bank.shape[0], bank_chunk):

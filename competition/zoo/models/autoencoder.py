@@ -157,6 +157,8 @@ class Autoencoder(AnomalyModel):
     family = "autoencoder"
     params_class = AutoencoderParams
     params: AutoencoderParams
+    export_unsupported = ("not yet written as one scoring module: its scoring loop averages the TTA views and "
+                          "blurs the maps outside the network")
     uses_validation = True
 
     def build_model(self) -> AutoencoderModel:

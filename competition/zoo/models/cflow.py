@@ -168,6 +168,10 @@ class CFlow(TrainedAnomalyModel):
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(images)
 
+    def scoring_module(self) -> nn.Module:
+        self._check_fitted()
+        return self.model.eval()  # its forward is the scoring: [0, 1] images -> (scores, maps)
+
     def calibrate(self, normals: Tensor) -> None:
         self.model.calibrate(normals, self.settings.batch_size)
 

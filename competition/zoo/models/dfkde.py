@@ -87,6 +87,8 @@ class DFKDE(AnomalyModel):
     has_maps = False
     params_class = DFKDEParams
     params: DFKDEParams
+    export_unsupported = ("not yet written as one scoring module: its scoring pools every image's vector "
+                          "first, then runs the KDE over the whole set")
 
     def build_model(self) -> DFKDEModel:
         return DFKDEModel()

@@ -18,8 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
-from competition.zoo.components.features import score_from_features, shared_extractor, with_backbone_statistics
-from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
+from competition.zoo.components.features import (
+    BackboneScorer,
+    score_from_features,
+    shared_extractor,
+    with_backbone_statistics,
+)
+from competition.zoo.components.maps import SmoothedMaps
 from competition.zoo.components.pca import fit_pca
 from competition.zoo.registry import register
 
@@ -48,16 +53,30 @@ class DFMModel(nn.Module):
         self.score_type = score_type
 
     def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, c, h, w = pooled.shape
-        centred = pooled.reshape(b, -1) - self.mean
+        _, c, h, w = pooled.shape  # the batch stays symbolic (-1) for traced graphs
+        centred = pooled.flatten(1) - self.mean
         z = centred @ self.components
         residual = centred - z @ self.components.T
-        error_map = (residual.reshape(b, c, h, w) ** 2).sum(1)
+        error_map = (residual.reshape(-1, c, h, w) ** 2).sum(1)
         if self.score_type == "nll":
             scores = (z ** 2 / self.variances).sum(1)
         else:
             scores = error_map.flatten(1).sum(1)
         return scores, error_map
+
+
+class PooledFeatures(nn.Module):
+    """The layer's map average-pooled by `pool` x `pool` (at most the map's side), then `model`."""
+
+    def __init__(self, model: nn.Module, pool: int):
+        super().__init__()
+        self.model = model
+        self.pool = int(pool)
+
+    def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        (m,) = maps
+        k = min(self.pool, int(m.shape[-1]), int(m.shape[-2]))  # ints: constants in a traced graph
+        return self.model(F.avg_pool2d(m, k) if k > 1 else m)
 
 
 class DFM(AnomalyModel):
@@ -75,6 +94,10 @@ class DFM(AnomalyModel):
         (m,) = extractor.select(maps, [self.params.layer])
         k = min(int(self.params.pool), m.shape[-1], m.shape[-2])
         return F.avg_pool2d(m, k) if k > 1 else m
+
+    def _head(self) -> SmoothedMaps:
+        return SmoothedMaps(PooledFeatures(self.model, self.params.pool), self.settings.image_size,
+                            float(self.params.blur_sigma))
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         model = self.build_model()
@@ -94,15 +117,18 @@ class DFM(AnomalyModel):
     @torch.inference_mode()
     def _predict(self, images: ImageSet, with_maps: bool):
         extractor = with_backbone_statistics(self._extractor(), self.model)
-        size = self.settings.image_size
+        head = self._head()
 
         def score_batch(feats):
-            batch_scores, error_map = self.model(self._pooled(extractor, [f.to(self.device) for f in feats]))
-            if not with_maps:
-                return batch_scores, None
-            return batch_scores, gaussian_blur_maps(upsample_maps(error_map, size), float(self.params.blur_sigma))
+            return head([f.to(self.device) for f in extractor.select(feats, [self.params.layer])])
 
-        return score_from_features(extractor, images, size, with_maps, "dfm score", score_batch)
+        return score_from_features(extractor, images, self.settings.image_size, with_maps, "dfm score",
+                                   score_batch)
+
+    def scoring_module(self) -> BackboneScorer:
+        self._check_fitted()
+        extractor = with_backbone_statistics(self._extractor(), self.model)
+        return BackboneScorer(extractor, [self.params.layer], self._head()).eval()
 
 
 register("dfm-resnet18", DFM,

@@ -214,6 +214,10 @@ class DRAEM(TrainedAnomalyModel):
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(images)
 
+    def scoring_module(self) -> nn.Module:
+        self._check_fitted()
+        return self.model.eval()  # its forward is the scoring: [0, 1] images -> (scores, maps)
+
     def fit_summary(self) -> dict[str, Any]:
         if self.params.anomaly_source:
             return {"anomaly_source": f"folder {self.params.anomaly_source} ({len(self.anomaly_sources())} images)"}

@@ -476,6 +476,10 @@ class EfficientAD(TrainedAnomalyModel):
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(images)
 
+    def scoring_module(self) -> nn.Module:
+        self._check_fitted()
+        return self.model.eval()  # its forward is the scoring: [0, 1] images -> (scores, maps)
+
     def fit_summary(self) -> dict[str, Any]:
         self.penalty_pool()
         return {"penalty_images": self._penalty_source, "teacher": self.fit_info.get("teacher", "resumed run")}

@@ -76,7 +76,8 @@ class FastFlowModel(nn.Module):
         features = self.features(images)
         with torch.autocast(images.device.type, enabled=False):  # flows in float32: exp and log-dets
             for feature, flow in zip(features, self.flows):
-                z, log_det = flow(F.layer_norm(feature.float(), feature.shape[1:]))
+                shape = [int(n) for n in feature.shape[1:]]  # ints: a traced graph keeps them as constants
+                z, log_det = flow(F.layer_norm(feature.float(), shape))
                 latents.append(z)
                 log_dets.append(log_det)
         return latents, log_dets
@@ -118,6 +119,10 @@ class FastFlow(TrainedAnomalyModel):
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(images)
+
+    def scoring_module(self) -> nn.Module:
+        self._check_fitted()
+        return self.model.eval()  # its forward is the scoring: [0, 1] images -> (scores, maps)
 
 
 register("fastflow-resnet18", FastFlow,

@@ -19,8 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
-from competition.zoo.components.features import score_from_features, shared_extractor, with_backbone_statistics
-from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
+from competition.zoo.components.features import (
+    BackboneScorer,
+    score_from_features,
+    shared_extractor,
+    with_backbone_statistics,
+)
+from competition.zoo.components.maps import SmoothedMaps
 from competition.zoo.registry import register
 
 
@@ -64,10 +69,10 @@ class PaDiMModel(nn.Module):
         return padim_embedding(maps, self.channels)
 
     def distances(self, embedding: torch.Tensor) -> torch.Tensor:
-        b, d, h, w = embedding.shape
-        delta = embedding.reshape(b, d, h * w).permute(0, 2, 1) - self.mean[None]  # (B, P, d)
-        m2 = torch.einsum("bpd,pde,bpe->bp", delta, self.inv_cov, delta).clamp_(min=0)
-        return m2.sqrt().reshape(b, h, w)
+        _, d, h, w = embedding.shape  # the batch stays symbolic (-1) for traced graphs
+        delta = embedding.reshape(-1, d, h * w).permute(0, 2, 1) - self.mean[None]  # (B, P, d)
+        m2 = torch.einsum("bpd,pde,bpe->bp", delta, self.inv_cov, delta).clamp(min=0)
+        return m2.sqrt().reshape(-1, h, w)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return self.distances(self.embed(maps))
@@ -142,17 +147,24 @@ class PaDiM(AnomalyModel):
         if shrink is not None:
             self.fit_info["mean_shrinkage"] = float(shrink.mean())
 
+    def _head(self) -> SmoothedMaps:
+        return SmoothedMaps(self.model, self.settings.image_size, float(self.params.blur_sigma))
+
     @torch.inference_mode()
     def _predict(self, images: ImageSet, with_maps: bool):
         extractor = with_backbone_statistics(self._extractor(), self.model)
-        size = self.settings.image_size
+        head = self._head()
 
         def score_batch(feats):
-            distances = self.model([f.to(self.device) for f in extractor.select(feats, self.params.layers)])
-            full = gaussian_blur_maps(upsample_maps(distances, size), float(self.params.blur_sigma))
-            return full.flatten(1).max(1).values, full
+            return head([f.to(self.device) for f in extractor.select(feats, self.params.layers)])
 
-        return score_from_features(extractor, images, size, with_maps, "padim score", score_batch)
+        return score_from_features(extractor, images, self.settings.image_size, with_maps, "padim score",
+                                   score_batch)
+
+    def scoring_module(self) -> BackboneScorer:
+        self._check_fitted()
+        extractor = with_backbone_statistics(self._extractor(), self.model)
+        return BackboneScorer(extractor, self.params.layers, self._head()).eval()
 
 
 register("padim-resnet18", PaDiM,

@@ -23,12 +23,13 @@ from torch import nn
 from competition.zoo.api import AnomalyModel, BackboneParams, ImageSet, ValidationSet
 from competition.zoo.components.coreset import coreset_indices
 from competition.zoo.components.features import (
+    BackboneScorer,
     FeatureExtractor,
     score_from_features,
     shared_extractor,
     with_backbone_statistics,
 )
-from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
+from competition.zoo.components.maps import SmoothedMaps
 from competition.zoo.components.neighbours import faiss_neighbours, nearest_neighbours
 from competition.zoo.registry import register
 
@@ -104,29 +105,30 @@ class PatchCoreModel(nn.Module):
                 self._faiss_index = faiss.IndexFlatL2(self.memory_bank.shape[1])
                 self._faiss_index.add(self.memory_bank.cpu().numpy())
             return faiss_neighbours(self._faiss_index, queries, k)
-        return nearest_neighbours(queries, self.memory_bank, self.bank_sq, k=k)
+        query_chunk = None if torch.jit.is_tracing() else 2048
+        return nearest_neighbours(queries, self.memory_bank, self.bank_sq, k=k, query_chunk=query_chunk)
 
     def score_embeddings(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D, h, w) patch embeddings -> (scores (B,), patch distances (B, h, w))."""
-        b, d, h, w = embeddings.shape
+        # the batch size stays symbolic (-1, gather) so that a traced graph takes any batch
+        _, d, h, w = embeddings.shape
         patches = embeddings.permute(0, 2, 3, 1).reshape(-1, d).float()
         dist, idx = self._search(patches, 1)
-        patch_dist = dist[:, 0].reshape(b, h * w)
-        nn_idx = idx[:, 0].reshape(b, h * w)
-        best = torch.argmax(patch_dist, dim=1)  # m_test,*: the most anomalous patch of each image
-        rows = torch.arange(b, device=embeddings.device)
-        s_star = patch_dist[rows, best]
-        m_star = nn_idx[rows, best]
+        patch_dist = dist[:, 0].reshape(-1, h * w)
+        nn_idx = idx[:, 0].reshape(-1, h * w)
+        best = torch.argmax(patch_dist, dim=1, keepdim=True)  # m_test,*: the most anomalous patch of each image
+        s_star = patch_dist.gather(1, best)[:, 0]
+        m_star = nn_idx.gather(1, best)[:, 0]
         if self.num_neighbours > 1:
             # N_b(m*): the b nearest memory patches of m* (m* itself first, at distance 0)
-            _, support = self._search(self.memory_bank[m_star], self.num_neighbours)
-            test_patch = patches.reshape(b, h * w, d)[rows, best]
-            support_dist = torch.linalg.vector_norm(self.memory_bank[support] - test_patch[:, None], dim=2)
+            _, support = self._search(self.memory_bank.index_select(0, m_star), self.num_neighbours)
+            test_patch = patches.reshape(-1, h * w, d).gather(1, best[:, :, None].expand(-1, 1, d))
+            support_dist = torch.linalg.vector_norm(self.memory_bank[support] - test_patch, dim=2)
             weight = 1.0 - torch.softmax(support_dist, dim=1)[:, 0]
             scores = weight * s_star
         else:
             scores = s_star
-        return scores, patch_dist.reshape(b, h, w)
+        return scores, patch_dist.reshape(-1, h, w)
 
     def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone maps of the model's layers -> (scores (B,), patch distances (B, h, w))."""
@@ -167,19 +169,30 @@ class PatchCore(AnomalyModel):
         model.set_memory_bank(memory)
         self.model = model.to(self.device)
 
+    def _head(self) -> SmoothedMaps:
+        return SmoothedMaps(self.model, self.settings.image_size, float(self.params.blur_sigma))
+
     @torch.inference_mode()
     def _predict(self, images: ImageSet, with_maps: bool):
         extractor = with_backbone_statistics(self._extractor(), self.model)
-        size = self.settings.image_size
+        head = self._head()
 
         def score_batch(feats):
-            layers = extractor.select(feats, self.params.layers)
-            batch_scores, patch_maps = self.model([f.to(self.device) for f in layers])
-            if not with_maps:
-                return batch_scores, None
-            return batch_scores, gaussian_blur_maps(upsample_maps(patch_maps, size), float(self.params.blur_sigma))
+            return head([f.to(self.device) for f in extractor.select(feats, self.params.layers)])
 
-        return score_from_features(extractor, images, size, with_maps, "patchcore score", score_batch)
+        return score_from_features(extractor, images, self.settings.image_size, with_maps, "patchcore score",
+                                   score_batch)
+
+    def scoring_module(self) -> BackboneScorer | None:
+        self._check_fitted()
+        if self.params.search != "torch":
+            return None
+        extractor = with_backbone_statistics(self._extractor(), self.model)
+        return BackboneScorer(extractor, self.params.layers, self._head()).eval()
+
+    @property
+    def export_unsupported(self) -> str:
+        return f"search {self.params.search!r} runs a faiss index outside torch; search 'torch' exports"
 
 
 register("patchcore-resnet18", PatchCore,

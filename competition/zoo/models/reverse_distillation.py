@@ -216,6 +216,10 @@ class ReverseDistillation(TrainedAnomalyModel):
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(images)
 
+    def scoring_module(self) -> nn.Module:
+        self._check_fitted()
+        return self.model.eval()  # its forward is the scoring: [0, 1] images -> (scores, maps)
+
     def fit_summary(self) -> dict:
         weights = self.settings.backbone_weights
         return {"encoder_weights": str(weights) if weights else f"random init (seed {self.settings.seed})"}

@@ -112,6 +112,10 @@ class STFPM(TrainedAnomalyModel):
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(images)
 
+    def scoring_module(self) -> nn.Module:
+        self._check_fitted()
+        return self.model.eval()  # its forward is the scoring: [0, 1] images -> (scores, maps)
+
     def fit_summary(self) -> dict:
         weights = self.settings.backbone_weights
         return {"teacher_weights": str(weights) if weights else f"random init (seed {self.settings.seed})"}

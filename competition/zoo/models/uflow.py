@@ -101,7 +101,8 @@ class UFlowModel(nn.Module):
     def encode(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
         features = self.features(images)
         with torch.autocast(images.device.type, enabled=False):  # flows in float32: exp and log-dets
-            feats = [F.layer_norm(f.float(), f.shape[1:]) for f in features]
+            # shapes as ints: a traced graph keeps them as constants
+            feats = [F.layer_norm(f.float(), [int(n) for n in f.shape[1:]]) for f in features]
             latents: list[Tensor] = []
             x = feats[-1]
             log_det = x.new_zeros(x.shape[0])
@@ -194,6 +195,10 @@ class UFlow(TrainedAnomalyModel):
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(images)
+
+    def scoring_module(self) -> nn.Module:
+        self._check_fitted()
+        return self.model.eval()  # its forward is the scoring: [0, 1] images -> (scores, maps)
 
     @property
     def own_decision_rule(self) -> str:
