@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
-from competition.artifacts import file_digest, read_json, read_table, write_csv, write_json
+from competition.artifacts import UnreadableFileError, file_digest, read_json, read_table, write_csv, write_json
 from competition.config import Config
 
 FOLD_COLUMNS = ["image_id", "label", "group", "fold"]
@@ -172,7 +172,10 @@ def read_folds(cfg: Config, index: pd.DataFrame | None = None) -> pd.DataFrame:
     csv_path, meta_path = folds_paths(cfg)
     if not csv_path.exists() or not meta_path.exists():
         raise StaleFoldsError(f"{csv_path} not found: run `make folds` (python -m competition folds) first")
-    meta = read_json(meta_path)
+    try:
+        meta = read_json(meta_path)
+    except UnreadableFileError as exc:
+        raise StaleFoldsError(f"{exc}; delete it and re-run `make folds` (python -m competition folds)") from None
     problems = []
     if meta.get("n_splits") != cfg.folds.n_splits:
         problems.append(f"it has {meta.get('n_splits')} folds, the config asks for {cfg.folds.n_splits}")

@@ -329,3 +329,12 @@ def test_an_id_with_leading_zeros_stays_as_typed():
 
     assert load_config(None, ["experiment=0012"]).experiment == "0012"  # YAML 1.1 would say 10
     assert load_config(None, ["seed=0"]).seed == 0
+
+
+def test_a_corrupted_folds_json_says_to_make_the_folds_again(tiny_cfg):
+    from competition.folds import StaleFoldsError, folds_paths, read_folds
+
+    meta = folds_paths(tiny_cfg)[1]
+    meta.write_text('{"n_splits": 3, "seed"')
+    with pytest.raises(StaleFoldsError, match=re.escape(f"cannot read {meta}") + ".*re-run `make folds`"):
+        read_folds(tiny_cfg)

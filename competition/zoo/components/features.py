@@ -82,7 +82,7 @@ def create_backbone(name: str, layers: Sequence[int], weights: bool | str, seed:
 
     if init not in BACKBONE_INITS:
         raise ValueError(f"zoo.backbone_init must be one of {', '.join(BACKBONE_INITS)}, got {init!r}")
-    healthy = init == "healthy" and frozen and resolve_weights_path(weights, name) is None
+    healthy = init == "healthy" and frozen and resolve_weights_path(weights, name, "zoo.backbone_weights") is None
     options = {"zero_init_last": False} if healthy else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -97,7 +97,7 @@ def create_backbone(name: str, layers: Sequence[int], weights: bool | str, seed:
                 model = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(layers))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"zoo backbone {name!r} with layers {list(layers)}: {exc}") from exc
-    load_local_weights(model, weights, name)
+    load_local_weights(model, weights, name, "zoo.backbone_weights")
     model.needs_calibration = healthy and any(isinstance(m, _BatchNorm) for m in model.modules())
     return freeze(model) if frozen else model
 
@@ -185,7 +185,7 @@ def weights_identity(weights: bool | str, backbone: str, seed: int) -> str:
 
     from competition.weights import resolve_weights_path
 
-    path = resolve_weights_path(weights, backbone)
+    path = resolve_weights_path(weights, backbone, "zoo.backbone_weights")
     if path is None:
         return f"random init, seed {seed}, timm {timm.__version__}, torch {torch.__version__.split('+')[0]}"
     return f"file sha1 {file_digest(path)}"

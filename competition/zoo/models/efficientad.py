@@ -363,7 +363,7 @@ class EfficientAD(TrainedAnomalyModel):
         if self.params.teacher_weights:
             from competition.weights import load_local_weights
 
-            load_local_weights(net.teacher, str(self.params.teacher_weights), "teacher")
+            load_local_weights(net.teacher, str(self.params.teacher_weights), "teacher", "efficientad teacher_weights")
             self.fit_info["teacher"] = f"loaded from {self.params.teacher_weights}"
         else:
             self.fit_info["teacher"] = self._distil_teacher(normals)
