@@ -41,7 +41,24 @@ for runtime in torch onnxruntime openvino; do
       break
     fi
     rate=$(grep -o '([0-9.]* images/s' "$SCRATCH/log" | tr -d '(' | cut -d' ' -f1)
-    printf "%-12s %-8s %8.1f %10s %12d %s\n" "$runtime" "$n" "$(echo "$end - $start" | bc)" "$rate" \
-      $(( $(cat "$SCRATCH/rss") / 1024 )) "$code"
+    parity=""
+    if [ "$folder" = "$DATA/test/images" ]; then  # against the submission infer wrote
+      parity=$("$PY" - "$SCRATCH/out.csv" "$CONFIG" "$@" <<'PYEOF'
+import sys
+import pandas as pd
+from competition.config import load_config
+from competition.folds import load_index
+cfg = load_config(sys.argv[2], sys.argv[3:])
+index = load_index(cfg)
+ids = dict(zip(index["path"].astype(str), index["image_id"].astype(str)))
+out = pd.read_csv(sys.argv[1], keep_default_na=False)
+submission = pd.read_csv(f"{cfg.paths.submissions}/{cfg.experiment}.csv", dtype=str).set_index("ImageId")["answer"]
+same = sum(submission[ids[p]] == str(a) for p, a in zip(out["path"], out["answer"]))
+print(f"answers equal to {cfg.experiment}.csv: {same}/{len(submission)}")
+PYEOF
+)
+    fi
+    printf "%-12s %-8s %8.1f %10s %12d %s %s\n" "$runtime" "$n" "$(echo "$end - $start" | bc)" "$rate" \
+      $(( $(cat "$SCRATCH/rss") / 1024 )) "$code" "$parity"
   done
 done
