@@ -29,7 +29,9 @@ done
 
 printf "%-12s %-8s %8s %10s %12s %s\n" runtime images seconds "images/s" "peak RSS MB" exit
 for runtime in torch onnxruntime openvino; do
-  for folder in "$DATA/test/images" "$SCRATCH/many"; do
+  folders=("$DATA/test/images")
+  [ "$COPIES" -gt 0 ] && folders+=("$SCRATCH/many")  # COPIES=0: the test images only
+  for folder in "${folders[@]}"; do
     n=$(find -L "$folder" -type f | wc -l)
     start=$(date +%s.%N)
     /usr/bin/time -f "%M" -o "$SCRATCH/rss" "$PY" -m competition predict "${ARGS[@]}" --images "$folder" \
