@@ -46,16 +46,17 @@ for runtime in torch onnxruntime openvino; do
     parity=""
     if [ "$folder" = "$DATA/test/images" ]; then  # against the submission infer wrote
       parity=$("$PY" - "$SCRATCH/out.csv" "$CONFIG" "$@" <<'PYEOF'
+import os
 import sys
 import pandas as pd
 from competition.config import load_config
 from competition.folds import load_index
 cfg = load_config(sys.argv[2], sys.argv[3:])
 index = load_index(cfg)
-ids = dict(zip(index["path"].astype(str), index["image_id"].astype(str)))
+ids = {os.path.realpath(p): i for p, i in zip(index["path"].astype(str), index["image_id"].astype(str))}
 out = pd.read_csv(sys.argv[1], keep_default_na=False)
 submission = pd.read_csv(f"{cfg.paths.submissions}/{cfg.experiment}.csv", dtype=str).set_index("ImageId")["answer"]
-same = sum(submission[ids[p]] == str(a) for p, a in zip(out["path"], out["answer"]))
+same = sum(submission[ids[os.path.realpath(p)]] == str(a) for p, a in zip(out["path"], out["answer"]))
 print(f"answers equal to {cfg.experiment}.csv: {same}/{len(submission)}")
 PYEOF
 )
