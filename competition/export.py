@@ -92,6 +92,9 @@ def export_graph(module: nn.Module, example: torch.Tensor, fold_dir: Path, fmt: 
 
 # ---------------------------------------------------------------- running graphs
 
+GRAPH_BATCH = 8  # images per call of an exported zoo graph
+
+
 class GraphRunner:
     """An exported graph on the CPU: a torch batch in, the graph's outputs as CPU torch tensors out.
 
@@ -107,6 +110,8 @@ class GraphRunner:
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            # no arena: a PatchCore batch's distance matrix would otherwise stay reserved in every fold's session
+            options.enable_cpu_mem_arena = False
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         elif runtime == "openvino":
             import openvino as ov
@@ -156,6 +161,9 @@ def zoo_with_runtime(model: AnomalyModel, fold_dir: Path, runtime: str) -> Anoma
     runner = GraphRunner(graph_path(fold_dir, runtime), runtime)
     out = copy.copy(model)
     out.scoring_graph = runner
+    # small batches: a graph runtime holds each batch's intermediates (PatchCore's query-by-bank distances grow
+    # with the batch) for every fold model at once
+    out.settings = dataclasses.replace(model.settings, batch_size=min(model.settings.batch_size, GRAPH_BATCH))
     return out
 
 
