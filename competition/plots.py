@@ -53,29 +53,9 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, title: str = "
 
 
 def plot_roc_pr(labels, scores, path: str | Path, title: str = "") -> Path:
-    """ROC (with AUROC) and precision-recall (with average precision) side by side."""
-    labels = np.asarray(labels, int)
-    scores = np.asarray(scores, float)
-    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(9, 4))
-    if 0 < labels.sum() < len(labels):
-        fpr, tpr, _ = roc_curve(labels, scores)
-        ax_roc.plot(fpr, tpr, label=f"AUROC {auroc(labels, scores):.3f}")
-        precision, recall, _ = precision_recall_curve(labels, scores)
-        ax_pr.plot(recall, precision, label=f"AP {aupr(labels, scores):.3f}")
-        ax_pr.axhline(labels.mean(), color="grey", linestyle=":", label=f"prevalence {labels.mean():.3f}")
-    else:
-        for ax in (ax_roc, ax_pr):
-            ax.text(0.5, 0.5, "one class only: undefined", ha="center", va="center")
-    ax_roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.02))
-    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.02))
-    for ax in (ax_roc, ax_pr):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path)
+    """ROC (with AUROC) and precision-recall (with average precision) of one scorer: `plot_roc_pr_curves`'s
+    single-curve case."""
+    return plot_roc_pr_curves({"model": (labels, scores)}, path, title)
 
 
 def plot_confusion(labels, scores, threshold: float, path: str | Path, title: str = "") -> Path:
@@ -212,6 +192,9 @@ def plot_roc_pr_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: s
         prevalence = labels.mean()
     if prevalence is not None:
         ax_pr.axhline(prevalence, color="grey", linestyle=":", label=f"prevalence {prevalence:.3f}")
+    else:
+        for ax in (ax_roc, ax_pr):
+            ax.text(0.5, 0.5, "one class only: undefined", ha="center", va="center")
     ax_roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (legend: AUROC)",
                xlim=(0, 1), ylim=(0, 1.02))
