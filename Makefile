@@ -15,6 +15,7 @@ OUT    ?= submissions/predictions.csv
 MAPS   ?=
 RUNTIME ?= torch
 FORMAT ?= onnx
+EXECUTOR ?=
 
 SETS  := $(foreach s,$(SET),--set $(s))
 RUN   := $(PY) -m competition
@@ -67,11 +68,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check competition tests bench
 	$(PY) -m pytest; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
-all: data folds
-	$(RUN) train --fold all $(ARGS)
-	$(RUN) zoo --fold all $(ARGS)
-	$(RUN) infer $(ARGS)
-	$(RUN) leaderboard $(ARGS)
+# The experiment's jobs (folds, pretrain where the config reads ssl weights, train and zoo per fold, infer,
+# leaderboard) through `competition run`; EXECUTOR=ray runs them as Ray tasks (executor.* in the config).
+all: data
+	$(RUN) run $(ARGS) $(if $(EXECUTOR),--set executor.backend=$(EXECUTOR),)
 
 clean-runs:
 	rm -rf runs

@@ -16,6 +16,7 @@ WORKFLOW = """workflow (make targets in brackets):
   train --fold all | zoo --fold all    the classifier and the anomaly zoo, per fold [make train, make zoo]
   infer                                stack the finished runs, write submissions/submission.csv [make infer]
   leaderboard                          every experiment by cross-validation (and the answer key if any)
+  run                                  all of the above from folds, as jobs: serial or Ray [make all EXECUTOR=ray]
   score --submission F --answers K     macro-F1 of a submission
   predict --images ... --out F         the trained ensemble on new images [make predict IMAGES=...]
   export --format onnx|openvino        the fold models as graphs for predict --runtime [make export]
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("leaderboard", help="compare every experiment by cross-validation")
     _add_config_args(p)
+
+    p = sub.add_parser("run", help="every job of the experiment (folds, pretrain, train, zoo, infer, leaderboard) "
+                                   "with executor.backend: serial or ray")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the jobs, their commands and order, run nothing")
 
     p = sub.add_parser("predict", help="score new images with the experiment's trained ensemble")
     _add_config_args(p)
@@ -186,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             from competition.leaderboard import main as leaderboard_main
 
             leaderboard_main(cfg)
+        elif args.command == "run":
+            from competition.run import main as run_main
+
+            return run_main(cfg, args.config, args.overrides, args.dry_run)
         elif args.command == "predict":
             from competition.predict import main as predict_main
 

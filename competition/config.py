@@ -355,6 +355,25 @@ class PretrainConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """How `competition run` (and `make all`) runs the experiment's jobs; none of it changes a result."""
+    backend: Literal["serial", "ray"] = "serial"  # serial: one job at a time, all cores | ray: jobs as Ray tasks
+    address: str | None = None  # ray: null starts a local Ray; "auto" or host:port joins a running cluster
+    cpus: int | None = None  # ray, local start: the CPUs Ray may hand out; null = every core
+    num_cpus: float = 1.0  # ray: CPUs reserved per job; its torch threads (at least 1)
+    num_gpus: float = 0.0  # ray: GPUs reserved per job; fractions share one GPU (0.25: four jobs)
+    max_retries: int = 2  # a failed or killed job runs again this many times, resuming from its last.pt
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0:
+            raise ValueError(f"num_cpus must be > 0, got {self.num_cpus}")
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0, got {self.num_gpus}")
+        if self.backend == "serial" and self.address:
+            raise ValueError(f"address {self.address!r} needs backend: ray")
+
+
+@dataclass
 class Config:
     experiment: str = "default"
     seed: int = 42
@@ -372,6 +391,7 @@ class Config:
     zoo: ZooConfig = field(default_factory=ZooConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
         # `model.pretrained: ssl` names this experiment's own pretraining output (make pretrain),
@@ -578,6 +598,8 @@ RANGES: dict[str, tuple[str, Any]] = {
     "zoo.validation_share": ("in [0, 1)", lambda v: 0 <= v < 1), "zoo.gallery_size": _NON_NEGATIVE,
     "pretrain.epochs": _AT_LEAST_ONE, "pretrain.batch_size": ("> 1", lambda v: v > 1), "pretrain.lr": _POSITIVE,
     "pretrain.temperature": _POSITIVE, "pretrain.image_size": _IMAGE_SIDE, "pretrain.hold_size": _IMAGE_SIDE,
+    "executor.cpus": _AT_LEAST_ONE, "executor.num_cpus": _POSITIVE, "executor.num_gpus": _NON_NEGATIVE,
+    "executor.max_retries": _NON_NEGATIVE,
 }
 
 
