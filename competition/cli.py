@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write the synthetic competition dataset")
-    p.add_argument("--preset", choices=["tiny", "small", "full"], default="small",
+    p.add_argument("--preset", choices=["tiny", "small", "medium", "full"], default="small",
                    help="dataset size: tiny (tests), small (the default experiment), full (the original counts)")
     p.add_argument("--out", required=True, help="folder to write the dataset into")
     p.add_argument("--seed", type=int, default=0, help="random seed of the textures and defects")

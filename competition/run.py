@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -29,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from competition.artifacts import write_csv, write_yaml
+from competition.artifacts import write_csv, write_json, write_yaml
 from competition.config import Config
 
 RUN_DIR = "_run"  # under <paths.work>/<experiment>/; model folders never start with "_"
@@ -147,8 +149,22 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child(argv: list[str], cwd: str, threads: int | None, log: str | None) -> int:
-    """The forked job: the CLI on `argv`, output to `log` when given; returns its exit status."""
+def thread_settings(job: Job, threads: int | None) -> tuple[list[str], dict[str, str]]:
+    """The job's argv and environment for `threads` CPU threads (None: as configured, train.threads)."""
+    if threads is None:
+        return list(job.argv), {}
+    env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    return [*job.argv, "--set", f"train.threads={threads}"], env
+
+
+def may_use_cuda(device: str) -> bool:
+    """Whether a job on this machine may initialise CUDA; asked without initialising it (a CUDA context does
+    not survive a fork, so such jobs start as fresh processes)."""
+    return device != "cpu" and (Path("/dev/nvidiactl").exists() or shutil.which("nvidia-smi") is not None)
+
+
+def _forked_job(job: Job, cwd: str, threads: int | None, log: str | None) -> int:
+    """In the forked child: the CLI on the job's argv, output to `log` when given; returns its exit status."""
     _die_with_parent()
     os.chdir(cwd)
     if log:
@@ -160,27 +176,23 @@ def _child(argv: list[str], cwd: str, threads: int | None, log: str | None) -> i
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the child
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         print(f"# job pid {os.getpid()}", flush=True)
+    argv, env = thread_settings(job, threads)
+    os.environ.update(env)
     if threads is not None:
         from threadpoolctl import threadpool_limits
 
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ[name] = str(threads)
-        threadpool_limits(threads)  # numpy's BLAS; torch's own threads follow train.threads
-        argv = [*argv, "--set", f"train.threads={threads}"]
+        threadpool_limits(threads)  # numpy's BLAS pool exists already; torch's threads follow train.threads
     from competition.cli import main
 
     return main(argv)
 
 
-def run_once(job: Job, cwd: str, threads: int | None, log: str | None) -> tuple[int, float]:
-    """Fork, run `job` in the child and wait: (exit status, the child's peak resident memory in MiB)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+def _fork(job: Job, cwd: str, threads: int | None, log: str | None) -> int:
     pid = os.fork()
     if pid == 0:  # the child never returns into the caller's code
         code = 1
         try:
-            code = _child(list(job.argv), cwd, threads, log)
+            code = _forked_job(job, cwd, threads, log)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:  # noqa: BLE001 - anything left is a crash: show it, exit non-zero
@@ -189,6 +201,31 @@ def run_once(job: Job, cwd: str, threads: int | None, log: str | None) -> tuple[
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    return pid
+
+
+def _spawn(job: Job, cwd: str, threads: int | None, log: str | None) -> int:
+    """The job as a fresh `python -m competition` process (it imports everything itself)."""
+    argv, env = thread_settings(job, threads)
+    out = open(log, "a") if log else None  # noqa: SIM115 - closed below, once the child holds it
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "competition", *argv], cwd=cwd, env={**os.environ, **env},
+                                   stdout=out, stderr=subprocess.STDOUT if out else None,
+                                   preexec_fn=_die_with_parent)  # noqa: PLW1509 - prctl only, before exec
+        if out:
+            out.write(f"# job pid {process.pid}\n")
+    finally:
+        if out:
+            out.close()
+    return process.pid
+
+
+def run_once(job: Job, cwd: str, threads: int | None, log: str | None, fresh: bool = False) -> tuple[int, float]:
+    """Run `job` once in a child (forked, or a fresh process when `fresh`) and wait for it: (exit status, the
+    child's peak resident memory in MiB)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = (_spawn if fresh else _fork)(job, cwd, threads, log)
     try:
         _, status, usage = os.wait4(pid, 0)
     except KeyboardInterrupt:  # Ctrl-C reached the child too: let it save and stop, then stop
@@ -197,7 +234,7 @@ def run_once(job: Job, cwd: str, threads: int | None, log: str | None) -> tuple[
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
 
 
-def run_job(job: Job, cwd: str, threads: int | None, retries: int, log: str | None) -> JobResult:
+def run_job(job: Job, cwd: str, threads: int | None, retries: int, log: str | None, fresh: bool = False) -> JobResult:
     """`job` until it succeeds, at most 1 + `retries` times; each attempt resumes from the files the last
     left (the stages' exact resume). A crash or a kill (out of memory, a lost process) is retried; Ctrl-C
     and the CLI's user-facing errors (exit 2: the same input gives the same error) are not."""
@@ -207,9 +244,8 @@ def run_job(job: Job, cwd: str, threads: int | None, retries: int, log: str | No
     for attempt in range(1, retries + 2):
         if log:
             with open(log, "a") as handle:
-                handle.write(f"# attempt {attempt} on {socket.gethostname()}, pid {os.getpid()} forks: "
-                             f"{job.command()}\n")
-        code, rss = run_once(job, cwd, threads, log)
+                handle.write(f"# attempt {attempt} on {socket.gethostname()}: {job.command()}\n")
+        code, rss = run_once(job, cwd, threads, log, fresh)
         peak = max(peak, rss)
         result.attempts, result.returncode = attempt, code
         if code == 0:
@@ -235,7 +271,8 @@ class SerialBackend:
         self._done: list[JobResult] = []
 
     def start(self, job: Job, log: str) -> None:
-        self._done.append(run_job(job, self.cwd, None, self.cfg.executor.max_retries, None))
+        self._done.append(run_job(job, self.cwd, None, self.cfg.executor.max_retries, None,
+                                  fresh=may_use_cuda(self.cfg.device)))
 
     def wait(self) -> list[JobResult]:
         done, self._done = self._done, []
@@ -249,12 +286,14 @@ def job_threads(num_cpus: float) -> int:
     return max(1, math.floor(num_cpus))
 
 
-def _ray_run_job(job: Job, cwd: str, threads: int, retries: int, log: str) -> JobResult:
+def _ray_run_job(job: Job, cwd: str, threads: int, retries: int, log: str, device: str) -> JobResult:
     from competition.cli import plain_progress_when_redirected
 
     plain_progress_when_redirected()  # before tqdm is imported: it reads its TQDM_* defaults then
-    preload()
-    return run_job(job, cwd, threads, retries, log)
+    fresh = may_use_cuda(device)  # asked on the node that runs the job
+    if not fresh:
+        preload()
+    return run_job(job, cwd, threads, retries, log, fresh)
 
 
 class RayBackend:
@@ -280,7 +319,7 @@ class RayBackend:
 
     def start(self, job: Job, log: str) -> None:
         ex = self.cfg.executor
-        ref = self._task.remote(job, self.cwd, job_threads(ex.num_cpus), ex.max_retries, log)
+        ref = self._task.remote(job, self.cwd, job_threads(ex.num_cpus), ex.max_retries, log, self.cfg.device)
         self._running[ref] = job
 
     def wait(self) -> list[JobResult]:
@@ -411,20 +450,28 @@ def main(cfg: Config, config_path: str, overrides: Sequence[str], dry_run: bool 
     write_yaml(cfg.to_dict(), out / "config.yaml")
     where = "" if cfg.executor.backend == "serial" else f"; logs in {log_dir}"
     print(f"[run] {len(jobs)} jobs, backend {cfg.executor.backend}{where}")
-    preload()
+    if not may_use_cuda(cfg.device):
+        preload()
     backend = BACKENDS[cfg.executor.backend](cfg, os.getcwd())
+
+    finished: list[JobResult] = []
+    write_csv(pd.DataFrame(columns=JOB_COLUMNS), out / "jobs.csv")  # not a previous run's
 
     def on_finish(result: JobResult) -> None:
         print(finished_line(result, width), flush=True)
         if result.status == "failed" and result.log:
             print(_log_tail(result.log), flush=True)
+        finished.append(result)  # jobs.csv as it grows: a run stopped half-way still shows what it did
+        write_csv(pd.DataFrame([r.row() for r in finished], columns=JOB_COLUMNS), out / "jobs.csv")
 
     try:
         results = execute(jobs, backend, log_dir, on_finish)
     finally:
         backend.close()
     wall = time.time() - start
-    write_csv(pd.DataFrame([r.row() for r in results], columns=JOB_COLUMNS), out / "jobs.csv")
+    write_json({"backend": cfg.executor.backend, "wall_seconds": round(wall, 2), "jobs": len(jobs),
+                "ok": sum(r.status == "ok" for r in results),
+                "job_seconds": round(sum(r.seconds for r in results), 2)}, out / "summary.json")
     plot_timeline(results, out / "timeline.png")
     print(summary(results, wall, cfg.executor.backend))
     print(out / "jobs.csv")

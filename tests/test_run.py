@@ -75,12 +75,14 @@ def test_a_failed_job_skips_what_reads_it_and_the_rest_still_runs(tmp_path):
     assert backend.started == ["folds", "a", "b"] and len(seen) == 5
 
 
-def test_a_user_error_is_reported_once_with_its_exit_status_and_log(tmp_path):
+@pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh process"])
+def test_a_user_error_is_reported_once_with_its_exit_status_and_log(tmp_path, fresh):
     log = tmp_path / "job.log"
     job = Job("score", "score", ("score", "--submission", str(tmp_path / "missing.csv"), "--answers", "x.csv"))
-    result = run_job(job, str(tmp_path), threads=1, retries=2, log=str(log))
+    result = run_job(job, str(tmp_path), threads=1, retries=2, log=str(log), fresh=fresh)
     assert result.status == "failed" and result.attempts == 1 and result.returncode == 2  # it would recur
-    assert "missing.csv" in log.read_text() and result.peak_rss_mb > 0
+    text = log.read_text()
+    assert "missing.csv" in text and re.search(r"# job pid \d+", text) and result.peak_rss_mb > 0
 
 
 def test_a_killed_job_runs_again_until_it_succeeds_or_runs_out_of_retries(tmp_path, monkeypatch):

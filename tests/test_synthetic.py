@@ -34,6 +34,8 @@ def test_presets_match_the_brief():
     assert PRESETS["small"].image_size == 128
     assert (PRESETS["full"].n_normal, PRESETS["full"].n_defect, PRESETS["full"].n_test) == (6790, 30, 9100)
     assert PRESETS["tiny"].n_defect >= 10
+    medium = PRESETS["medium"]  # issue 17's scaling point: about 2,000 normals and 3,000 test images
+    assert (medium.n_normal, medium.n_test, medium.image_size) == (2000, 3000, PRESETS["small"].image_size)
 
 
 def test_same_seed_gives_same_bytes(tiny_runs):

@@ -45,6 +45,9 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(n_normal=60, n_defect=12, n_test=40, image_size=64, test_defect_rate=0.1),
     # The default: small enough for 5-fold CNN training plus the anomaly zoo on 2 CPU cores.
     "small": Preset(n_normal=400, n_defect=30, n_test=300, image_size=128),
+    # Between the two, for measuring how each stage's cost grows (bench/scaling.py): the small set's
+    # image size and defects, five times its normals and ten times its test images.
+    "medium": Preset(n_normal=2000, n_defect=30, n_test=3000, image_size=128),
     # The original competition's counts.
     "full": Preset(n_normal=6790, n_defect=30, n_test=9100, image_size=256),
 }
