@@ -111,3 +111,14 @@ def test_penalty_images_from_a_folder(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no images"):
         build_model("efficientad-s", ZooSettings(image_size=SIZE), {"penalty_images": str(empty)}).penalty_pool()
+
+
+def test_paper_entries_keep_the_papers_budget_and_learning_rate():
+    from competition.zoo.registry import entries, resolved_params
+
+    for name in ("efficientad-s-paper", "efficientad-m-paper"):
+        params = resolved_params(name)
+        assert params.lr == 1.0e-4 and params.epochs * params.steps_per_epoch == 70_000 and params.batch_size == 1
+        assert params.teacher_steps == 60_000 and params.teacher_lr == 1.0e-4
+    for name in ("efficientad-s", "efficientad-m"):  # the CPU entries say what they cut
+        assert "CPU budget" in entries()[name].description

@@ -54,7 +54,8 @@ def test_flow_trains_separates_and_reloads(name, tmp_path):
     model = build_model(name, settings, TINY[name]).fit(normals)
     history = pd.read_csv(tmp_path / "history.csv")
     assert len(history) == 3
-    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    loss = history["train_fiber_mean" if name.startswith("cflow") else "train_loss"]  # CFlow: all fiber batches
+    assert loss.iloc[-1] < loss.iloc[0]
     prediction = model.predict(test)
     assert prediction.maps.shape == (32, SIZE, SIZE)
     assert np.isfinite(prediction.scores).all() and np.isfinite(prediction.maps).all()
@@ -187,3 +188,27 @@ def test_runner_reports_uflow_nfa_decision_beside_the_score(tiny_data, tmp_path)
     assert set(decisions["own_decision"]) <= {"OK", "NG"}
     assert own["test_ng"] == int((decisions["own_decision"] == "NG").sum())
     assert np.isfinite(decisions["own_decision_strength"]).all()
+
+
+def test_cflow_batch_visits_every_position_one_step_per_fiber_batch(monkeypatch):
+    """Reference training: each layer's positions shuffled into fiber batches, an optimizer step each."""
+    model = build_model("cflow-resnet18", _settings("unused"), {**TINY["cflow-resnet18"], "fiber_batch_size": 100})
+    model.model = model.build_model()
+    images = torch.rand(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        fibers = model.model.fiber_batches(images, 100)
+        features = model.model.features(images)
+    for layer, feature in enumerate(features):
+        rows = model.model._rows(feature)[0]
+        mine = [f for f in fibers if f[0] == layer]
+        assert len(mine) == math.ceil(rows.shape[0] / 100) and all(len(f[1]) <= 100 for f in mine)
+        visited = torch.cat([f[1] for f in mine])
+        assert visited.shape == rows.shape  # every position once: the same rows, in another order
+        torch.testing.assert_close(visited.sort(0).values, rows.sort(0).values)
+    assert not torch.equal(fibers[0][1], model.model._rows(features[0])[0][:100])  # shuffled
+    optimizer = model.build_optimizer(model.parameters_to_train())
+    steps = []
+    monkeypatch.setattr(optimizer, "step", lambda *a, **k: steps.append(1))
+    out = model.training_step({"image": images})
+    assert len(steps) == len(fibers) - 1  # the engine takes the last step with the returned loss
+    assert set(out) == {"loss", "fiber_mean"} and out["loss"].requires_grad

@@ -29,6 +29,7 @@ CASES = [
     ("dfkde-resnet18", {}, GLOBAL, 0.75),
     ("autoencoder-recon", AE, LOCAL, 0.75),
     ("autoencoder-ocsvm", AE, LOCAL, 0.6),
+    ("autoencoder-ssim", AE, LOCAL, 0.75),
 ]
 
 
@@ -198,3 +199,34 @@ def test_coreset_indices_cover_the_points():
     random_radius = torch.cdist(points, points[random_keep]).min(1).values.max()
     assert radius < random_radius  # greedy k-center covers the outliers that random sampling misses
     assert torch.equal(coreset_indices(points, 1.0), torch.arange(5000))
+
+
+def test_dfm_keeps_an_8x8_grid_at_128_px(tmp_path):
+    """Stride-1 pooling keeps layer3's grid, so the map localises; anomalib's 4x4 stride-4 pooling left 2x2."""
+    from competition.zoo.models.dfm import pool_map
+
+    rng = np.random.default_rng(3)
+    images = ImageSet([make_texture("brushed_metal", (128, 128), rng) for _ in range(6)])
+    model = build_model("dfm-resnet18", ZooSettings(image_size=128, batch_size=8, progress=False)).fit(images)
+    assert model.fit_info["feature_dim"] == 256 * 8 * 8  # resnet18 layer3 at stride 16
+    features = torch.randn(2, 5, 8, 8)
+    assert pool_map(features, 3, 1).shape == (2, 5, 8, 8)
+    assert pool_map(features, 4, 4).shape == (2, 5, 2, 2)  # the old (anomalib) pooling
+    with pytest.raises(ValueError, match="odd pool"):
+        pool_map(features, 4, 1)
+
+
+def test_ssim_map_is_one_on_equal_images_and_uses_the_patch_statistics():
+    from competition.zoo.components.ssim import ssim, ssim_map
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 20, 20, generator=g), torch.rand(2, 3, 20, 20, generator=g)
+    torch.testing.assert_close(ssim_map(a, a, 11, sigma=None, padding="reflect"), torch.ones(2, 3, 20, 20))
+    assert ssim(a, b) < 0.5
+    # Uniform window: SSIM at an inner pixel from its 11x11 patch's means, variances and covariance.
+    values = ssim_map(a, b, 11, sigma=None)
+    pa, pb = a[0, 1, 4:15, 5:16].double(), b[0, 1, 4:15, 5:16].double()
+    cov = (pa * pb).mean() - pa.mean() * pb.mean()
+    expected = ((2 * pa.mean() * pb.mean() + 1e-4) * (2 * cov + 9e-4)) / (
+        (pa.mean() ** 2 + pb.mean() ** 2 + 1e-4) * (pa.var(unbiased=False) + pb.var(unbiased=False) + 9e-4))
+    assert values[0, 1, 9, 10].item() == pytest.approx(expected.item(), rel=1e-4)

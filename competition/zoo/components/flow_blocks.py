@@ -1,10 +1,12 @@
-"""Invertible building blocks shared by the zoo's normalizing flows (FastFlow, CFlow, U-Flow), with
-their frozen feature input and the likelihood map of FastFlow and U-Flow.
+"""Invertible building blocks shared by the zoo's normalizing flows (FastFlow, CFlow, U-Flow, CS-Flow),
+with their frozen feature input and the likelihood map of FastFlow and U-Flow.
 
 `AllInOneCoupling` follows FrEIA's AllInOneBlock (Ardizzone et al., the block all three papers
 use): a soft-clamped affine coupling whose subnet sees the first half of the channels (plus an
 optional condition), then a learned per-channel global affine (ActNorm-like), then a fixed random
 channel permutation (hard) or rotation (soft). Written here so the zoo needs no FrEIA dependency.
+`CrossScaleCoupling` is CS-Flow's block: a Glow-style coupling over three feature scales at once,
+whose subnets exchange information between neighbouring scales.
 """
 from __future__ import annotations
 
@@ -218,3 +220,125 @@ class FrozenFeatures(WithFrozenParts):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
             return [f.float() for f in self.backbone(self.normalise(images))]
+
+
+# ---------------------------------------------------------------- CS-Flow's cross-scale coupling
+
+class CrossScaleConvolutions(nn.Module):
+    """CS-Flow's subnet (Rudolph et al. 2022, Fig. 3): per scale a conv, leaky ReLU and a second conv,
+    plus cross-scale terms: each scale adds a conv of the next coarser scale's hidden map upsampled
+    (bilinear) and a strided (stride 2) conv of the next finer scale's. Scales are finest first and
+    consecutive scales differ by a factor 2 in resolution. Each scale's output is multiplied by a
+    learned gamma that starts at 0, so every coupling starts as the identity (the reference's use_gamma).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, n_scales: int, hidden_channels: int,
+                 kernel_size: int = 3, leaky_slope: float = 0.1):
+        super().__init__()
+        pad = kernel_size // 2
+
+        def conv(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+            return nn.Conv2d(c_in, c_out, kernel_size, padding=pad, stride=stride)
+
+        self.conv_in = nn.ModuleList([conv(in_channels, hidden_channels) for _ in range(n_scales)])
+        self.conv_out = nn.ModuleList([conv(hidden_channels, out_channels) for _ in range(n_scales)])
+        self.up = nn.ModuleList([conv(hidden_channels, out_channels) for _ in range(n_scales - 1)])  # s+1 -> s
+        self.down = nn.ModuleList([conv(hidden_channels, out_channels, 2) for _ in range(n_scales - 1)])  # s -> s+1
+        self.gamma = nn.Parameter(torch.zeros(n_scales))
+        self.leaky_slope = leaky_slope
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        hidden = [F.leaky_relu(conv(x), self.leaky_slope) for conv, x in zip(self.conv_in, xs)]
+        out = [conv(h) for conv, h in zip(self.conv_out, hidden)]
+        for s in range(len(xs) - 1):
+            finer, coarser = out[s].shape[-2:], out[s + 1].shape[-2:]
+            up = F.interpolate(hidden[s + 1], size=finer, mode="bilinear", align_corners=False)
+            out[s] = out[s] + self.up[s](up)
+            down = self.down[s](hidden[s])
+            if down.shape[-2:] != coarser:  # odd sizes: the strided conv rounds up
+                down = F.interpolate(down, size=coarser, mode="bilinear", align_corners=False)
+            out[s + 1] = out[s + 1] + down
+        return [o * g for o, g in zip(out, self.gamma)]
+
+
+class CrossScaleCoupling(nn.Module):
+    """One CS-Flow block on a list of feature maps (finest first), all with `channels` channels.
+
+    A fixed random channel permutation per scale, then the reference's parallel Glow coupling: the
+    first half of every scale is transformed affinely with scales and shifts computed jointly from
+    the second halves of all scales (one `CrossScaleConvolutions`), then the second halves from the
+    transformed first halves (another). Log-scales are soft-clamped to (-clamp, clamp) by
+    clamp * 2/pi * atan(s / clamp) (the paper's alpha). forward(xs) -> (ys, log|det J| per sample,
+    summed over scales); `inverse` undoes it.
+    """
+
+    def __init__(self, channels: int, n_scales: int = 3, hidden_channels: int = 1024, kernel_size: int = 3,
+                 clamp: float = 3.0, leaky_slope: float = 0.1, seed: int = 0):
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"CrossScaleCoupling needs at least 2 channels to split, got {channels}")
+        self.split_first = channels // 2
+        self.split_second = channels - channels // 2
+        self.clamp = float(clamp)
+        self.first_from_second = CrossScaleConvolutions(self.split_second, 2 * self.split_first, n_scales,
+                                                        hidden_channels, kernel_size, leaky_slope)
+        self.second_from_first = CrossScaleConvolutions(self.split_first, 2 * self.split_second, n_scales,
+                                                        hidden_channels, kernel_size, leaky_slope)
+        rng = np.random.default_rng(seed)
+        self.register_buffer("permutation", torch.as_tensor(
+            np.stack([rng.permutation(channels) for _ in range(n_scales)]), dtype=torch.long))
+
+    def _log_scale(self, s: torch.Tensor) -> torch.Tensor:
+        return self.clamp * (2.0 / math.pi) * torch.atan(s / self.clamp)
+
+    def _affine(self, subnet: CrossScaleConvolutions, given: Sequence[torch.Tensor],
+                split: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        out = subnet(given)
+        return [self._log_scale(o[:, :split]) for o in out], [o[:, split:] for o in out]
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        xs = [x.index_select(1, perm) for x, perm in zip(xs, self.permutation)]
+        firsts = [x[:, :self.split_first] for x in xs]
+        seconds = [x[:, self.split_first:] for x in xs]
+        log_scales, shifts = self._affine(self.first_from_second, seconds, self.split_first)
+        firsts = [a * torch.exp(ls) + t for a, ls, t in zip(firsts, log_scales, shifts)]
+        log_det = sum(ls.flatten(1).sum(1) for ls in log_scales)
+        log_scales, shifts = self._affine(self.second_from_first, firsts, self.split_second)
+        seconds = [b * torch.exp(ls) + t for b, ls, t in zip(seconds, log_scales, shifts)]
+        log_det = log_det + sum(ls.flatten(1).sum(1) for ls in log_scales)
+        return [torch.cat([a, b], dim=1) for a, b in zip(firsts, seconds)], log_det
+
+    def inverse(self, ys: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """xs with forward(xs) == (ys, log_det); returns (xs, -log_det)."""
+        firsts = [y[:, :self.split_first] for y in ys]
+        seconds = [y[:, self.split_first:] for y in ys]
+        log_scales, shifts = self._affine(self.second_from_first, firsts, self.split_second)
+        seconds = [(b - t) * torch.exp(-ls) for b, ls, t in zip(seconds, log_scales, shifts)]
+        log_det = -sum(ls.flatten(1).sum(1) for ls in log_scales)
+        log_scales, shifts = self._affine(self.first_from_second, seconds, self.split_first)
+        firsts = [(a - t) * torch.exp(-ls) for a, ls, t in zip(firsts, log_scales, shifts)]
+        log_det = log_det - sum(ls.flatten(1).sum(1) for ls in log_scales)
+        xs = [torch.cat([a, b], dim=1) for a, b in zip(firsts, seconds)]
+        return [x.index_select(1, torch.argsort(perm)) for x, perm in zip(xs, self.permutation)], log_det
+
+
+class CrossScaleFlow(nn.Module):
+    """A chain of `CrossScaleCoupling` blocks over the same list of scales; log-dets add up."""
+
+    def __init__(self, blocks: Sequence[CrossScaleCoupling]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        log_det = xs[0].new_zeros(xs[0].shape[0])
+        for block in self.blocks:
+            xs, ld = block(xs)
+            log_det = log_det + ld
+        return list(xs), log_det
+
+    def inverse(self, zs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        log_det = zs[0].new_zeros(zs[0].shape[0])
+        for block in reversed(self.blocks):
+            zs, ld = block.inverse(zs)
+            log_det = log_det + ld
+        return list(zs), log_det

@@ -3,9 +3,12 @@
 The network is the CAE of Bergmann et al. ("Improving Unsupervised Defect Segmentation by
 Applying Structural Similarity to Autoencoders", VISAPP 2019): nine convolutions with LeakyReLU
 (0.2) down to a `latent_dim` code (their 128-px layout; the last kernel spans the remaining
-image_size/16 grid), mirrored by transposed convolutions, trained with the L2 loss by Adam
-(lr 2e-4, weight decay 1e-5) on the normal images.
-- `score: recon`: the per-pixel squared error (mean over channels) is the anomaly map; the image
+image_size/16 grid), mirrored by transposed convolutions, trained by Adam (lr 2e-4, weight decay
+1e-5) on the normal images with the L2 loss or (`loss: ssim`, their SSIM autoencoder) 1 - SSIM
+over 11 x 11 patches (uniform window, reflect padding, on the un-normalised [0, 1] RGB images; the
+paper's images are grayscale, here SSIM is averaged over the three channels).
+- `score: recon`: the per-pixel squared error (mean over channels), or with `loss: ssim` the
+  per-pixel 1 - SSIM(x, x_hat) (the paper's residual map), is the anomaly map; the image
   score is the maximum of the map smoothed with a Gaussian of sigma 4 (Bergmann et al. segment by
   thresholding the map, so an image is defective when any region is), or its mean
   (`score_reduction: mean`, the classic whole-image error, much weaker on small defects).
@@ -42,6 +45,7 @@ from competition.training import CheckpointTracker, EngineConfig, fit
 from competition.tta import dihedral, undo_dihedral
 from competition.zoo.api import AnomalyModel, ImageSet, ValidationSet
 from competition.zoo.components.maps import gaussian_blur_maps
+from competition.zoo.components.ssim import ssim_map
 from competition.zoo.registry import register
 from competition.zoo.trained import DEFAULT_VALIDATION_SHARE, fit_record, validation_aurocs
 from competition.zoo.validation import split_validation
@@ -67,6 +71,8 @@ class AutoencoderParams:
     tta: bool = False  # average over the eight flips / rotations when scoring
     nu: float = 0.1  # OC-SVM: bound on the share of training outliers
     blur_sigma: float = 4.0
+    loss: Literal["l2", "ssim"] = "l2"  # training loss and error map: squared error | 1 - SSIM (Bergmann et al.)
+    ssim_window: int = 11  # side of the uniform SSIM window (the paper's patch size)
 
 
 def _block(cin: int, cout: int, kernel: int, stride: int, transpose: bool = False) -> nn.Sequential:
@@ -170,6 +176,8 @@ class Autoencoder(AnomalyModel):
             return None
         params = asdict(self.params)
         key = {k: params[k] for k in TRAINING_KEYS}
+        if self.params.loss != "l2":  # L2 keys stay as they were, so their cached networks stay valid
+            key.update(loss=self.params.loss, ssim_window=self.params.ssim_window)
         key.update(version=NETWORK_VERSION, image_size=self.settings.image_size, seed=self.settings.seed,
                    mean=list(self.settings.mean), std=list(self.settings.std),
                    images=sorted(images.content_key(i) for i in range(len(images))),
@@ -214,6 +222,8 @@ class Autoencoder(AnomalyModel):
                 images = torch.stack([dihedral(img, int(k)) for img, k in zip(images, batch["views"])])
             images = to_device_images(images, self.device, self.settings.channels_last)
             recon, _ = network(images)
+            if p.loss == "ssim":
+                return 1 - self._ssim_map(recon.float(), images.float()).mean()
             return torch.mean((recon.float() - images) ** 2)
 
         def validate() -> dict[str, float]:
@@ -263,13 +273,23 @@ class Autoencoder(AnomalyModel):
             self.model.svm.fit(codes, float(self.params.nu)).to(self.device)
             self.fit_info["support_vectors"] = int(self.model.svm.support.shape[0])
 
+    def _ssim_map(self, recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) SSIM of the reconstruction, both un-normalised back to [0, 1] RGB."""
+        mean = torch.tensor(self.settings.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.settings.std, device=images.device).view(1, -1, 1, 1)
+        return ssim_map(recon * std + mean, images * std + mean, int(self.params.ssim_window), sigma=None,
+                        padding="reflect")
+
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(error maps (B, S, S), codes (B, latent)) of a normalised batch, float32 on the CPU."""
         x = to_device_images(batch.float(), self.device, self.settings.channels_last)
         with autocast(self.device, self.settings.amp):
             recon, code = self.model(x)
-        error = ((recon.float() - x.float()) ** 2).mean(1)
+        if self.params.loss == "ssim":
+            error = 1 - self._ssim_map(recon.float(), x.float()).mean(1)
+        else:
+            error = ((recon.float() - x.float()) ** 2).mean(1)
         return error.cpu(), code.float().cpu()
 
     def _score_views(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,3 +327,6 @@ register("autoencoder-ocsvm", Autoencoder,
          "One-class SVM (RBF) on the min-max-scaled codes of the same autoencoder", score="ocsvm")
 register("autoencoder-recon-tta", Autoencoder,
          "autoencoder-recon with test-time averaging over the eight flips/rotations", tta=True)
+register("autoencoder-ssim", Autoencoder,
+         "SSIM autoencoder (Bergmann et al.): the same CAE trained with 1 - SSIM (11x11 window), scored by its "
+         "smoothed 1 - SSIM map's max; flip/rot90 training", loss="ssim")

@@ -1,12 +1,15 @@
 """DFM: Deep Feature Modeling (Ahuja et al., "Probabilistic Modeling of Deep Features for
 Out-of-Distribution and Adversarial Detection", 2019), as set up for anomaly detection in anomalib.
 
-A backbone layer's map (resnet18 layer3), average-pooled by `pool` x `pool` and flattened, is the
-image's feature vector. PCA fitted on the normal images keeps `pca_level` of the variance (a
-fraction) or that many components (an integer). Two scores: `nll`, the Gaussian negative
-log-likelihood in PCA space, up to constants the Mahalanobis distance sum_j z_j^2 / lambda_j
-(the paper's probabilistic model); `fre`, the feature reconstruction error ||x - W W^T x||^2. The
-map is the reconstruction error per pooled position (summed over channels), upsampled, for both.
+A backbone layer's map (resnet18 layer3), average-pooled `pool` x `pool` and flattened, is the
+image's feature vector. The pooling has stride `pool_stride`: 1 (default) keeps the layer's grid
+("same" padding, odd `pool`), so the map still localises (8 x 8 positions at 128 px); anomalib pools
+with stride = kernel (4), which leaves a 2 x 2 grid at 128 px (`pool_stride: 4`). PCA fitted on the
+normal images keeps `pca_level` of the variance (a fraction) or that many components (an integer).
+Two image scores: `nll`, the Gaussian negative log-likelihood in PCA space, up to constants the
+Mahalanobis distance sum_j z_j^2 / lambda_j (the paper's probabilistic model); `fre`, the feature
+reconstruction error ||x - W W^T x||^2 (summed over the whole pooled map). The map is the
+reconstruction error per pooled position (summed over channels), upsampled, for both.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from competition.zoo.registry import register
 @dataclass
 class DFMParams(BackboneParams):
     layer: int = 3
-    pool: int = 4  # average-pooling kernel before flattening (anomalib's pooling_kernel_size)
+    pool: int = 3  # average-pooling kernel before flattening (anomalib's pooling_kernel_size is 4)
+    pool_stride: int = 1  # 1: same-size grid (odd pool); = pool: anomalib's non-overlapping pooling
     pca_level: int | float = 0.97  # variance share kept (< 1) or number of components (>= 1)
     score_type: Literal["fre", "nll"] = "fre"  # fre (feature reconstruction error, anomalib's default) | nll
     blur_sigma: float = 4.0
@@ -65,18 +69,29 @@ class DFMModel(nn.Module):
         return scores, error_map
 
 
-class PooledFeatures(nn.Module):
-    """The layer's map average-pooled by `pool` x `pool` (at most the map's side), then `model`."""
+def pool_map(m: torch.Tensor, pool: int, stride: int) -> torch.Tensor:
+    """Average pooling `pool` x `pool` with `stride`; stride 1 pads to keep the grid (padding not counted).
+    With stride > 1 the kernel is at most the map's side."""
+    if stride == 1:
+        if pool % 2 == 0:
+            raise ValueError(f"dfm: pool_stride 1 keeps the grid only with an odd pool, got pool {pool}")
+        return F.avg_pool2d(m, pool, stride=1, padding=pool // 2, count_include_pad=False) if pool > 1 else m
+    k = min(pool, int(m.shape[-1]), int(m.shape[-2]))  # ints: constants in a traced graph
+    return F.avg_pool2d(m, k, stride=min(stride, k)) if k > 1 else m
 
-    def __init__(self, model: nn.Module, pool: int):
+
+class PooledFeatures(nn.Module):
+    """The layer's map average-pooled (`pool_map`), then `model`."""
+
+    def __init__(self, model: nn.Module, pool: int, stride: int = 1):
         super().__init__()
         self.model = model
         self.pool = int(pool)
+        self.stride = int(stride)
 
     def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         (m,) = maps
-        k = min(self.pool, int(m.shape[-1]), int(m.shape[-2]))  # ints: constants in a traced graph
-        return self.model(F.avg_pool2d(m, k) if k > 1 else m)
+        return self.model(pool_map(m, self.pool, self.stride))
 
 
 class DFM(AnomalyModel):
@@ -92,12 +107,11 @@ class DFM(AnomalyModel):
 
     def _pooled(self, extractor, maps: list[torch.Tensor]) -> torch.Tensor:
         (m,) = extractor.select(maps, [self.params.layer])
-        k = min(int(self.params.pool), m.shape[-1], m.shape[-2])
-        return F.avg_pool2d(m, k) if k > 1 else m
+        return pool_map(m, int(self.params.pool), int(self.params.pool_stride))
 
     def _head(self) -> SmoothedMaps:
-        return SmoothedMaps(PooledFeatures(self.model, self.params.pool), self.settings.image_size,
-                            float(self.params.blur_sigma))
+        pooled = PooledFeatures(self.model, self.params.pool, self.params.pool_stride)
+        return SmoothedMaps(pooled, self.settings.image_size, float(self.params.blur_sigma))
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         model = self.build_model()
@@ -132,7 +146,7 @@ class DFM(AnomalyModel):
 
 
 register("dfm-resnet18", DFM,
-         "DFM on resnet18 layer3 (4x4-pooled), PCA to 97% variance, feature reconstruction error")
+         "DFM on resnet18 layer3 (3x3 stride-1 pooled, full grid), PCA to 97% variance, feature reconstruction error")
 register("dfm-resnet18-nll", DFM,
-         "DFM on resnet18 layer3 (4x4-pooled), PCA to 97% variance, Gaussian NLL in PCA space",
+         "DFM on resnet18 layer3 (3x3 stride-1 pooled, full grid), PCA to 97% variance, Gaussian NLL in PCA space",
          score_type="nll")

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from competition.data.layouts import IMAGE_EXTENSIONS, list_images
 from competition.zoo.api import unit_tensor
 from competition.zoo.components.maps import mean_filter_maps
+from competition.zoo.components.ssim import ssim
 from competition.zoo.registry import register
 from competition.zoo.trained import TrainedAnomalyModel, TrainParams
 
@@ -118,25 +119,6 @@ class DiscriminativeSubNetwork(nn.Module):
         for up, block in zip(self.up, self.decode):
             x = block(torch.cat([up(x), skips.pop()], dim=1))
         return self.out(x)
-
-
-def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
-    """Mean SSIM of images in [0, 1] with a Gaussian window, per channel (Wang et al. 2004)."""
-    coords = torch.arange(window, dtype=a.dtype, device=a.device) - (window - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(a.shape[1], 1, window, window).contiguous()
-
-    def blur(x: Tensor) -> Tensor:
-        return F.conv2d(x, kernel, padding=window // 2, groups=a.shape[1])
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return value.mean()
 
 
 def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0, eps: float = 1e-6) -> Tensor:
@@ -229,7 +211,7 @@ class DRAEM(TrainedAnomalyModel):
 
 register("draem", DRAEM,
          "DRAEM: reconstructive + discriminative nets on Perlin anomalies, generated textures "
-         "(CPU-sized: 16/16 wide, 8 epochs)",
+         "(CPU budget: 8 of 700 epochs, 16/16 of 128/64 channels, lr 1e-3)",
          reconstructive_width=16, discriminative_width=16, epochs=8, lr=1.0e-3, batch_size=8)
 register("draem-paper", DRAEM,
          "DRAEM as in the paper: 128/64 channels, Adam 1e-4, 700 epochs (GPU)")

@@ -496,14 +496,17 @@ def _quantile(values: Tensor, q: float) -> float:
 # student learning rate is 10x the paper's (1e-3); the -paper entries keep the paper's budget.
 register("efficientad-s", EfficientAD,
          "EfficientAD-S: PDN-S teacher distilled offline, hard-feature student, autoencoder, quantile maps "
-         "(CPU-sized: 120 steps, lr 1e-3)",
+         "(CPU budget: 120 of 70,000 student steps, 40 of 60,000 teacher steps, lr 1e-3)",
          pdn_size="small", epochs=3, steps_per_epoch=40, batch_size=2, lr=1.0e-3, teacher_steps=40,
          teacher_batch_size=4)
 register("efficientad-m", EfficientAD,
-         "EfficientAD-M: as efficientad-s with the medium PDN (CPU-sized: 80 steps, lr 1e-3)",
+         "EfficientAD-M: as efficientad-s with the medium PDN (CPU budget: 80 of 70,000 student steps, "
+         "30 of 60,000 teacher steps, lr 1e-3)",
          pdn_size="medium", epochs=2, steps_per_epoch=40, batch_size=2, lr=1.0e-3, teacher_steps=30,
          teacher_batch_size=4)
 register("efficientad-s-paper", EfficientAD,
-         "EfficientAD-S with the paper's budget: 70k student steps, 60k teacher steps (GPU)", pdn_size="small")
+         "EfficientAD-S with the paper's budget: 70k student steps, 60k teacher steps, Adam 1e-4 (GPU)",
+         pdn_size="small")
 register("efficientad-m-paper", EfficientAD,
-         "EfficientAD-M with the paper's budget: 70k student steps, 60k teacher steps (GPU)", pdn_size="medium")
+         "EfficientAD-M with the paper's budget: 70k student steps, 60k teacher steps, Adam 1e-4 (GPU)",
+         pdn_size="medium")

@@ -126,4 +126,5 @@ class FastFlow(TrainedAnomalyModel):
 
 
 register("fastflow-resnet18", FastFlow,
-         "FastFlow: 2D normalizing flows (8 steps, 3x3/1x1 subnets) on resnet18 layer1-3, max of -likelihood map")
+         "FastFlow: 2D normalizing flows (8 steps, 3x3/1x1 subnets) on resnet18 layer1-3, max of -likelihood map "
+         "(CPU budget: 8 of 500 epochs)")

@@ -122,10 +122,10 @@ class STFPM(TrainedAnomalyModel):
 
 
 register("stfpm-resnet18", STFPM,
-         "STFPM: resnet18 teacher/student feature-pyramid matching, layers 1-3 (CPU-sized: 6 epochs)",
+         "STFPM: resnet18 teacher/student feature-pyramid matching, layers 1-3 (CPU budget: 6 of 100 epochs)",
          epochs=6)
 register("stfpm-resnet18-paper", STFPM,
          "STFPM with the paper's schedule: resnet18, SGD lr 0.4, 100 epochs (GPU)", epochs=100)
 register("stfpm-ssl", STFPM,
-         "STFPM with the experiment's self-supervised teacher (make pretrain; CPU-sized: 12 epochs)",
+         "STFPM with the experiment's self-supervised teacher (make pretrain; CPU budget: 12 of 100 epochs)",
          backbone_weights="ssl", epochs=12)

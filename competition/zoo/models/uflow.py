@@ -47,7 +47,7 @@ from competition.zoo.trained import TrainedAnomalyModel, TrainParams, evaluation
 
 @dataclass
 class UFlowParams(TrainParams, BackboneParams):
-    # Reference: Adam, lr 1e-3, weight decay 1e-5, linear lr decay to 0.4x; epochs CPU-sized.
+    # Reference: Adam, lr 1e-3, weight decay 1e-5, linear lr decay to 0.4x; epochs CPU-sized (its configs: 200).
     epochs: int = 8
     batch_size: int = 8
     optimizer: Literal["adamw", "adam", "sgd"] = "adam"
@@ -227,4 +227,5 @@ class UFlow(TrainedAnomalyModel):
 
 
 register("uflow-resnet18", UFlow,
-         "U-Flow: U-shaped multi-scale flow on resnet18 layer1-3; likelihood map score and a-contrario NFA OK/NG")
+         "U-Flow: U-shaped multi-scale flow on resnet18 layer1-3; likelihood map score and a-contrario NFA OK/NG "
+         "(CPU budget: 8 of 200 epochs)")
