@@ -265,6 +265,7 @@ class SerialBackend:
     """One job at a time in this process's forked children, output on this terminal, train.threads as configured."""
 
     name = "serial"
+    synchronous = True  # start returns when the job has finished
 
     def __init__(self, cfg: Config, cwd: str):
         self.cfg, self.cwd = cfg, cwd
@@ -301,6 +302,7 @@ class RayBackend:
     or node, the task's retry loop a failed or killed job."""
 
     name = "ray"
+    synchronous = False
 
     def __init__(self, cfg: Config, cwd: str):
         import ray
@@ -360,6 +362,14 @@ def execute(jobs: list[Job], backend: Any, log_dir: Path, on_finish: Callable[[J
     pending = list(jobs)
     results: dict[str, JobResult] = {}
     running = 0
+
+    def collect() -> None:
+        nonlocal running
+        for result in backend.wait():
+            running -= 1
+            results[result.job.name] = result
+            on_finish(result)
+
     while pending or running:
         for job in list(pending):
             upstream = [results.get(name) for name in job.after]
@@ -371,12 +381,11 @@ def execute(jobs: list[Job], backend: Any, log_dir: Path, on_finish: Callable[[J
                 pending.remove(job)
                 backend.start(job, str(log_dir / f"{job.name}.log"))
                 running += 1
+                if backend.synchronous:  # it has finished: report it before the next starts
+                    collect()
         if not running:
             break
-        for result in backend.wait():
-            running -= 1
-            results[result.job.name] = result
-            on_finish(result)
+        collect()
     return [results[job.name] for job in jobs if job.name in results]
 
 

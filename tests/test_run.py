@@ -52,6 +52,8 @@ def test_the_default_experiment_needs_no_pretraining(tiny_data, tmp_path):
 class _ScriptedBackend:
     """Finishes each job at once with the status the test scripts for it."""
 
+    synchronous = False  # reported at the next wait, as Ray's would be
+
     def __init__(self, failing: set[str]):
         self.failing, self.started, self._done = failing, [], []
 
@@ -73,6 +75,17 @@ def test_a_failed_job_skips_what_reads_it_and_the_rest_still_runs(tmp_path):
     status = {r.job.name: r.status for r in results}
     assert status == {"folds": "ok", "a": "ok", "b": "failed", "b1": "skipped", "infer": "skipped"}
     assert backend.started == ["folds", "a", "b"] and len(seen) == 5
+
+
+def test_a_synchronous_backend_reports_each_job_before_the_next_starts(tmp_path):
+    jobs = [Job("folds", "folds", ()), Job("a", "train", (), ("folds",)), Job("b", "zoo", (), ("folds",))]
+    backend = _ScriptedBackend(failing=set())
+    backend.synchronous = True
+    order = []
+    backend_start = backend.start
+    backend.start = lambda job, log: (order.append(f"start {job.name}"), backend_start(job, log))
+    execute(jobs, backend, tmp_path, lambda r: order.append(f"done {r.job.name}"))
+    assert order == ["start folds", "done folds", "start a", "done a", "start b", "done b"]
 
 
 @pytest.mark.parametrize("fresh", [False, True], ids=["forked", "fresh process"])
