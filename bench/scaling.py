@@ -123,6 +123,7 @@ def scaling_table(args: argparse.Namespace, out: Path, reused: dict[str, str]) -
         work = Path(reused[preset]) if preset in reused else measure(preset, out, args.config)
         tables[preset] = stage_table(work)
         print(f"{preset}: {throughput(next(Path(work).glob('runs/*/_run/jobs.csv')))}", flush=True)
+    args.presets = sorted(args.presets, key=images)  # measured in the order given, fitted by size
     sizes = [images(p) for p in args.presets]
     n_full = images("full")
     rows = []
