@@ -197,6 +197,20 @@ class ViewBatch:
 
 # ---------------------------------------------------------------- model and objectives
 
+def pretrain_backbone(name: str) -> nn.Module:
+    """timm `name` with pooled features (`num_classes=0`). Vision transformers are built with
+    `dynamic_img_size` (position embeddings resampled to each input's patch grid) and `dynamic_img_pad`
+    (a side that is no multiple of the patch size padded), so they pretrain at any `pretrain.image_size`;
+    neither changes the weights' shapes, so the file loads into a model of the same name built at its
+    default size (Dinomaly's encoder). Families without these options are built as they are."""
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=True)
+    except TypeError as exc:  # not a vision transformer: the constructor refuses the options before building
+        if "dynamic_img" not in str(exc):
+            raise
+    return timm.create_model(name, pretrained=False, num_classes=0)
+
+
 class PretrainNet(nn.Module):
     """A timm backbone (`num_classes=0`: pooled features), SimCLR's MLP projection head, and the
     heads objectives ask for. Only the backbone is kept: the heads exist so the losses do not
@@ -206,7 +220,7 @@ class PretrainNet(nn.Module):
     def __init__(self, backbone: str, projection_dim: int, hidden_dim: int,
                  heads: dict[str, nn.Module] | None = None):
         super().__init__()
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        self.backbone = pretrain_backbone(backbone)
         features = self.backbone.num_features
         self.projection = nn.Sequential(
             nn.Linear(features, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),

@@ -288,3 +288,38 @@ def test_held_images_shrink_to_the_hold_size_only():
     image = np.zeros((300, 600, 3), np.uint8)
     assert pretrain.hold_image(image, 100).shape == (100, 200, 3)
     assert pretrain.hold_image(image, 400) is image
+
+
+def test_a_vision_transformer_pretrains_at_any_size_and_its_weights_load_into_dinomaly(tmp_path):
+    """ViTs are built with position embeddings resampled to each crop's patch grid (a side that is no
+    multiple of the patch padded), which leaves the weights' shapes as timm's: the file fits Dinomaly's
+    encoder through `backbone_weights: ssl`."""
+    from competition.weights import write_state_dict
+    from competition.zoo.api import ZooSettings
+    from competition.zoo.registry import build_model
+
+    name = "vit_small_patch14_reg4_dinov2"
+    torch.manual_seed(0)
+    backbone = pretrain.pretrain_backbone(name)
+    with torch.no_grad():
+        assert backbone(torch.zeros(2, 3, 32, 32)).shape == (2, 384)  # 32 px: 3 x 3 patches once padded
+        assert backbone(torch.zeros(1, 3, 56, 56)).shape == (1, 384)
+    path = pretrain.pretrained_weights_path(tmp_path, name)
+    path.parent.mkdir(parents=True)
+    write_state_dict(backbone.state_dict(), path)
+    model = build_model("dinomaly-ssl", ZooSettings(image_size=56, work_dir=str(tmp_path)))
+    assert model.settings.backbone_weights == str(path)
+    encoder = model.build_model().encoder
+    saved = load_file(str(path))
+    for key, tensor in encoder.state_dict().items():  # the blocks Dinomaly runs, all loaded
+        torch.testing.assert_close(tensor, saved[key], rtol=0, atol=0, msg=key)
+
+
+def test_other_backbones_are_built_as_before():
+    torch.manual_seed(3)
+    built = pretrain.pretrain_backbone(BACKBONE)
+    torch.manual_seed(3)
+    plain = timm.create_model(BACKBONE, pretrained=False, num_classes=0)
+    assert built.state_dict().keys() == plain.state_dict().keys()
+    for key, tensor in plain.state_dict().items():
+        assert torch.equal(built.state_dict()[key], tensor), key
