@@ -6,8 +6,9 @@ the fitted growth exponent, and the extrapolation to the `full` preset (6,790 no
     .venv/bin/python bench/scaling.py --gpu-jobs runs/full/full/_run/jobs.csv    # bench/gpu_check.sh's jobs
 
 Each size runs `competition run` (serial, the default config, every core) on its own synthetic set from an
-empty work folder and reads the run's `_run/jobs.csv`: a stage's time is the sum of its jobs' seconds, its
-memory the largest peak resident memory of its jobs (each job is one process). The exponent b of
+empty work folder and reads the run's `_run/jobs.csv`: a stage's time is the sum of its jobs' seconds (a
+model stage's: the mean of its finished folds times `--folds`, so a run stopped after some folds still
+counts), its memory the largest peak resident memory of its jobs (each job is one process). The exponent b of
 time = a * images^b is fitted by least squares in log-log space over the sizes measured; the `full` figures
 extend the largest size by (full images / its images)^b. The default config resizes every image (96 px for
 the classifier, 128 px for the zoo), so the full preset's larger images (256 px against 128 px) change the
@@ -61,10 +62,42 @@ def measure(preset: str, out: Path, config: str) -> Path:
     return work
 
 
-def stage_table(work: Path) -> pd.DataFrame:
-    jobs = pd.read_csv(next(Path(work).glob("runs/*/_run/jobs.csv")))
+def folder_jobs(experiment: Path, known: set[str]) -> pd.DataFrame:
+    """Jobs of a stopped run that its jobs.csv lacks: a finished model fold's seconds from its folder, from
+    config.yaml (written when the job starts) to summary.json (written when it ends); memory unknown."""
+    rows = []
+    for summary in sorted(experiment.glob("*/fold*/summary.json")):
+        fold_dir = summary.parent
+        model, fold = fold_dir.parent.name, int(fold_dir.name[4:])
+        stage = "zoo" if (fold_dir / "results.json").exists() else "train"
+        name = f"{stage}-{model}-fold{fold}"
+        if name not in known:
+            seconds = summary.stat().st_mtime - (fold_dir / "config.yaml").stat().st_mtime
+            rows.append({"job": name, "stage": stage, "model": model, "fold": fold, "status": "ok",
+                         "seconds": seconds, "peak_rss_mb": np.nan})
+    return pd.DataFrame(rows)
+
+
+def stage_table(sources: list[Path], folds: int) -> pd.DataFrame:
+    """Per stage: seconds (a model stage: the mean of its finished folds x `folds`, so a run stopped after
+    some folds still counts whole; for a finished run that is the sum) and the largest peak memory.
+    `sources`: work folders (their runs/*/_run/jobs.csv, completed from the fold folders) or jobs.csv files."""
+    tables = []
+    for source in sources:
+        if source.suffix == ".csv":
+            tables.append(pd.read_csv(source))
+            continue
+        jobs_csv = next(Path(source).glob("runs/*/_run/jobs.csv"))
+        jobs = pd.read_csv(jobs_csv)
+        tables += [jobs, folder_jobs(jobs_csv.parents[1], set(jobs["job"]))]
+    jobs = pd.concat([t for t in tables if len(t)]).drop_duplicates("job", keep="first")
+    jobs = jobs[jobs["status"] == "ok"].copy()
     jobs["stage"] = jobs.apply(stage_name, axis=1)
-    return jobs.groupby("stage", sort=False).agg(seconds=("seconds", "sum"), peak_mb=("peak_rss_mb", "max"))
+    table = jobs.groupby("stage", sort=False).agg(seconds=("seconds", "sum"), mean=("seconds", "mean"),
+                                                  peak_mb=("peak_rss_mb", "max"))
+    per_fold = [stage for stage in table.index if stage == "train" or stage.startswith("zoo:")]
+    table.loc[per_fold, "seconds"] = table.loc[per_fold, "mean"] * folds
+    return table.drop(columns="mean")
 
 
 def throughput(jobs_csv: Path) -> str:
@@ -96,8 +129,10 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=["tiny", "small", "medium"], choices=list(PRESETS))
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--out", default="/tmp/bench-scaling", help="datasets and work folders")
-    parser.add_argument("--reuse", action="append", default=[], metavar="PRESET=WORK",
-                        help="take PRESET's figures from a serial run already made in WORK (its runs/*/_run/jobs.csv)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="PRESET=WORK[,JOBS.csv...]",
+                        help="take PRESET's figures from a serial run already made in WORK (its runs/*/_run/jobs.csv, "
+                             "completed from its finished fold folders), plus jobs.csv files of jobs run apart")
+    parser.add_argument("--folds", type=int, default=5, help="folds a model stage runs (the config's n_splits)")
     parser.add_argument("--gpu-jobs", default=None, help="jobs.csv of a GPU run of the full preset (gpu_check.sh)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -120,8 +155,10 @@ def main() -> None:
 def scaling_table(args: argparse.Namespace, out: Path, reused: dict[str, str]) -> None:
     tables = {}
     for preset in args.presets:
-        work = Path(reused[preset]) if preset in reused else measure(preset, out, args.config)
-        tables[preset] = stage_table(work)
+        sources = [Path(p) for p in reused[preset].split(",")] if preset in reused else [
+            measure(preset, out, args.config)]
+        tables[preset] = stage_table(sources, args.folds)
+        work = next(p for p in sources if p.suffix != ".csv")
         print(f"{preset}: {throughput(next(Path(work).glob('runs/*/_run/jobs.csv')))}", flush=True)
     args.presets = sorted(args.presets, key=images)  # measured in the order given, fitted by size
     sizes = [images(p) for p in args.presets]
