@@ -80,6 +80,19 @@ def pool_map(m: torch.Tensor, pool: int, stride: int) -> torch.Tensor:
     return F.avg_pool2d(m, k, stride=min(stride, k)) if k > 1 else m
 
 
+def pooled_rows(extractor, images: ImageSet, layer: int, pool: int, stride: int, desc: str) -> torch.Tensor:
+    """(N, C * h * w): each image's `layer` map pooled by `pool_map` and flattened, in image order (the fit
+    data of DFM's PCA and FRE's autoencoder)."""
+    rows = torch.empty(0)
+    for idx, maps in extractor.extract(images, desc=desc):
+        (m,) = extractor.select(maps, [layer])
+        pooled = pool_map(m, int(pool), int(stride)).flatten(1)
+        if rows.numel() == 0:
+            rows = torch.empty(len(images), pooled.shape[1])
+        rows[torch.as_tensor(idx)] = pooled
+    return rows
+
+
 class PooledFeatures(nn.Module):
     """The layer's map average-pooled (`pool_map`), then `model`."""
 
@@ -105,10 +118,6 @@ class DFM(AnomalyModel):
     def _extractor(self):
         return shared_extractor(self.params.backbone, [self.params.layer], self.settings)
 
-    def _pooled(self, extractor, maps: list[torch.Tensor]) -> torch.Tensor:
-        (m,) = extractor.select(maps, [self.params.layer])
-        return pool_map(m, int(self.params.pool), int(self.params.pool_stride))
-
     def _head(self) -> SmoothedMaps:
         pooled = PooledFeatures(self.model, self.params.pool, self.params.pool_stride)
         return SmoothedMaps(pooled, self.settings.image_size, float(self.params.blur_sigma))
@@ -116,14 +125,8 @@ class DFM(AnomalyModel):
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         model = self.build_model()
         extractor = with_backbone_statistics(self._extractor(), model, images)
-        rows = torch.empty(0)
-        shape = None
-        for idx, maps in extractor.extract(images, desc="dfm fit"):
-            pooled = self._pooled(extractor, maps)
-            if shape is None:
-                shape = pooled.shape[1:]
-                rows = torch.empty(len(images), pooled[0].numel())
-            rows[torch.as_tensor(idx)] = pooled.flatten(1)
+        p = self.params
+        rows = pooled_rows(extractor, images, p.layer, p.pool, p.pool_stride, "dfm fit")
         model.mean, model.components, model.variances = fit_pca(rows, self.params.pca_level)
         self.model = model.to(self.device)
         self.fit_info = {"feature_dim": int(rows.shape[1]), "components": int(model.components.shape[1])}

@@ -37,7 +37,7 @@ from competition.zoo.components.features import (
     with_backbone_statistics,
 )
 from competition.zoo.components.maps import SmoothedMaps
-from competition.zoo.models.dfm import PooledFeatures
+from competition.zoo.models.dfm import PooledFeatures, pooled_rows
 from competition.zoo.registry import register
 
 
@@ -118,22 +118,11 @@ class FRE(AnomalyModel):
         # non-overlapping pooling (stride = kernel), as the reference
         return PooledFeatures(head, self.params.pool, stride=self.params.pool)
 
-    def _pooled_features(self, extractor: FeatureExtractor, images: ImageSet) -> torch.Tensor:
-        """(N, C * h * w) pooled features of the fit images, in image order."""
-        pooling = self._pooling(nn.Identity())
-        rows = None
-        for idx, maps in extractor.extract(images, desc="fre features"):
-            pooled = pooling(extractor.select(maps, [self.params.layer])).flatten(1)
-            if rows is None:
-                rows = torch.empty(len(images), pooled.shape[1])
-            rows[torch.as_tensor(idx)] = pooled
-        return rows
-
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         p = self.params
         model = self.build_model()
         extractor = with_backbone_statistics(self._extractor(), model, images)
-        rows = self._pooled_features(extractor, images).to(self.device)
+        rows = pooled_rows(extractor, images, p.layer, p.pool, p.pool, "fre features").to(self.device)
         latent = min(int(p.latent_dim), rows.shape[1])
         model.autoencoder.initialise(rows.shape[1], latent, torch.Generator().manual_seed(self.settings.seed))
         model.to(self.device)

@@ -190,23 +190,31 @@ class ReverseDistillationModel(WithFrozenParts):
         return maps.flatten(1).amax(1), maps
 
 
+def reverse_distillation_parts(model: TrainedAnomalyModel) -> tuple[nn.Module, nn.Module, nn.Module, list[int]]:
+    """The frozen layer1-3 encoder, one-class bottleneck and reverse decoder of `model`'s params (backbone,
+    oce_blocks, decoder_blocks, width_per_group), and the encoder's channels: Reverse Distillation's and
+    UniNet's student frame."""
+    p, settings = model.params, model.settings
+    encoder = create_backbone(p.backbone, (1, 2, 3), settings.backbone_weights, settings.seed,
+                              init=settings.backbone_init)
+    channels = list(encoder.feature_info.channels())
+    expansion = channels[0] // 64
+    if expansion not in (1, 4) or channels != [channels[0], 2 * channels[0], 4 * channels[0]]:
+        raise ValueError(f"{model.family}: backbone {p.backbone!r} has layer1-3 channels {channels}; "
+                         "a ResNet-style backbone (resnet18/34/50, wide_resnet50_2) is needed")
+    bottleneck = OneClassBottleneck(channels, expansion, int(p.oce_blocks), int(p.width_per_group))
+    decoder = ReverseResNetDecoder(channels, expansion, [int(b) for b in p.decoder_blocks], int(p.width_per_group))
+    return encoder, bottleneck, decoder, channels
+
+
 class ReverseDistillation(TrainedAnomalyModel):
     family = "reverse-distillation"
     params_class = ReverseDistillationParams
     params: ReverseDistillationParams
 
     def build_model(self) -> nn.Module:
-        p = self.params
-        encoder = create_backbone(p.backbone, (1, 2, 3), self.settings.backbone_weights, self.settings.seed,
-                                  init=self.settings.backbone_init)
-        channels = list(encoder.feature_info.channels())
-        expansion = channels[0] // 64
-        if expansion not in (1, 4) or channels != [channels[0], 2 * channels[0], 4 * channels[0]]:
-            raise ValueError(f"reverse-distillation: backbone {p.backbone!r} has layer1-3 channels {channels}; "
-                             "a ResNet-style backbone (resnet18/34/50, wide_resnet50_2) is needed")
-        bottleneck = OneClassBottleneck(channels, expansion, int(p.oce_blocks), int(p.width_per_group))
-        decoder = ReverseResNetDecoder(channels, expansion, [int(b) for b in p.decoder_blocks], int(p.width_per_group))
-        return ReverseDistillationModel(encoder, bottleneck, decoder, float(p.map_sigma),
+        encoder, bottleneck, decoder, _ = reverse_distillation_parts(self)
+        return ReverseDistillationModel(encoder, bottleneck, decoder, float(self.params.map_sigma),
                                         self.settings.mean, self.settings.std)
 
     def training_step(self, batch: dict[str, Tensor]) -> Tensor:

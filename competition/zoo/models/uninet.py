@@ -50,11 +50,10 @@ from torch.nn import functional as F
 
 from competition.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from competition.zoo.api import BackboneParams
-from competition.zoo.components.features import create_backbone
 from competition.zoo.components.frozen import WithFrozenParts, freeze
 from competition.zoo.components.maps import gaussian_blur_maps
 from competition.zoo.components.normalise import ImageNormalise
-from competition.zoo.models.reverse_distillation import OneClassBottleneck, ReverseResNetDecoder
+from competition.zoo.models.reverse_distillation import reverse_distillation_parts
 from competition.zoo.registry import register
 from competition.zoo.trained import TrainedAnomalyModel, TrainParams
 
@@ -193,15 +192,7 @@ class UniNet(TrainedAnomalyModel):
 
     def build_model(self) -> nn.Module:
         p = self.params
-        teacher = create_backbone(p.backbone, (1, 2, 3), self.settings.backbone_weights, self.settings.seed,
-                                  init=self.settings.backbone_init)
-        channels = list(teacher.feature_info.channels())
-        expansion = channels[0] // 64
-        if expansion not in (1, 4) or channels != [channels[0], 2 * channels[0], 4 * channels[0]]:
-            raise ValueError(f"uninet: backbone {p.backbone!r} has layer1-3 channels {channels}; "
-                             "a ResNet-style backbone (resnet18/34/50, wide_resnet50_2) is needed")
-        bottleneck = OneClassBottleneck(channels, expansion, int(p.oce_blocks), int(p.width_per_group))
-        decoder = ReverseResNetDecoder(channels, expansion, [int(b) for b in p.decoder_blocks], int(p.width_per_group))
+        teacher, bottleneck, decoder, channels = reverse_distillation_parts(self)
         return UniNetModel(teacher, bottleneck, decoder, channels, float(p.alpha), float(p.beta), float(p.map_sigma),
                            self.settings.mean, self.settings.std)
 
