@@ -225,11 +225,11 @@ class CFA(AnomalyModel):
 
 
 register("cfa-resnet18", CFA,
-         "CFA: coord-conv patch descriptor on resnet18 layer1-3, coupled-hypersphere loss to memorised centres, "
-         "30 epochs")
+         "CFA: coord-conv patch descriptor on resnet18 layer1-3, coupled-hypersphere loss to memorised centres "
+         "(CPU budget: 10 of 30 epochs)", epochs=10)
 register("cfa-wide-resnet50", CFA,
          "CFA as in the paper's headline setting: wide_resnet50_2 layer1-3 (1792-d descriptor), 30 epochs "
          "(slow on CPU)", backbone="wide_resnet50_2")
 register("cfa-ssl", CFA,
-         "CFA (resnet18 layer1-3, 30 epochs) on the experiment's self-supervised backbone (make pretrain)",
-         backbone_weights="ssl")
+         "CFA (resnet18 layer1-3) on the experiment's self-supervised backbone (make pretrain; CPU budget: 10 of "
+         "30 epochs)", backbone_weights="ssl", epochs=10)
