@@ -1,5 +1,6 @@
-"""The anomaly zoo: unsupervised models fitted on normal images only, each scoring held-out folds and
-the test set like the classifier does (`python -m competition zoo --model NAME --fold K`).
+"""The anomaly zoo: unsupervised models fitted on normal images only (and a few supervised ones that also
+train on the training folds' labelled defects), each scoring held-out folds and the test set like the
+classifier does (`python -m competition zoo --model NAME --fold K`).
 
 Layout, by role:
 - `api.py`: `AnomalyModel` (the sklearn-like face: `fit(normal_images)`, `score_samples`,
@@ -41,6 +42,9 @@ How to add a model (no shared file is edited):
    holds out a slice of the training normals and passes a `ValidationSet` (held-out normals, the
    same images with painted defects, the real defects of the training folds) to `fit`.
    Checkpoints written during training go to `settings.run_dir` (best.pt / last.pt, with resume).
+   A supervised model sets `uses_defects` (a ClassVar, or a property of its params): fit then also
+   gets a `DefectSet` of the training folds' real defects with their masks (a share kept back for
+   the validation set instead), and `_fit(images, validation, defects)` takes it (see `trained.py`).
 6. Test it in `tests/test_zoo_<name>.py`: a short fit on generated textures that separates painted
    defects, and a save / `registry.load_model` round trip giving the same scores.
 """

@@ -333,6 +333,44 @@ class ValidationSet:
 
 
 @dataclass
+class DefectSet:
+    """Labelled real defects a supervised model trains on (`AnomalyModel.uses_defects`): the training
+    folds' defect images, never the held-out fold's, with (H, W) uint8 {0, 255} masks at the image's own
+    size where known, else None (the image-level label alone)."""
+
+    images: ImageSet
+    masks: list[np.ndarray | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.masks:
+            self.masks = [None] * len(self.images)
+        if len(self.masks) != len(self.images):
+            raise ValueError(f"DefectSet: {len(self.masks)} masks for {len(self.images)} images (None where unknown)")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def tiles(self, geometry: Geometry) -> DefectSet:
+        """The tiles holding a marked defect pixel, each with its tile of the mask. The tiles of a defect
+        without a mask are left out: nothing says which of them shows the defect."""
+        tiles, owners, _ = self.images.tiles(geometry)
+        keep, masks = [], []
+        mask_tiles: dict[int, list[np.ndarray]] = {}
+        first_tile = {int(owner): int(np.argmax(owners == owner)) for owner in np.unique(owners)}
+        for t, owner in enumerate(owners):
+            owner = int(owner)
+            if self.masks[owner] is None:
+                continue
+            if owner not in mask_tiles:
+                mask_tiles[owner] = image_tiles(self.masks[owner], geometry, nearest=True)[0]
+            tile_mask = mask_tiles[owner][t - first_tile[owner]]
+            if (tile_mask > 0).any():
+                keep.append(t)
+                masks.append(tile_mask)
+        return DefectSet(tiles.subset(keep), masks)
+
+
+@dataclass
 class AnomalyPrediction:
     scores: np.ndarray  # (N,) float, higher = more anomalous
     maps: np.ndarray | None  # (N, S, S) float32 at settings.image_size, or None when not asked for
@@ -457,6 +495,8 @@ class AnomalyModel:
     family: ClassVar[str] = ""  # registry prefix; every registered name starts with it
     params_class: ClassVar[type] = NoParams  # the model's hyperparameters, a dataclass
     uses_validation: ClassVar[bool] = False  # True: the runner passes a ValidationSet to fit
+    # True (or a property true for some params): fit also takes the training folds' real defects (a DefectSet)
+    uses_defects: ClassVar[bool] = False
     has_maps: ClassVar[bool] = True  # False: anomaly_maps are the image score spread uniformly
     # why `scoring_module` is None, for the export record; models with a scoring module never read it
     export_unsupported: ClassVar[str] = "its scoring is not written as one torch module"
@@ -483,14 +523,24 @@ class AnomalyModel:
         return self.settings.torch_device
 
     # -- the public face
-    def fit(self, images: ImageSet, validation: ValidationSet | None = None) -> AnomalyModel:
+    def fit(self, images: ImageSet, validation: ValidationSet | None = None,
+            defects: DefectSet | None = None) -> AnomalyModel:
+        """Fit on the normal `images`; `validation` to watch (trained models); `defects`, labelled real defects
+        to train on, only for a model that `uses_defects` (its `_fit` then takes them as a third argument)."""
         if len(images) == 0:
             raise ValueError(f"{self.family}: fit needs at least one normal image, got none")
+        if defects is not None and not self.uses_defects:
+            raise ValueError(f"{self.family}: fit got {len(defects)} labelled defects, but this model trains on "
+                             "normal images only; use a supervised entry (e.g. supersimplenet-supervised)")
         geometry = self.settings.geometry
         if geometry.tiles:  # the model sees tiles only: it fits on every tile of the normal images
             images = images.tiles(geometry)[0]
             validation = None if validation is None else validation.tiles(geometry)
-        self._fit(images, validation)
+            defects = None if defects is None else defects.tiles(geometry)
+        if defects is None:
+            self._fit(images, validation)
+        else:
+            self._fit(images, validation, defects)
         self.fitted_ = True
         return self
 
@@ -579,7 +629,7 @@ class AnomalyModel:
         raise NotImplementedError
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
-        """Set `self.model` to the fitted module."""
+        """Set `self.model` to the fitted module (a model that `uses_defects` also takes `defects`, a DefectSet)."""
         raise NotImplementedError
 
     def _predict(self, images: ImageSet, with_maps: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -6,9 +6,11 @@ then scores fold K's images (`oof.csv`) and every test image (`test.csv`). Writt
 `<paths.work>/<experiment>/<NAME>/fold<K>/`: oof.csv, test.csv, config.yaml, results.json
 (AUROC, AUPR, metrics at four thresholds, the OK/NG rule), fit_images.csv, histogram.png,
 gallery.png, test_decisions.csv, model.pt (when `zoo.save_models`) and, last, summary.json,
-whose presence marks the fold finished. `competition.stage` decides what a second call does: a
-finished fold is reused if its results-relevant config (`zoo_record`: the data, folds, `zoo.*` and
-this model's resolved `zoo.params`) is unchanged and refused, naming the changed keys, if not;
+whose presence marks the fold finished. A supervised model (`uses_defects`) also trains on the
+training folds' real defects with their masks (`fit_defects.csv`), never on fold K's.
+`competition.stage` decides what a second call does: a finished fold is reused if its
+results-relevant config (`zoo_record`: the data, folds, `zoo.*` and this model's resolved
+`zoo.params`) is unchanged and refused, naming the changed keys, if not;
 `--force` clears the folder and fits again. A fold with fewer than `zoo.min_real_defects` real
 defects is also judged on `zoo.painted_per_fold` defects painted onto its own normal images,
 reported separately (`results.json: painted`), never mixed into oof.csv.
@@ -36,7 +38,7 @@ from competition.stage import RunFolder, json_form, results_config
 from competition.zoo.api import AnomalyModel, ImageSet
 from competition.zoo.evaluation import evaluate_scores
 from competition.zoo.registry import build_from_config, get_entry, resolved_params
-from competition.zoo.validation import painted_copies, split_validation
+from competition.zoo.validation import painted_copies, split_defects, split_validation
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +71,41 @@ def _defect_masks(rows: pd.DataFrame) -> list[np.ndarray | None]:
 
 
 def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path) -> tuple[AnomalyModel, dict]:
-    """Fit `name` on the normals of every fold but `fold` (plus a training-fold validation set if it wants one)."""
+    """Fit `name` on the normals of every fold but `fold` (plus a training-fold validation set if it wants one).
+
+    A model that `uses_defects` also trains on the training folds' real defects with their masks: a
+    `zoo.validation_share` of them (`validation.split_defects`, at least one of two or more) is held
+    back as its validation set's real defects, the rest is trained on (`fit_defects.csv`), so no
+    defect is both. Fold `fold`'s images never enter the fit.
+    """
     model = build_from_config(name, cfg, run_dir=out)
     train_rows = folds[folds["fold"] != fold]
     normal_rows = train_rows[train_rows["label"] == 0]
+    defect_rows = train_rows[train_rows["label"] == 1]
     fit_images = ImageSet.from_frame(normal_rows)
-    validation = None
+    share = float(getattr(model.params, "validation_share", cfg.zoo.validation_share))
+    seed = cfg.seed + 1000 * fold
+    validation = defects = None
+    if model.uses_validation or model.uses_defects:
+        watched, watched_masks = ImageSet.from_frame(defect_rows), _defect_masks(defect_rows)
+    if model.uses_defects:
+        defects, held = split_defects(watched, watched_masks, share if model.uses_validation else 0.0, seed + 1)
+        watched, watched_masks = held.images, held.masks
     if model.uses_validation:
-        defect_rows = train_rows[train_rows["label"] == 1]
-        share = float(getattr(model.params, "validation_share", cfg.zoo.validation_share))
-        fit_images, validation = split_validation(
-            fit_images, ImageSet.from_frame(defect_rows), share, cfg.seed + 1000 * fold,
-            defect_masks=_defect_masks(defect_rows), kinds=cfg.zoo.painted_kinds)
+        fit_images, validation = split_validation(fit_images, watched, share, seed, defect_masks=watched_masks,
+                                                  kinds=cfg.zoo.painted_kinds)
     write_csv(pd.DataFrame({"image_id": fit_images.ids}), out / "fit_images.csv")
     started = time.perf_counter()
-    model.fit(fit_images, validation)
+    if defects is None:
+        model.fit(fit_images, validation)
+    else:
+        write_csv(pd.DataFrame({"image_id": defects.images.ids, "has_mask": [m is not None for m in defects.masks]}),
+                  out / "fit_defects.csv")
+        model.fit(fit_images, validation, defects)
     facts = {"fit_seconds": round(time.perf_counter() - started, 2), "n_fit": len(fit_images),
              "n_validation": 0 if validation is None else len(validation)}
+    if defects is not None:
+        facts["n_fit_defects"] = len(defects)
     return model, facts
 
 

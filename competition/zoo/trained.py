@@ -38,8 +38,17 @@ Optional hooks: `training_sample` (per-sample data, e.g. painted anomalies; defa
 image as {"image": tensor}), `parameters_to_train`, `build_optimizer` (default from the
 `optimizer` hyperparameter), `before_training` (once per fresh fit, e.g. teacher distillation),
 `calibrate` (before each validation and after the fit, on the held-out clean normals, e.g. map
-quantiles), `fit_summary` (facts for summary.json). `self.model` holds every module, so one
+quantiles), `fit_summary` (facts for summary.json), `before_sampling` (every fit, in the main process:
+the canvas-sized training images, e.g. to build a transplant bank). `self.model` holds every module, so one
 state_dict is the whole fitted model; statistics the scoring needs are registered buffers.
+
+Supervised models: a model whose `uses_defects` is true (a ClassVar, or a property of its params) gets
+`fit(normals, validation, defects)`, a `DefectSet` of the training folds' real defects with their masks
+(None where only the image label is known). Each defect is one more sample of every epoch, drawn
+through `defect_sample(image, mask, rng)` (same keys as `training_sample`, one batch mixes both);
+`augmented_with_mask` applies the `augment` pipeline to an image and its mask alike. The runner
+holds a share of those defects back for the validation set (`zoo.validation.split_defects`), so no
+defect is both trained on and judged on.
 
 Determinism and resume: per-sample randomness is `np.random.default_rng([seed, epoch, index])`
 and the batch order comes from a generator seeded by (seed, epoch), so a run resumed from
@@ -64,11 +73,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
 from competition.metrics import auroc
-from competition.preprocess import Geometry, build_albumentations, fit_to_canvas
+from competition.preprocess import Geometry, build_albumentations, fit_mask_to_canvas, fit_to_canvas
 from competition.runtime import autocast, to_device_images
 from competition.stage import json_form
 from competition.training import CheckpointTracker, EngineConfig, fit, warmup_cosine_schedule
-from competition.zoo.api import AnomalyModel, ImageSet, ValidationSet, unit_tensor
+from competition.zoo.api import AnomalyModel, DefectSet, ImageSet, ValidationSet, unit_tensor
 from competition.zoo.components.features import calibrate_backbones
 from competition.zoo.validation import split_validation
 
@@ -143,18 +152,44 @@ def build_augmentation(spec: list[dict[str, Any]], key: str):
     return A.Compose(build_albumentations(spec, key))
 
 
-class TrainingSamples(Dataset):
-    """Training normals through the model's `training_sample`, with per-(epoch, index) randomness."""
+def decode_masks(defects: DefectSet, image_size: int, resize: str = "square") -> list[np.ndarray | None]:
+    """The defects' masks fitted to the canvas as their images are ((S, S) uint8 {0, 255}; None stays None)."""
+    import cv2
 
-    def __init__(self, images: np.ndarray, model: TrainedAnomalyModel, seed: int):
+    geometry = Geometry(image_size=image_size, resize=resize)
+    out: list[np.ndarray | None] = []
+    for i, mask in enumerate(defects.masks):
+        if mask is None:
+            out.append(None)
+            continue
+        mask = np.asarray(mask)
+        mask = mask.max(axis=2) if mask.ndim == 3 else mask
+        height, width = defects.images.shape(i)
+        if mask.shape != (height, width):  # a mask saved at another size than its image
+            mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+        out.append(np.where(fit_mask_to_canvas(mask, geometry)[0] > 0, 255, 0).astype(np.uint8))
+    return out
+
+
+class TrainingSamples(Dataset):
+    """Training normals through the model's `training_sample`, then (a model that `uses_defects`) the real
+    defects through its `defect_sample`, with per-(epoch, index) randomness."""
+
+    def __init__(self, images: np.ndarray, model: TrainedAnomalyModel, seed: int, defects: np.ndarray | None = None,
+                 defect_masks: list[np.ndarray | None] | None = None):
         self.images, self.model, self.seed, self.epoch = images, model, seed, 0
+        self.defects = defects if defects is not None else np.zeros((0,) + images.shape[1:], np.uint8)
+        self.defect_masks = list(defect_masks) if defect_masks is not None else [None] * len(self.defects)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) + len(self.defects)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.model.training_sample(self.images[index], rng)
+        if index < len(self.images):
+            return self.model.training_sample(self.images[index], rng)
+        index -= len(self.images)
+        return self.model.defect_sample(self.defects[index], self.defect_masks[index], rng)
 
 
 # ---------------------------------------------------------------- the model face
@@ -184,14 +219,32 @@ class TrainedAnomalyModel(AnomalyModel):
         """One training sample from a uint8 (S, S, 3) normal image; default: the augmented image."""
         return {"image": unit_tensor(self.augmented(image, rng))}
 
+    def defect_sample(self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator) -> dict[str, Any]:
+        """One training sample from a real defect (a model that `uses_defects`): uint8 (S, S, 3) on the canvas
+        and its (S, S) uint8 {0, 255} mask, or None where only the image label is known. Its keys must be
+        those of `training_sample`'s (one batch mixes both)."""
+        raise NotImplementedError(f"{self.family}: uses_defects needs a defect_sample")
+
+    def before_sampling(self, normals: np.ndarray, defects: np.ndarray, defect_masks: list[np.ndarray | None]) -> None:
+        """Every fit (fresh or resumed), in the main process, before any training sample is drawn: the canvas-
+        sized normals, real defects and their masks (none for a model that does not `uses_defects`)."""
+
     def augmented(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """`image` through the `augment` pipeline (training only), seeded from `rng`."""
+        return self.augmented_with_mask(image, None, rng)[0]
+
+    def augmented_with_mask(self, image: np.ndarray, mask: np.ndarray | None,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
+        """`image` and its mask through the `augment` pipeline, the same geometric changes on both."""
         if not hasattr(self, "_augmentation"):
             self._augmentation = build_augmentation(self.params.augment, f"{self.family}.augment")
         if self._augmentation is None:
-            return image
+            return image, mask
         self._augmentation.set_random_seed(int(rng.integers(2**31)))
-        return self._augmentation(image=image)["image"]
+        if mask is None:
+            return self._augmentation(image=image)["image"], None
+        out = self._augmentation(image=image, mask=mask)
+        return out["image"], out["mask"]
 
     def parameters_to_train(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -214,10 +267,10 @@ class TrainedAnomalyModel(AnomalyModel):
         return {}
 
     # ---- AnomalyModel
-    def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
+    def _fit(self, images: ImageSet, validation: ValidationSet | None, defects: DefectSet | None = None) -> None:
         if validation is None:
             images, validation = split_validation(images, None, DEFAULT_VALIDATION_SHARE, self.settings.seed)
-        report = fit_network(self, images, validation)
+        report = fit_network(self, images, validation, defects)
         self.fit_info.update(report)
         self.fit_info.update(self.fit_summary())
 
@@ -295,9 +348,11 @@ def _constant(step: int) -> float:
     return 1.0
 
 
-def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: ValidationSet) -> dict[str, Any]:
-    """Train `model.model` on the normal `images` with `training.fit`; keep the epoch with the best
-    validation AUROC (ties: the lower training loss).
+def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: ValidationSet,
+                defects: DefectSet | None = None) -> dict[str, Any]:
+    """Train `model.model` on the normal `images` (and, for a model that `uses_defects`, the labelled real
+    `defects`: each is one more sample of every epoch, through `defect_sample`) with `training.fit`; keep
+    the epoch with the best validation AUROC (ties: the lower training loss).
 
     With `settings.run_dir`, the engine writes `history.csv`, `best.pt` and `last.pt` there and
     resumes from `last.pt`. The model ends holding the best epoch's weights, calibrated on the
@@ -324,11 +379,18 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
         network = network.to(memory_format=torch.channels_last)
     trained = model.parameters_to_train()
     optimizer = model.build_optimizer(trained)
-    batch_size = min(int(p.batch_size), len(train_images))
-    steps_per_epoch = int(p.steps_per_epoch) or max(1, len(train_images) // batch_size)
+    defect_images = defect_masks = None
+    if defects is not None:
+        defect_images = decode_resized(defects.images, size, settings.progress, settings.resize)
+        defect_masks = decode_masks(defects, size, settings.resize)
+        model.before_sampling(train_images, defect_images, defect_masks)
+    else:
+        model.before_sampling(train_images, train_images[:0], [])
+    dataset = TrainingSamples(train_images, model, seed, defect_images, defect_masks)
+    batch_size = min(int(p.batch_size), len(dataset))
+    steps_per_epoch = int(p.steps_per_epoch) or max(1, len(dataset) // batch_size)
     scheduler = _build_scheduler(model, optimizer, steps_per_epoch)
     tracker = CheckpointTracker(metric="val_auroc", tie_metric="train_loss", mode="max", tie_mode="min")
-    dataset = TrainingSamples(train_images, model, seed)
     setup_seconds = 0.0
 
     def before_training() -> None:
@@ -362,6 +424,8 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
                  scheduler=scheduler, tracker=tracker, parameters=trained, on_fresh_start=before_training)
     _calibrate(model, validation_normals)
     epoch_times = [row["train_seconds"] for row in result.history]
+    facts = {} if defects is None else {"training_defects": len(defects),
+                                        "training_defects_with_mask": sum(m is not None for m in defects.masks)}
     return {
         "best_epoch": result.best_epoch,
         "best_val_auroc": tracker.best_metrics.get("val_auroc", math.nan),
@@ -372,6 +436,7 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
         "resumed_from_epoch": result.resumed_after,
         "training_normals": len(train_images),
         "validation": {kind: int((kinds == kind).sum()) for kind in ("normal", "painted", "real")},
+        **facts,
     }
 
 

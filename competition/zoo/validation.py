@@ -5,13 +5,14 @@ DRAEM Perlin anomalies; or the kinds asked, transplanted real defects and NSA am
 of some normal images. `split_validation` gives trained models their validation signal inside the
 training folds: a held-out slice of the training normals, the same images with painted defects, and
 the real defects of the training folds (those with masks are also the transplant bank).
+`split_defects` shares those real defects between a supervised model's training and its validation.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from competition.data.transplant import DefectBank, NormalPool
-from competition.zoo.api import ImageSet, ValidationSet
+from competition.zoo.api import DefectSet, ImageSet, ValidationSet
 
 
 def painted_copies(images: ImageSet, indices, seed: int, prefix: str = "painted", kinds: list[str] | None = None,
@@ -64,3 +65,21 @@ def split_validation(normals: ImageSet, defects: ImageSet | None, share: float, 
         kinds += ["real"] * len(defects)
         masks += list(defect_masks) if defect_masks is not None else [None] * len(defects)
     return normals.subset(kept), ValidationSet(images, np.asarray(labels, dtype=int), kinds, masks)
+
+
+def split_defects(defects: ImageSet, masks: list[np.ndarray | None] | None, share: float,
+                  seed: int) -> tuple[DefectSet, DefectSet]:
+    """(defects to train on, defects to validate on): the training folds' real defects of a model that trains
+    on them, split so that no defect is both trained on and judged on.
+
+    `share` of them (rounded, at least one when there are two or more, never all) go to validation, drawn
+    by `seed`; a single defect is trained on (the validation then has painted defects only). Both parts
+    keep the input order and their masks (None where unknown).
+    """
+    n = len(defects)
+    masks = list(masks) if masks is not None else [None] * n
+    n_held = min(max(1, int(round(share * n))), n - 1) if n > 1 and share > 0 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    held, kept = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
+    return (DefectSet(defects.subset(kept), [masks[i] for i in kept]),
+            DefectSet(defects.subset(held), [masks[i] for i in held]))

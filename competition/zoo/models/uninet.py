@@ -22,10 +22,22 @@ canvas, and the image score the mean of the top w * H * W values of 1 - exp(map 
 Optimiser as the reference: AdamW (betas 0.9, 0.999, weight decay 1e-5), lr 5e-3 for the student,
 the bottleneck and the selection, 1e-6 for the target teacher; batch 8, 100 epochs, 256 px.
 
+Supervised setting (`supervised`, `uninet-resnet18-supervised`): the paper's industrial results are
+unsupervised and its supervised use of labels is a separate setting, so the default entries stay on
+normals and a separate entry `uses_defects`: the runner passes the training folds' real defects with
+their masks (never the held-out fold's, and not those it keeps back for validation), each one sample of
+every epoch. As the reference's `losses` with a mask: at each pair's grid (nearest-neighbour masks) the
+contrastive and margin terms average over the normal positions, and the defect positions add the
+margin loss's abnormal term mean(relu(p_ii - margin / 2)), pushing the student's match there below half
+the margin; a defect without a mask counts as a defect at every position (the reference's image-label
+case). A batch without a defect position gives exactly the unsupervised loss, so without defects the
+supervised entry trains as `uninet-resnet18`.
+
 Deviations, and why:
-- Normals only: the zoo fits on normal images, so the paper's supervised use of labelled defects
-  (the margin loss's abnormal term, relu(p_ii - margin / 2) on defect positions, and the structure
-  loss of its supervised variants) is left out; this is the paper's unsupervised setting.
+- Supervised: the cosine term averages over normal positions only (the reference over all), since
+  pulling the student toward the teacher on a defect would lower the very score, 1 - cos, meant to
+  flag it; the structure loss of the reference's segmentation variant (a decoder trained on masks) is
+  left out, the zoo scores with the unsupervised head.
 - Weights: offline, the teachers are the shared extractor's backbone with `backbone_weights` (by
   default `zoo.backbone_weights`) or a seeded random initialisation; the paper uses ImageNet weights.
 - The reference computes the weighted decision's weight once per test batch (its test batch is 1);
@@ -42,14 +54,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from competition.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from competition.zoo.api import BackboneParams
+from competition.zoo.api import BackboneParams, unit_tensor
 from competition.zoo.components.frozen import WithFrozenParts, freeze
 from competition.zoo.components.maps import gaussian_blur_maps
 from competition.zoo.components.normalise import ImageNormalise
@@ -76,6 +89,7 @@ class UniNetParams(TrainParams, BackboneParams):
     decoder_blocks: tuple[int, ...] = (2, 2, 2)  # student stages, deep to shallow ((3, 4, 6) for WRN-50)
     width_per_group: int = 64  # 128 for wide resnets
     map_sigma: float = 0.0  # Gaussian smoothing of the returned map only; 0: unsmoothed (the reference)
+    supervised: bool = False  # the margin loss also pushes the training folds' labelled defects below margin / 2
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "oce_blocks", "width_per_group"):
@@ -113,17 +127,34 @@ class DomainFeatureSelection(nn.Module):
 
 
 def contrastive_margin_loss(teacher: Tensor, student: Tensor, temperature: float, balance: float,
-                            margin: float) -> Tensor:
-    """One pair's loss (the reference's `losses` without labels): positions are tokens, and the student's
-    token i must be closest to the teacher's token i among all the image's teacher tokens."""
+                            margin: float, abnormal: Tensor | None = None) -> Tensor:
+    """One pair's loss (the reference's `losses`): positions are tokens, and the student's token i must be
+    closest to the teacher's token i among all the image's teacher tokens.
+
+    `abnormal` (N, h, w) bool, the supervised setting: the defect positions. The cosine, contrastive and
+    margin terms then average over the normal positions only, and the defect positions add the margin
+    loss's abnormal term mean(relu(p_ii - margin / 2)): their matching probability is pushed below half
+    the margin, so the student does not reproduce the teacher there. None: every position is normal.
+    """
     n, c = student.shape[:2]
     s = F.normalize(student.reshape(n, c, -1).transpose(1, 2), dim=2)  # (N, HW, C)
     t = F.normalize(teacher.reshape(n, c, -1).transpose(1, 2), dim=2)
-    cosine = (1 - (s * t).sum(dim=2)).mean()
+    distance = 1 - (s * t).sum(dim=2)
     matching = torch.softmax(torch.bmm(s, t.transpose(1, 2)) / temperature, dim=2).diagonal(dim1=1, dim2=2)
-    contrast = -torch.log(matching + 1e-8).mean()
-    margin_loss = F.relu(margin - matching).mean()
-    return cosine * balance + contrast * (1 - balance) + margin_loss
+    if abnormal is None:
+        cosine = distance.mean()
+        contrast = -torch.log(matching + 1e-8).mean()
+        margin_loss = F.relu(margin - matching).mean()
+        return cosine * balance + contrast * (1 - balance) + margin_loss
+    abnormal = abnormal.reshape(n, -1).bool()
+    normal = ~abnormal
+    loss = matching.new_zeros(())
+    if normal.any():
+        loss = loss + distance[normal].mean() * balance + -torch.log(matching[normal] + 1e-8).mean() * (1 - balance)
+        loss = loss + F.relu(margin - matching[normal]).mean()
+    if abnormal.any():
+        loss = loss + F.relu(matching[abnormal] - margin / 2).mean()
+    return loss
 
 
 def weighted_decision(maps: Sequence[Tensor], size: tuple[int, int], alpha: float,
@@ -174,9 +205,15 @@ class UniNetModel(WithFrozenParts):
         return source + target, [s.float()[:b] for s in student] + [s.float()[b:] for s in student]
 
     def loss(self, teachers: Sequence[Tensor], students: Sequence[Tensor], temperature: float, balance: float,
-             margin: float) -> Tensor:
+             margin: float, defect_masks: Tensor | None = None) -> Tensor:
+        """The six pairs' losses summed; `defect_masks` (B, 1, S, S) in {0, 1}, the supervised setting's defect
+        pixels, taken to each pair's grid by nearest neighbour (the reference's)."""
         selected = self.selection(students, teachers)
-        return sum(contrastive_margin_loss(t, s, temperature, balance, margin) for t, s in zip(teachers, selected))
+        if defect_masks is None:
+            return sum(contrastive_margin_loss(t, s, temperature, balance, margin) for t, s in zip(teachers, selected))
+        grids = [F.interpolate(defect_masks.float(), size=t.shape[-2:], mode="nearest")[:, 0] > 0 for t in teachers]
+        return sum(contrastive_margin_loss(t, s, temperature, balance, margin, abnormal)
+                   for t, s, abnormal in zip(teachers, selected, grids))
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         teachers, students = self.pairs(images)
@@ -189,6 +226,10 @@ class UniNet(TrainedAnomalyModel):
     family = "uninet"
     params_class = UniNetParams
     params: UniNetParams
+
+    @property
+    def uses_defects(self) -> bool:  # the supervised setting: the training folds' labelled defects in the margin loss
+        return bool(self.params.supervised)
 
     def build_model(self) -> nn.Module:
         p = self.params
@@ -207,10 +248,27 @@ class UniNet(TrainedAnomalyModel):
         optimiser = torch.optim.AdamW if p.optimizer == "adamw" else torch.optim.Adam
         return optimiser(groups, lr=p.lr, betas=tuple(p.betas), weight_decay=p.weight_decay)
 
+    def training_sample(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        """A normal; supervised, with its (empty) defect mask, so that normals and defects share a batch."""
+        sample = super().training_sample(image, rng)
+        if self.params.supervised:
+            sample["defect_mask"] = torch.zeros((1,) + tuple(sample["image"].shape[-2:]))
+        return sample
+
+    def defect_sample(self, image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator) -> dict[str, Any]:
+        """A real defect and its mask; without a mask every position counts as a defect (the reference's
+        image-label case)."""
+        image, mask = self.augmented_with_mask(image, mask, rng)
+        target = np.ones((1,) + image.shape[:2], np.float32) if mask is None else (mask > 0)[None].astype(np.float32)
+        return {"image": unit_tensor(image), "defect_mask": torch.from_numpy(target)}
+
     def training_step(self, batch: dict[str, Tensor]) -> Tensor:
         p = self.params
         teachers, students = self.model.pairs(batch["image"])
-        return self.model.loss(teachers, students, float(p.temperature), float(p.balance), float(p.margin))
+        masks = batch.get("defect_mask")
+        if masks is not None and not bool((masks > 0).any()):
+            masks = None  # a batch of normals only: the unsupervised loss, exactly
+        return self.model.loss(teachers, students, float(p.temperature), float(p.balance), float(p.margin), masks)
 
     def score_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
         return self.model(images)
@@ -221,13 +279,20 @@ class UniNet(TrainedAnomalyModel):
 
     def fit_summary(self) -> dict:
         weights = self.settings.backbone_weights
-        return {"teacher_weights": str(weights) if weights else f"random init (seed {self.settings.seed})"}
+        facts = {"teacher_weights": str(weights) if weights else f"random init (seed {self.settings.seed})"}
+        if self.params.supervised:
+            facts["supervision"] = "supervised: the training folds' labelled defects in the margin loss"
+        return facts
 
 
 register("uninet-resnet18", UniNet,
          "UniNet: resnet18 source/target teachers, RD student, feature selection, contrastive + margin loss "
          "(CPU budget: 10 of 100 epochs)",
          epochs=10)
+register("uninet-resnet18-supervised", UniNet,
+         "UniNet, supervised setting: uninet-resnet18 with the training folds' labelled defects pushed beyond the "
+         "margin (masks where known; CPU budget: 10 of 100 epochs)",
+         epochs=10, supervised=True)
 register("uninet-wide-resnet50", UniNet,
          "UniNet as in the paper: wide_resnet50_2 teachers, 3 OCE blocks, 100 epochs (GPU)",
          backbone="wide_resnet50_2", oce_blocks=3, decoder_blocks=(3, 4, 6), width_per_group=128)
