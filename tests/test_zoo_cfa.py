@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from competition.data.painters import paint_defect
-from competition.data.textures import make_texture
 from competition.metrics import auroc
-from competition.zoo.api import ImageSet, NotFittedError, ZooSettings
+from competition.zoo.api import NotFittedError, ZooSettings
 from competition.zoo.components.features import with_backbone_statistics
 from competition.zoo.models.cfa import CFA, CFAModel
 from competition.zoo.registry import build_model, load_model
+from tests.zoo_textures import painted_test_sets
 
 SIZE = 64
 N_TEST = 12
@@ -21,16 +20,8 @@ N_TEST = 12
 
 @pytest.fixture(scope="module")
 def textures(tmp_path_factory):
-    rng = np.random.default_rng(0)
-
-    def texture():
-        return make_texture("brushed_metal", (SIZE, SIZE), rng)
-
-    kinds = ("hole", "stain", "missing_pattern", "cut")
-    fit = ImageSet([texture() for _ in range(40)])
-    normal = [texture() for _ in range(N_TEST)]
-    painted = [paint_defect(texture(), kinds[i % 4], rng, severity=0.0)[0] for i in range(N_TEST)]
-    return fit, ImageSet(normal + painted), str(tmp_path_factory.mktemp("cfa_cache"))
+    fit, test, _ = painted_test_sets(SIZE, n_test=N_TEST)
+    return fit, test, str(tmp_path_factory.mktemp("cfa_cache"))
 
 
 def _settings(cache: str) -> ZooSettings:

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from competition.artifacts import load_checkpoint
-from competition.data.painters import paint_defect
-from competition.data.textures import make_texture
 from competition.metrics import auroc
-from competition.zoo.api import ImageSet, NotFittedError, ZooSettings
+from competition.zoo.api import NotFittedError, ZooSettings
 from competition.zoo.models.dsr import DSR, DSRModel, VectorQuantizer, replace_with_distant_codes
 from competition.zoo.registry import build_model, load_model
+from tests.zoo_textures import painted_test_sets
 
 SIZE = 64
 N_TEST = 12
@@ -27,16 +26,7 @@ FIT = {**TINY, "steps_per_epoch": 10, "vq_epochs": 10, "epochs": 8, "upsampling_
 
 @pytest.fixture(scope="module")
 def textures():
-    rng = np.random.default_rng(0)
-
-    def texture():
-        return make_texture("brushed_metal", (SIZE, SIZE), rng)
-
-    kinds = ("hole", "stain", "missing_pattern", "cut")
-    fit = ImageSet([texture() for _ in range(40)])
-    normal = [texture() for _ in range(N_TEST)]
-    painted = [paint_defect(texture(), kinds[i % 4], rng, severity=0.0)[0] for i in range(N_TEST)]
-    return fit, ImageSet(normal + painted)
+    return painted_test_sets(SIZE, n_test=N_TEST)[:2]
 
 
 def _settings(**kwargs) -> ZooSettings:

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from competition.data.painters import paint_defect, perlin_anomaly
+from competition.data.painters import perlin_anomaly
 from competition.data.textures import make_texture
 from competition.metrics import auroc
 from competition.zoo.api import AnomalyModel, ImageSet, NotFittedError, ZooSettings
 from competition.zoo.components.coreset import coreset_indices, greedy_coreset, greedy_coreset_naive
 from competition.zoo.registry import build_model, load_model
+from tests.zoo_textures import brushed_metal, painted_test_sets
 
 SIZE = 64
 N_TEST = 12
@@ -37,17 +38,10 @@ CASES = [
 def texture_sets(tmp_path_factory):
     """Brushed-metal normals (40 to fit, 12 to test), 12 with painted defects, 12 with Perlin anomalies."""
     rng = np.random.default_rng(0)
-
-    def texture():
-        return make_texture("brushed_metal", (SIZE, SIZE), rng)
-
-    kinds = ("hole", "stain", "missing_pattern", "cut")
-    fit = ImageSet([texture() for _ in range(40)])
-    normal = [texture() for _ in range(N_TEST)]
-    painted = [paint_defect(texture(), kinds[i % 4], rng, severity=0.0)[0] for i in range(N_TEST)]
-    perlin = [perlin_anomaly(texture(), rng, beta=1.0)[0] for _ in range(N_TEST)]
+    fit, test, _ = painted_test_sets(SIZE, n_test=N_TEST, rng=rng)
+    perlin = [perlin_anomaly(brushed_metal(SIZE, rng), rng, beta=1.0)[0] for _ in range(N_TEST)]
     cache = tmp_path_factory.mktemp("zoo_cache")
-    return {"fit": fit, LOCAL: ImageSet(normal + painted), GLOBAL: ImageSet(normal + perlin), "cache": str(cache)}
+    return {"fit": fit, LOCAL: test, GLOBAL: ImageSet(test.sources[:N_TEST] + perlin), "cache": str(cache)}
 
 
 def _settings(cache: str) -> ZooSettings:

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from competition.data.painters import paint_defect
 from competition.data.textures import make_texture
 from competition.metrics import auroc
-from competition.zoo.api import ImageSet, NotFittedError, ZooSettings
+from competition.zoo.api import NotFittedError, ZooSettings
 from competition.zoo.models.supersimplenet import (
     SuperSimpleNet,
     focal_loss_with_logits,
     truncated_l1_loss,
 )
 from competition.zoo.registry import build_model, load_model
+from tests.zoo_textures import painted_test_sets
 
 SIZE = 64
 N_TEST = 12
@@ -26,16 +26,7 @@ SMALL = {"seg_hidden": 128, "cls_channels": 32, "batch_size": 8, "lr": 1.0e-3, "
 
 @pytest.fixture(scope="module")
 def textures():
-    rng = np.random.default_rng(0)
-
-    def texture():
-        return make_texture("brushed_metal", (SIZE, SIZE), rng)
-
-    kinds = ("hole", "stain", "missing_pattern", "cut")
-    fit = ImageSet([texture() for _ in range(40)])
-    normal = [texture() for _ in range(N_TEST)]
-    painted = [paint_defect(texture(), kinds[i % 4], rng, severity=0.0)[0] for i in range(N_TEST)]
-    return fit, ImageSet(normal + painted)
+    return painted_test_sets(SIZE, n_test=N_TEST)[:2]
 
 
 def _settings(**kwargs) -> ZooSettings:

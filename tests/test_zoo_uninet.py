@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from competition.data.painters import paint_defect
-from competition.data.textures import make_texture
 from competition.metrics import auroc
-from competition.zoo.api import ImageSet, NotFittedError, ZooSettings
+from competition.zoo.api import NotFittedError, ZooSettings
 from competition.zoo.models.uninet import DomainFeatureSelection, contrastive_margin_loss, weighted_decision
 from competition.zoo.registry import build_model, load_model, resolved_params
+from tests.zoo_textures import painted_test_sets
 
 SIZE = 64
 N_TEST = 12
@@ -25,16 +24,7 @@ LEAST_AUROC = 0.75  # the local models' bar: about 0.81-0.90 here (settings seed
 @pytest.fixture(scope="module")
 def texture_sets():
     """Brushed-metal normals (40 to fit, 12 to test) and 12 with painted defects, as tests/test_zoo_models.py."""
-    rng = np.random.default_rng(0)
-
-    def texture():
-        return make_texture("brushed_metal", (SIZE, SIZE), rng)
-
-    kinds = ("hole", "stain", "missing_pattern", "cut")
-    fit = ImageSet([texture() for _ in range(40)])
-    normal = [texture() for _ in range(N_TEST)]
-    painted = [paint_defect(texture(), kinds[i % 4], rng, severity=0.0)[0] for i in range(N_TEST)]
-    return fit, ImageSet(normal + painted), np.array([0] * N_TEST + [1] * N_TEST)
+    return painted_test_sets(SIZE, n_test=N_TEST)
 
 
 def test_fit_separates_painted_defects_and_the_saved_model_scores_the_same(texture_sets, tmp_path):
