@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODELS = ["patchcore-resnet18", "padim-resnet18", "dfm-resnet18", "dfkde-resnet18", "fre-resnet18", "cfa-resnet18",
-          "autoencoder-recon", "autoencoder-ssim", "autoencoder-ocsvm"]
+          "autoencoder-recon", "autoencoder-ssim", "autoencoder-ocsvm", "dsr"]
 TRAINED_MODELS = ["stfpm-resnet18", "reverse-distillation-resnet18", "efficientad-s", "efficientad-m", "draem",
                   "fastflow-resnet18", "cflow-resnet18", "cflow-resnet18-l234", "uflow-resnet18", "csflow-resnet18",
                   "ganomaly", "supersimplenet-resnet18", "uninet-resnet18", "dinomaly-ssl"]
