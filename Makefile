@@ -21,7 +21,7 @@ SETS  := $(foreach s,$(SET),--set $(s))
 RUN   := $(PY) -m competition
 ARGS  := --config $(CONFIG) $(SETS)
 
-.PHONY: setup data folds train zoo pretrain infer leaderboard predict export report test all clean-runs
+.PHONY: setup data folds train zoo pretrain pseudo infer leaderboard predict export report test all clean-runs
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ zoo: $(STAMP)
 # BACKBONES="efficientnet_b0 resnet18" pretrains each in turn; empty: the config's pretrain.backbone.
 pretrain: $(STAMP)
 	$(if $(strip $(BACKBONES)),$(foreach b,$(BACKBONES),$(RUN) pretrain $(ARGS) --set pretrain.backbone=$(b) &&) true,$(RUN) pretrain $(ARGS))
+
+# A second round on pseudo-labels: SET="experiment=NAME pseudo.enabled=true pseudo.source=FIRST_ROUND".
+pseudo: $(STAMP)
+	$(RUN) pseudo $(ARGS)
 
 infer: $(STAMP)
 	$(RUN) infer $(ARGS) $(if $(ALLOW_PARTIAL),--allow-partial,)

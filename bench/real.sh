@@ -36,6 +36,9 @@ stage() {  # stage NAME COMMAND...: run, time, remember
 TOTAL_START=$(date +%s)
 stage check-data "$PY" -m competition check-data --data "$DATA"
 stage folds "$PY" -m competition folds "${ARGS[@]}"
+if printf '%s\n' "$@" | grep -qx 'pseudo.enabled=true'; then  # a second round: pick its pseudo-labels first
+  stage pseudo "$PY" -m competition pseudo "${ARGS[@]}"
+fi
 stage train "$PY" -m competition train --fold all "${ARGS[@]}"
 stage zoo "$PY" -m competition zoo --fold all "${ARGS[@]}"
 stage infer "$PY" -m competition infer "${ARGS[@]}"

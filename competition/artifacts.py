@@ -44,6 +44,11 @@ def pretrained_weights_path(work: str | Path, backbone: str) -> Path:
     return pretrain_dir(work) / f"{backbone}.safetensors"
 
 
+def pseudo_labels_path(work: str | Path, experiment: str) -> Path:
+    """`<work>/<experiment>/pseudo.csv`: the test images a second round trains on, with their pseudo-labels."""
+    return Path(work) / experiment / "pseudo.csv"
+
+
 TEMP_SUFFIX = ".tmp"  # atomic writes' temporary files: `.<name>.<random>.tmp` beside their target
 
 

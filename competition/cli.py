@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="start again instead of resuming")
 
+    p = sub.add_parser("pseudo", help="pick a second round's pseudo-labels from pseudo.source's stacked test scores")
+    _add_config_args(p)
+
     p = sub.add_parser("infer", help="stack the finished runs and write submission.csv")
     _add_config_args(p)
     p.add_argument("--allow-partial", action="store_true",
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             from competition.pretrain import main as pretrain_main
 
             pretrain_main(cfg, force=args.force)
+        elif args.command == "pseudo":
+            from competition.pseudo import main as pseudo_main
+
+            pseudo_main(cfg)
         elif args.command == "infer":
             from competition.ensemble.infer import main as infer_main
 

@@ -355,6 +355,22 @@ class PretrainConfig:
 
 
 @dataclass
+class PseudoConfig:
+    """Pseudo-labels: a second round trained with confident test images of a finished first round."""
+    enabled: bool = False
+    source: str | None = None  # the first-round experiment (same paths.work) whose stacked test scores pick them
+    normal_share: float = 0.5  # of the test images it predicted normal, this lowest-scoring share joins the normals
+    defect_share: float = 0.25  # of those it predicted defective, this highest-scoring share joins the defects
+
+    def __post_init__(self) -> None:
+        for name in ("normal_share", "defect_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.enabled and not self.source:
+            raise ValueError("enabled needs source: the name of the finished first-round experiment")
+
+
+@dataclass
 class ExecutorConfig:
     """How `competition run` (and `make all`) runs the experiment's jobs; none of it changes a result."""
     backend: Literal["serial", "ray"] = "serial"  # serial: one job at a time, all cores | ray: jobs as Ray tasks
@@ -391,6 +407,7 @@ class Config:
     zoo: ZooConfig = field(default_factory=ZooConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self) -> None:
@@ -398,6 +415,9 @@ class Config:
         # so a config needs no hand-typed path; the resolved config.yaml shows the folder used.
         if self.model.pretrained == SSL_WEIGHTS:
             self.model.pretrained = str(Path(self.paths.work) / "pretrain")
+        if self.pseudo.enabled and self.pseudo.source == self.experiment:
+            raise ConfigError(f"pseudo.source is this experiment ({self.experiment!r}): the second round needs "
+                              "its own experiment name, or it would overwrite the first round it reads")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,7 +13,15 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
-from competition.artifacts import UnreadableFileError, file_digest, read_json, read_table, write_csv, write_json
+from competition.artifacts import (
+    UnreadableFileError,
+    file_digest,
+    pseudo_labels_path,
+    read_json,
+    read_table,
+    write_csv,
+    write_json,
+)
 from competition.config import Config
 
 FOLD_COLUMNS = ["image_id", "label", "group", "fold"]
@@ -138,8 +146,12 @@ def fold_inputs(cfg: Config) -> dict[str, str]:
     if not meta_path.exists() or not csv_path.exists():
         return {}
     meta = read_json(meta_path)
-    return {"train": meta.get("fingerprint", ""), "test": meta.get("test_fingerprint", ""),
-            "folds_csv": file_digest(csv_path)}
+    inputs = {"train": meta.get("fingerprint", ""), "test": meta.get("test_fingerprint", ""),
+              "folds_csv": file_digest(csv_path)}
+    pseudo = pseudo_labels_path(cfg.paths.work, cfg.experiment)
+    if cfg.pseudo.enabled and pseudo.exists():
+        inputs["pseudo_csv"] = file_digest(pseudo)
+    return inputs
 
 
 def folds_paths(cfg: Config) -> tuple[Path, Path]:
@@ -194,6 +206,39 @@ def read_folds(cfg: Config, index: pd.DataFrame | None = None) -> pd.DataFrame:
     merged = train.merge(folds[["image_id", "fold"]], on="image_id", how="left", validate="one_to_one")
     merged["fold"] = merged["fold"].astype(int)
     return merged
+
+
+PSEUDO_FOLD = -1  # the fold of pseudo-labelled test rows: never a validation fold, so in every fold's training set
+
+
+def training_folds(cfg: Config, index: pd.DataFrame) -> pd.DataFrame:
+    """What the classifier and the zoo train on: `read_folds`' table, plus with `pseudo.enabled` the
+    pseudo-labelled test images of pseudo.csv as rows of fold -1 (no mask: a pseudo defect is a weak
+    label). Fold k's validation rows are those of fold k, so a pseudo-labelled image is never validated on
+    and never gets an out-of-fold score; stacking and the leaderboard read `read_folds`, without them."""
+    folds = read_folds(cfg, index)
+    if not cfg.pseudo.enabled:
+        return folds
+    path = pseudo_labels_path(cfg.paths.work, cfg.experiment)
+    if not path.exists():
+        raise StaleFoldsError(f"{path} not found: pseudo.enabled needs `python -m competition pseudo` "
+                              f"(make pseudo) first, which picks them from experiment {cfg.pseudo.source!r}")
+    labels = read_table(path)
+    test = index[index["split"] == "test"]
+    unknown = sorted(set(labels["image_id"]) - set(test["image_id"]))
+    if unknown:
+        raise StaleFoldsError(f"{path} names {len(unknown)} image(s) that are not test images of {cfg.paths.data} "
+                              f"(first: {unknown[0]}): re-run `python -m competition pseudo`")
+    shared = sorted(set(labels["image_id"]) & set(folds["image_id"]))
+    if shared:
+        raise ValueError(f"test image id {shared[0]} is also a training image id: pseudo-labels need distinct ids")
+    rows = test.merge(labels[["image_id", "label"]], on="image_id", how="inner", suffixes=("_index", ""))
+    rows = rows.drop(columns=[c for c in rows.columns if c.endswith("_index")])
+    rows["label"] = rows["label"].astype(int)
+    rows["mask_path"] = ""  # a pseudo defect has no mask
+    rows["group"] = rows["image_id"].astype(str)
+    rows["fold"] = PSEUDO_FOLD
+    return pd.concat([folds, rows[folds.columns]], ignore_index=True)
 
 
 def parse_fold_arg(fold: str | int, n_splits: int) -> list[int]:

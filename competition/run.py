@@ -109,6 +109,9 @@ def build_jobs(cfg: Config, config_args: Sequence[str]) -> list[Job]:
         jobs.append(job)
         pretrain.append(job.name)
     ready = ("folds", *pretrain)
+    if cfg.pseudo.enabled:  # a second round: its models train on the pseudo-labels this job picks
+        jobs.append(Job("pseudo", "pseudo", ("pseudo", *args), after=("folds",)))
+        ready = (*ready, "pseudo")
     models = []
     for k in folds:
         job = Job(f"train-{cfg.model.name}-fold{k}", "train", ("train", "--fold", str(k), *args), ready,
@@ -136,6 +139,7 @@ def preload() -> None:
     import competition.ensemble.infer  # noqa: F401
     import competition.leaderboard  # noqa: F401
     import competition.pretrain  # noqa: F401
+    import competition.pseudo  # noqa: F401
     import competition.zoo.runner  # noqa: F401
 
 

@@ -36,7 +36,7 @@ from competition.classifier.data import (
 from competition.classifier.model import ClassifierOutput, DefectClassifier, WeightAveraged, build_classifier
 from competition.classifier.segdec import SegDecNet, segdec_losses
 from competition.config import SEGDEC_NAME, Config
-from competition.folds import check_stage_inputs, fold_inputs, load_index, parse_fold_arg, read_folds
+from competition.folds import PSEUDO_FOLD, check_stage_inputs, fold_inputs, load_index, parse_fold_arg, training_folds
 from competition.metrics import aupr, auroc, best_threshold, binary_metrics
 from competition.plots import plot_confusion, plot_maps_gallery, plot_roc_pr, plot_training_curves
 from competition.preprocess import canvas_to_image, cut_tiles, fit_to_canvas, stitch_maps
@@ -49,13 +49,14 @@ log = logging.getLogger(__name__)
 
 # The config sections a fold's results depend on (less `stage.NEUTRAL_KEYS`).
 # `mask_head` configures the timm classifier's decoder, `segdec` the segmentation-decision network: a run
-# depends on the one its model.name selects.
+# depends on the one its model.name selects. `pseudo` joins them when on (older runs' records stay valid).
 RESULTS_KEYS = ("seed", "data", "folds", "model", "train", "augment", "oversample", "positives")
 
 
 def run_config(cfg: Config) -> dict[str, Any]:
     """The part of the config a fold's results depend on (compared on resume and before skipping)."""
-    record = results_config(cfg, RESULTS_KEYS + (("segdec",) if is_segdec(cfg) else ("mask_head",)))
+    record = results_config(cfg, RESULTS_KEYS + (("segdec",) if is_segdec(cfg) else ("mask_head",))
+                            + (("pseudo",) if cfg.pseudo.enabled else ()))
     return {**record, "inputs": fold_inputs(cfg)}
 
 
@@ -209,6 +210,7 @@ class FoldTrainer:
         self.cfg, self.fold, self.device, self.store = cfg, fold, device, store
         self.out = run_dir(cfg.paths.work, cfg.experiment, cfg.model.name, fold)
         train_rows, self.val_rows = fold_rows(folds, fold)
+        self.train_set_rows = train_rows
         self.test_rows = test_rows.reset_index(drop=True)
         if store.geometry != classifier_geometry(cfg):  # a store made for another geometry: decode afresh
             self.store = store = ImageStore(classifier_geometry(cfg), keep=store.keep)
@@ -276,7 +278,11 @@ class FoldTrainer:
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         write_yaml(cfg.to_dict(), self.out / "config.yaml")
-        print(f"fold {self.fold}: training on {self.train_set.describe()} per epoch; validating on "
+        pseudo = self.train_set_rows["fold"] == PSEUDO_FOLD
+        extra = (f" (with {int((pseudo & (self.train_set_rows['label'] == 0)).sum())} pseudo-normal and "
+                 f"{int((pseudo & (self.train_set_rows['label'] == 1)).sum())} pseudo-defect test images)"
+                 if pseudo.any() else "")
+        print(f"fold {self.fold}: training on {self.train_set.describe()} per epoch{extra}; validating on "
               f"{len(self.val_rows)} images ({int(self.val_rows['label'].sum())} defect); device {self.device}")
         engine = EngineConfig(
             epochs=t.epochs, name=f"fold {self.fold}", grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps,
@@ -379,7 +385,7 @@ def main(cfg: Config, fold: str, force: bool = False) -> None:
     device = select_device(cfg.device)
     threads = configure_threads(cfg.train.threads)
     index = load_index(cfg)
-    folds = read_folds(cfg, index)
+    folds = training_folds(cfg, index)
     check_stage_inputs(cfg, index)
     test_rows = index[index["split"] == "test"].reset_index(drop=True)
     geometry = classifier_geometry(cfg)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from competition.artifacts import run_dir, write_csv, write_json, write_predictions, write_yaml
 from competition.config import Config
-from competition.folds import check_stage_inputs, fold_inputs, load_index, parse_fold_arg, read_folds
+from competition.folds import check_stage_inputs, fold_inputs, load_index, parse_fold_arg, training_folds
 from competition.metrics import best_threshold, binary_metrics
 from competition.plots import plot_gallery, plot_score_histogram
 from competition.preprocess import fit_to_canvas
@@ -52,7 +52,7 @@ RESULTS_KEYS = ("seed", "data", "folds", "zoo")
 def zoo_record(cfg: Config, name: str) -> dict[str, Any]:
     """The results-relevant config of model `name`'s folds, its `zoo.params` resolved (registry
     defaults plus the config's overrides), so `zoo.params.lr: 0.001 -> 0.01` names a change."""
-    record = results_config(cfg, RESULTS_KEYS)
+    record = results_config(cfg, RESULTS_KEYS + (("pseudo",) if cfg.pseudo.enabled else ()))
     record["zoo"].pop("models")
     record["zoo"]["params"] = dataclasses.asdict(resolved_params(name, cfg.zoo.params.get(name)))
     record["inputs"] = fold_inputs(cfg)
@@ -217,7 +217,7 @@ def main(cfg: Config, model: str | None, fold: str, force: bool) -> None:
     configure_threads(cfg.train.threads)
     folds_to_run = parse_fold_arg(fold, cfg.folds.n_splits)
     index = load_index(cfg)
-    folds = read_folds(cfg, index)
+    folds = training_folds(cfg, index)
     check_stage_inputs(cfg, index)
     jobs = [(name, k) for name in names for k in folds_to_run]
     for name, k in tqdm(jobs, desc="zoo", unit="fold", disable=len(jobs) < 2):
