@@ -135,7 +135,7 @@ def build_jobs(cfg: Config, config_args: Sequence[str]) -> list[Job]:
 def preload() -> None:
     """Import what every job needs once, in the process that forks the jobs."""
     import competition.classifier.train  # noqa: F401
-    import competition.cli  # noqa: F401
+    import competition.commands  # noqa: F401
     import competition.ensemble.infer  # noqa: F401
     import competition.leaderboard  # noqa: F401
     import competition.pretrain  # noqa: F401
@@ -186,7 +186,7 @@ def _forked_job(job: Job, cwd: str, threads: int | None, log: str | None) -> int
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(threads)  # numpy's BLAS pool exists already; torch's threads follow train.threads
-    from competition.cli import main
+    from competition.commands import main
 
     return main(argv)
 
@@ -292,7 +292,7 @@ def job_threads(num_cpus: float) -> int:
 
 
 def _ray_run_job(job: Job, cwd: str, threads: int, retries: int, log: str, device: str) -> JobResult:
-    from competition.cli import plain_progress_when_redirected
+    from competition.commands import plain_progress_when_redirected
 
     plain_progress_when_redirected()  # before tqdm is imported: it reads its TQDM_* defaults then
     fresh = may_use_cuda(device)  # asked on the node that runs the job

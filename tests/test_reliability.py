@@ -316,7 +316,7 @@ def test_nested_progress_bars_write_no_cursor_codes_into_a_log():
     import sys
 
     # tqdm reads its TQDM_* defaults when it is imported: the CLI sets them before anything imports it.
-    program = ("import sys; import competition.cli as cli; assert 'tqdm' not in sys.modules; "
+    program = ("import sys; import competition.commands as cli; assert 'tqdm' not in sys.modules; "
                "cli.plain_progress_when_redirected(); from tqdm import tqdm\n"
                "for _ in tqdm(range(2), desc='outer'):\n    for _ in tqdm(range(2), desc='inner', leave=False): pass")
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}

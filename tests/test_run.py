@@ -99,7 +99,7 @@ def test_a_user_error_is_reported_once_with_its_exit_status_and_log(tmp_path, fr
 
 
 def test_a_killed_job_runs_again_until_it_succeeds_or_runs_out_of_retries(tmp_path, monkeypatch):
-    import competition.cli
+    import competition.commands
 
     def killed_twice(argv):  # the forked child runs this: killed on its first two attempts
         marks = sorted(tmp_path.glob("attempt*"))
@@ -109,7 +109,7 @@ def test_a_killed_job_runs_again_until_it_succeeds_or_runs_out_of_retries(tmp_pa
         print("finished", argv)
         return 0
 
-    monkeypatch.setattr(competition.cli, "main", killed_twice)
+    monkeypatch.setattr(competition.commands, "main", killed_twice)
     job = Job("train-x-fold0", "train", ("train", "--fold", "0"))
     result = run_job(job, str(tmp_path), threads=None, retries=2, log=str(tmp_path / "a.log"))
     assert result.status == "ok" and result.attempts == 3 and result.returncode == 0
