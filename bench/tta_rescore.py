@@ -37,6 +37,7 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--tta", choices=["none", "flips", "dihedral"], required=True,
                         help="none re-scores as trained: a check that it reproduces the source oof.csv")
+    parser.add_argument("--folds", type=int, nargs="*", default=None, help="default: every fold")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     source = cfg.experiment
@@ -53,7 +54,8 @@ def main() -> int:
         if model != cfg.model.name:  # the zoo folds: unchanged, copied beside the re-scored classifier
             shutil.copytree(model_dir(root, source, model), model_dir(root, target, model), dirs_exist_ok=True)
     started = time.perf_counter()
-    for k in range(cfg.folds.n_splits):
+    fold_ids = range(cfg.folds.n_splits) if args.folds is None else args.folds
+    for k in fold_ids:
         src, out = run_dir(root, source, cfg.model.name, k), run_dir(root, target, cfg.model.name, k)
         model = load_fold_classifier(cfg, src, device)
         val = folds[folds["fold"] == k].reset_index(drop=True)
@@ -69,9 +71,11 @@ def main() -> int:
         summary = read_json(src / "summary.json")
         before = pd.read_csv(src / "oof.csv", dtype={"image_id": str})
         write_json({**summary, "tta": args.tta, "rescored_from": str(src)}, out / "summary.json")
+        same = oof.merge(before, on="image_id", suffixes=("", "_before"))
         print(f"fold {k}: OOF AUROC {auroc(before['label'], before['score']):.4f} -> "
-              f"{auroc(oof['label'], oof['score']):.4f} with {args.tta}")
-    print(f"re-scored {cfg.folds.n_splits} folds in {time.perf_counter() - started:.0f} s -> {root / target}")
+              f"{auroc(oof['label'], oof['score']):.4f} with {args.tta} (largest score change "
+              f"{(same['score'] - same['score_before']).abs().max():.2e})")
+    print(f"re-scored {len(fold_ids)} fold(s) in {time.perf_counter() - started:.0f} s -> {root / target}")
     return 0
 
 
