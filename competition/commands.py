@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from competition.config import DEFAULT_CONFIG, ConfigError, load_config
+from competition.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 DESCRIPTION = "`python -m competition <command>`: one command per stage, each reading the files of the one before."
 
@@ -149,7 +149,7 @@ def plain_progress_when_redirected() -> None:
         os.environ.setdefault("TQDM_MININTERVAL", "10")
 
 
-Handler = Callable[[object, argparse.Namespace], int]  # (the loaded Config, the parsed arguments) -> exit status
+Handler = Callable[[Config, argparse.Namespace], int]  # (the loaded Config, the parsed arguments) -> exit status
 
 
 def main(argv: list[str] | None = None, handlers: Mapping[str, Handler] | None = None) -> int:

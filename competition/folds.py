@@ -232,8 +232,7 @@ def training_folds(cfg: Config, index: pd.DataFrame) -> pd.DataFrame:
     shared = sorted(set(labels["image_id"]) & set(folds["image_id"]))
     if shared:
         raise ValueError(f"test image id {shared[0]} is also a training image id: pseudo-labels need distinct ids")
-    rows = test.merge(labels[["image_id", "label"]], on="image_id", how="inner", suffixes=("_index", ""))
-    rows = rows.drop(columns=[c for c in rows.columns if c.endswith("_index")])
+    rows = test.drop(columns="label").merge(labels[["image_id", "label"]], on="image_id", how="inner")
     rows["label"] = rows["label"].astype(int)
     rows["mask_path"] = ""  # a pseudo defect has no mask
     rows["group"] = rows["image_id"].astype(str)

@@ -210,7 +210,9 @@ class FoldTrainer:
         self.cfg, self.fold, self.device, self.store = cfg, fold, device, store
         self.out = run_dir(cfg.paths.work, cfg.experiment, cfg.model.name, fold)
         train_rows, self.val_rows = fold_rows(folds, fold)
-        self.train_set_rows = train_rows
+        pseudo = train_rows.loc[train_rows["fold"] == PSEUDO_FOLD, "label"]
+        self.pseudo_note = (f" (with {int((pseudo == 0).sum())} pseudo-normal and {int((pseudo == 1).sum())} "
+                            "pseudo-defect test images)" if len(pseudo) else "")
         self.test_rows = test_rows.reset_index(drop=True)
         if store.geometry != classifier_geometry(cfg):  # a store made for another geometry: decode afresh
             self.store = store = ImageStore(classifier_geometry(cfg), keep=store.keep)
@@ -278,11 +280,7 @@ class FoldTrainer:
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         write_yaml(cfg.to_dict(), self.out / "config.yaml")
-        pseudo = self.train_set_rows["fold"] == PSEUDO_FOLD
-        extra = (f" (with {int((pseudo & (self.train_set_rows['label'] == 0)).sum())} pseudo-normal and "
-                 f"{int((pseudo & (self.train_set_rows['label'] == 1)).sum())} pseudo-defect test images)"
-                 if pseudo.any() else "")
-        print(f"fold {self.fold}: training on {self.train_set.describe()} per epoch{extra}; validating on "
+        print(f"fold {self.fold}: training on {self.train_set.describe()} per epoch{self.pseudo_note}; validating on "
               f"{len(self.val_rows)} images ({int(self.val_rows['label'].sum())} defect); device {self.device}")
         engine = EngineConfig(
             epochs=t.epochs, name=f"fold {self.fold}", grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps,
