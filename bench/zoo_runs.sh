@@ -4,6 +4,7 @@
 #
 #   bash bench/zoo_runs.sh DATA WORK MODEL... [-- key=value ...]
 #   bash bench/zoo_runs.sh ../shared/datasets/bsdata_tiles runs/zoo-table/bsdata_tiles fre-resnet18 cfa-resnet18 -- train.threads=1
+#   CONFIG=configs/real.yaml bash bench/zoo_runs.sh ...   # another base config (default: configs/default.yaml)
 #
 # A model whose five folds are finished is skipped by the stage itself, so a stopped run resumes.
 # Each model's wall time goes to WORK/walls.tsv; its log to WORK/logs/MODEL.log.
@@ -18,7 +19,7 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do MODELS+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
-ARGS=(--set "paths.data=$DATA" --set "paths.work=$WORK/runs" --set "paths.submissions=$WORK/submissions")
+ARGS=(--config "${CONFIG:-configs/default.yaml}" --set "paths.data=$DATA" --set "paths.work=$WORK/runs" --set "paths.submissions=$WORK/submissions")
 for kv in "$@"; do ARGS+=(--set "$kv"); done
 mkdir -p "$WORK/logs"
 

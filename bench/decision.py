@@ -1,0 +1,109 @@
+"""Where a finished experiment's Private macro-F1 is lost: in the ranking or in the decision.
+
+For the stacked score and each member's level-2 score (`<experiment>/_ensemble/{oof,test}.csv`):
+out-of-fold and test AUROC, the test defect share as EM and BBSE estimate it (and the truth), and
+the Private macro-F1 of the threshold tuned for each share (`ensemble.prior: train`, `estimate`
+with `em` or `bbse`, the true share) against the best threshold on Private itself (an oracle: the
+most the decision could give these scores). Then, with the data's masks, the out-of-fold defects
+missed at the training-share threshold by defect area: which sizes the ranking loses.
+
+    .venv/bin/python bench/decision.py RUNS/EXPERIMENT --data DATA
+    .venv/bin/python bench/decision.py runs/bench-pseudo/deeppcb-real/runs/real --data ../shared/datasets/deeppcb
+
+Reads `answers.csv` beside `DATA/test`: a bench script, never the package.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.metrics import f1_score, roc_auc_score
+
+from competition.ensemble.prior import decide_threshold, estimate_test_share, threshold_at_share
+from competition.metrics import best_threshold
+
+
+def macro_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
+    return float(f1_score(labels, predicted, average="macro", zero_division=0))
+
+
+def oracle_f1(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The best macro-F1 any threshold on these scores reaches."""
+    return max(macro_f1(labels, scores >= cut) for cut in np.unique(scores))
+
+
+def decision_rows(oof: pd.DataFrame, test: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    private = test["Usage"] == "Private"
+    truth = test["truth"].to_numpy()
+    rows = []
+    for column in columns:
+        labels, oof_scores = oof["label"].to_numpy(), oof[column].to_numpy(float)
+        test_scores = test[column].to_numpy(float)
+        shares = estimate_test_share(labels, oof_scores, test_scores)
+        row = {"scores": column, "oof_auroc": roc_auc_score(labels, oof_scores),
+               "test_auroc": roc_auc_score(truth, test_scores),
+               "em_share": shares["em"], "bbse_share": shares["bbse"], "true_share": truth.mean()}
+        cuts = {"train": best_threshold(labels, oof_scores)[0],
+                "em": decide_threshold(labels, oof_scores, test_scores, "estimate", "em").threshold,
+                "bbse": decide_threshold(labels, oof_scores, test_scores, "estimate", "bbse").threshold,
+                "true": threshold_at_share(labels, oof_scores, float(truth.mean()))[0]}
+        for name, cut in cuts.items():
+            row[f"private_{name}"] = macro_f1(truth[private], test_scores[private] >= cut)
+        row["private_oracle"] = oracle_f1(truth[private], test_scores[private])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def size_rows(oof: pd.DataFrame, data: Path, column: str = "score", groups: int = 3) -> pd.DataFrame:
+    """Out-of-fold defects by mask area (share of the image), recall at the training-share threshold."""
+    cut = best_threshold(oof["label"].to_numpy(), oof[column].to_numpy(float))[0]
+    normals = np.sort(oof.loc[oof["label"] == 0, column].to_numpy(float))
+    rows = []
+    for _, row in oof[oof["label"] == 1].iterrows():
+        mask_path = data / "train" / "defect_masks" / (Path(row["image_id"]).stem + ".png")
+        if not mask_path.exists():
+            continue
+        area = float((np.asarray(Image.open(mask_path).convert("L")) > 0).mean())
+        rows.append({"area": area, "called": row[column] >= cut,
+                     # the share of out-of-fold normals scored below this defect: 1 = above every normal
+                     "above_normals": np.searchsorted(normals, row[column]) / max(len(normals), 1)})
+    if not rows:
+        return pd.DataFrame()
+    sizes = pd.DataFrame(rows)
+    sizes["group"] = pd.qcut(sizes["area"].rank(method="first"), groups, labels=False)
+    return sizes.groupby("group").agg(area_from=("area", "min"), area_to=("area", "max"), defects=("area", "size"),
+                                      recall=("called", "mean"), above_normals=("above_normals", "median"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", type=Path, help="a finished experiment folder (RUNS/EXPERIMENT)")
+    parser.add_argument("--data", type=Path, required=True, help="the dataset, answers.csv beside its test/")
+    args = parser.parse_args()
+    ensemble = args.experiment / "_ensemble"
+    oof = pd.read_csv(ensemble / "oof.csv", dtype={"image_id": str})
+    test = pd.read_csv(ensemble / "test.csv", dtype={"image_id": str})
+    answers = pd.read_csv(args.data / "answers.csv", dtype={"ImageId": str})
+    answers = answers.rename(columns={"ImageId": "image_id", "answer": "truth"})
+    test = test.merge(answers, on="image_id", how="left", validate="one_to_one")
+    if test["truth"].isna().any():
+        raise SystemExit(f"{args.data / 'answers.csv'} lacks {int(test['truth'].isna().sum())} test images")
+    members = [c for c in oof.columns if c not in ("image_id", "label", "fold", "score")]
+    private = test["Usage"] == "Private"
+    print(f"submitted: Private macro-F1 {macro_f1(test.loc[private, 'truth'], test.loc[private, 'answer']):.3f}"
+          f" ({int(test['answer'].sum())} of {len(test)} test images called defective;"
+          f" truth {int(test['truth'].sum())})")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(decision_rows(oof, test, ["score", *members]).to_string(index=False))
+        sizes = size_rows(oof, args.data)
+        if len(sizes):
+            print("\nout-of-fold defects of the stack by mask area (recall at the training-share threshold;"
+                  " above_normals: median share of out-of-fold normals scored below them)")
+            print(sizes.to_string())
+
+
+if __name__ == "__main__":
+    main()
