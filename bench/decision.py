@@ -19,20 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from sklearn.metrics import f1_score, roc_auc_score
 
+from competition.data.images import read_mask
+from competition.data.layouts import read_competition
 from competition.ensemble.prior import decide_threshold, estimate_test_share, threshold_at_share
-from competition.metrics import best_threshold
-
-
-def macro_f1(labels: np.ndarray, predicted: np.ndarray) -> float:
-    return float(f1_score(labels, predicted, average="macro", zero_division=0))
-
-
-def oracle_f1(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The best macro-F1 any threshold on these scores reaches."""
-    return max(macro_f1(labels, scores >= cut) for cut in np.unique(scores))
+from competition.leaderboard import read_answers
+from competition.metrics import auroc, best_threshold, macro_f1
 
 
 def decision_rows(oof: pd.DataFrame, test: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -43,8 +35,7 @@ def decision_rows(oof: pd.DataFrame, test: pd.DataFrame, columns: list[str]) -> 
         labels, oof_scores = oof["label"].to_numpy(), oof[column].to_numpy(float)
         test_scores = test[column].to_numpy(float)
         shares = estimate_test_share(labels, oof_scores, test_scores)
-        row = {"scores": column, "oof_auroc": roc_auc_score(labels, oof_scores),
-               "test_auroc": roc_auc_score(truth, test_scores),
+        row = {"scores": column, "oof_auroc": auroc(labels, oof_scores), "test_auroc": auroc(truth, test_scores),
                "em_share": shares["em"], "bbse_share": shares["bbse"], "true_share": truth.mean()}
         cuts = {"train": best_threshold(labels, oof_scores)[0],
                 "em": decide_threshold(labels, oof_scores, test_scores, "estimate", "em").threshold,
@@ -52,7 +43,7 @@ def decision_rows(oof: pd.DataFrame, test: pd.DataFrame, columns: list[str]) -> 
                 "true": threshold_at_share(labels, oof_scores, float(truth.mean()))[0]}
         for name, cut in cuts.items():
             row[f"private_{name}"] = macro_f1(truth[private], test_scores[private] >= cut)
-        row["private_oracle"] = oracle_f1(truth[private], test_scores[private])
+        row["private_oracle"] = best_threshold(truth[private], test_scores[private])[1]  # the best any cut reaches
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -61,12 +52,13 @@ def size_rows(oof: pd.DataFrame, data: Path, column: str = "score", groups: int 
     """Out-of-fold defects by mask area (share of the image), recall at the training-share threshold."""
     cut = best_threshold(oof["label"].to_numpy(), oof[column].to_numpy(float))[0]
     normals = np.sort(oof.loc[oof["label"] == 0, column].to_numpy(float))
+    mask_paths = read_competition(data).set_index("image_id")["mask_path"]
     rows = []
     for _, row in oof[oof["label"] == 1].iterrows():
-        mask_path = data / "train" / "defect_masks" / (Path(row["image_id"]).stem + ".png")
-        if not mask_path.exists():
+        mask_path = mask_paths.get(row["image_id"], "")
+        if not mask_path:
             continue
-        area = float((np.asarray(Image.open(mask_path).convert("L")) > 0).mean())
+        area = float((read_mask(mask_path) > 0).mean())
         rows.append({"area": area, "called": row[column] >= cut,
                      # the share of out-of-fold normals scored below this defect: 1 = above every normal
                      "above_normals": np.searchsorted(normals, row[column]) / max(len(normals), 1)})
@@ -86,9 +78,8 @@ def main() -> None:
     ensemble = args.experiment / "_ensemble"
     oof = pd.read_csv(ensemble / "oof.csv", dtype={"image_id": str})
     test = pd.read_csv(ensemble / "test.csv", dtype={"image_id": str})
-    answers = pd.read_csv(args.data / "answers.csv", dtype={"ImageId": str})
-    answers = answers.rename(columns={"ImageId": "image_id", "answer": "truth"})
-    test = test.merge(answers, on="image_id", how="left", validate="one_to_one")
+    answers = read_answers(args.data / "answers.csv").rename(columns={"ImageId": "image_id", "answer": "truth"})
+    test = test.merge(answers.astype({"truth": int}), on="image_id", how="left", validate="one_to_one")
     if test["truth"].isna().any():
         raise SystemExit(f"{args.data / 'answers.csv'} lacks {int(test['truth'].isna().sum())} test images")
     members = [c for c in oof.columns if c not in ("image_id", "label", "fold", "score")]
