@@ -83,7 +83,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers; 0 = in the main process
     threads: int = 0  # torch CPU threads; 0 = all cores
     amp: bool = True  # mixed precision, CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC tensors, on CUDA and CPU
     # test-time augmentation (oof.csv and test.csv alike): none | flips (4 views) | dihedral (8: flips and turns)
     # (true / false, the older switch, read as flips / none)
     tta: Literal["none", "flips", "dihedral"] | bool = "none"
@@ -243,7 +243,7 @@ class ZooConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 0  # DataLoader workers for decoding; 0 = in the main process
     amp: bool = True  # mixed precision, CUDA only
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC tensors, on CUDA and CPU
     cache: bool = True  # on-disk feature cache shared by models over the same backbone
     confidence: float | None = None  # fixed OK/NG threshold on the score; null = F1-optimal
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per registry name: hyperparameter overrides

@@ -41,7 +41,8 @@ from competition.data.transplant import NormalPool
 from competition.metrics import auroc
 from competition.plots import plot_pretraining_curves
 from competition.preprocess import Geometry, build_albumentations, fit_to_canvas
-from competition.runtime import autocast, configure_threads, seed_everything, select_device, to_device_images
+from competition.runtime import (autocast, configure_threads, seed_everything, select_device, to_channels_last,
+                                 to_device_images)
 from competition.stage import RunFolder, results_config
 from competition.training import EngineConfig, fit, warmup_cosine_schedule
 from competition.weights import load_local_weights, write_state_dict
@@ -507,9 +508,7 @@ def main(cfg: Config, force: bool = False) -> Path:
     model = build_pretrain_net(name, p, objectives)
     if p.init_weights:
         load_local_weights(model.backbone, p.init_weights, name, "pretrain.init_weights")
-    model.to(device)
-    if device.type == "cuda" and channels_last:
-        model.to(memory_format=torch.channels_last)
+    to_channels_last(model.to(device), channels_last)
     steps_per_epoch = len(dataset) // batch_size  # drop_last: BatchNorm and NT-Xent want full batches
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     scheduler = warmup_cosine_schedule(optimizer, round(p.warmup_epochs * steps_per_epoch),

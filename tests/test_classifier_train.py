@@ -64,6 +64,22 @@ def test_a_fold_writes_every_output(cfg_factory):
     assert metrics["val_loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("tta", ["none", "flips"])
+def test_oof_csv_is_best_pt_scoring_the_validation_images(cfg_factory, tta):
+    """Without TTA oof.csv reuses the best epoch's validation logits; with TTA it scores afresh: either way
+    it is what best.pt gives the validation images through the evaluation pipeline."""
+    cfg = cfg_factory(f"oof-{tta}", "train.epochs=3", f"train.tta={tta}")
+    _train(cfg)
+    out = _out(cfg)
+    oof = pd.read_csv(out / "oof.csv", dtype={"image_id": str})
+    _, val_rows = fold_rows(read_folds(cfg, load_index(cfg)), 0)
+    assert list(oof["image_id"]) == list(val_rows["image_id"].astype(str))
+    model = train_module.load_fold_classifier(cfg, out, torch.device("cpu"))
+    scores = train_module.image_scores(model, val_rows["path"].astype(str).tolist(), cfg, ImageStore(32),
+                                       torch.device("cpu"))
+    np.testing.assert_allclose(oof["score"].to_numpy(), scores, rtol=1e-5, atol=1e-7)
+
+
 def test_finished_fold_is_skipped_unless_forced_and_config_changes_are_refused(cfg_factory):
     cfg = cfg_factory("skip", "train.epochs=1")
     _train(cfg)

@@ -40,7 +40,8 @@ from competition.folds import PSEUDO_FOLD, check_stage_inputs, fold_inputs, load
 from competition.metrics import aupr, auroc, best_threshold, binary_metrics
 from competition.plots import plot_confusion, plot_maps_gallery, plot_roc_pr, plot_training_curves
 from competition.preprocess import canvas_to_image, cut_tiles, fit_to_canvas, stitch_maps
-from competition.runtime import autocast, configure_threads, seed_everything, select_device, to_device_images
+from competition.runtime import (autocast, configure_threads, seed_everything, select_device, to_channels_last,
+                                 to_device_images)
 from competition.stage import RunFolder, results_config
 from competition.training import CheckpointTracker, EngineConfig, FitResult, fit, warmup_cosine_schedule
 from competition.tta import TtaMode, dihedral, tta_views
@@ -136,10 +137,7 @@ def load_fold_classifier(cfg: Config, fold_dir: str | Path, device: torch.device
     if cfg.train.ema:
         model = WeightAveraged(model, cfg.train.ema_decay)
     model.load_state_dict(load_checkpoint(path)["model"])
-    model = model.to(device).eval()
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return to_channels_last(model.to(device).eval(), cfg.train.channels_last)
 
 
 def image_scores(model: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor], paths: list[str], cfg: Config,
@@ -217,9 +215,8 @@ class FoldTrainer:
         if store.geometry != classifier_geometry(cfg):  # a store made for another geometry: decode afresh
             self.store = store = ImageStore(classifier_geometry(cfg), keep=store.keep)
         seed_everything(cfg.seed + fold)
-        self.model: DefectClassifier | SegDecNet | WeightAveraged = build_model(cfg).to(device)
-        if device.type == "cuda" and cfg.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model: DefectClassifier | SegDecNet | WeightAveraged = to_channels_last(build_model(cfg).to(device),
+                                                                                     cfg.train.channels_last)
         self.with_masks = is_segdec(cfg) or self.model.decoder is not None
         self.epoch = 0
         trained = self.model.parameters()  # the average (train.ema) is not optimised, only updated
@@ -235,6 +232,8 @@ class FoldTrainer:
         self.scheduler = warmup_cosine_schedule(self.optimizer, round(t.warmup_epochs * self.steps_per_epoch),
                                                 t.epochs * self.steps_per_epoch)
         self.tracker = CheckpointTracker(metric=t.monitor, tie_metric="val_loss")
+        self.epochs_trained = 0
+        self.val_logits: dict[int, np.ndarray] = {}  # validation logits by epochs trained: oof.csv reuses the best's
 
     def loader(self, dataset, batch_size: int, drop_last: bool = False) -> DataLoader:
         workers = self.cfg.train.num_workers
@@ -245,7 +244,7 @@ class FoldTrainer:
         return eval_loader(rows["path"].astype(str).tolist(), self.cfg, self.store, self.device)
 
     def epoch_batches(self, epoch: int) -> DataLoader:
-        self.epoch = epoch
+        self.epoch, self.epochs_trained = epoch, epoch + 1
         self.train_set.set_epoch(epoch)
         return self.loader(self.train_set, self.cfg.train.batch_size, self.drop_last)
 
@@ -273,6 +272,7 @@ class FoldTrainer:
     def validate(self) -> dict[str, float]:
         labels = self.val_rows["label"].astype(int).to_numpy()
         logits = predict_logits(self.model, self.eval_loader(self.val_rows), self.device, self.cfg, desc="validate")
+        self.val_logits[self.epochs_trained] = logits
         return validation_metrics(labels, logits)
 
     # -- the whole fold
@@ -296,8 +296,12 @@ class FoldTrainer:
         """Predictions from the best epoch (oof.csv, test.csv), plots and summary.json."""
         cfg, history = self.cfg, result.history
         labels = self.val_rows["label"].astype(int).to_numpy()
-        oof_logits = predict_logits(self.model, self.eval_loader(self.val_rows), self.device, cfg, cfg.train.tta,
-                                    desc="oof")
+        best = self.tracker.best_epoch
+        if tta_views(cfg.train.tta) == tta_views("none") and best in self.val_logits:
+            oof_logits = self.val_logits[best]  # the restored best weights scored these in validation already
+        else:  # with TTA, or the best epoch validated before a resume
+            oof_logits = predict_logits(self.model, self.eval_loader(self.val_rows), self.device, cfg, cfg.train.tta,
+                                        desc="oof")
         test_scores = image_scores(self.model, self.test_rows["path"].astype(str).tolist(), cfg, self.store,
                                    self.device, desc="test")
         oof = pd.DataFrame({"image_id": self.val_rows["image_id"].astype(str), "label": labels,

@@ -69,7 +69,7 @@ class ZooSettings:
     std: tuple[float, ...] = IMAGENET_STD
     num_workers: int = 0  # DataLoader workers for decoding
     amp: bool = True  # mixed precision on CUDA
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC tensors, on CUDA and CPU
     progress: bool = True  # tqdm bars
     run_dir: str | None = None  # where a trained model keeps best.pt / last.pt; None = nowhere
 

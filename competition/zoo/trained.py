@@ -74,7 +74,7 @@ from tqdm import tqdm
 
 from competition.metrics import auroc
 from competition.preprocess import Geometry, build_albumentations, fit_mask_to_canvas, fit_to_canvas
-from competition.runtime import autocast, to_device_images
+from competition.runtime import autocast, to_channels_last, to_device_images
 from competition.stage import json_form
 from competition.training import CheckpointTracker, EngineConfig, fit, warmup_cosine_schedule
 from competition.zoo.api import AnomalyModel, DefectSet, ImageSet, ValidationSet, unit_tensor
@@ -374,9 +374,7 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
         if model.model is None:
             model.model = model.build_model()
     calibrate_backbones(model.model.to(device), train_images, settings)  # healthy random backbones only
-    network = model.model.to(device)
-    if device.type == "cuda" and settings.channels_last:
-        network = network.to(memory_format=torch.channels_last)
+    network = to_channels_last(model.model.to(device), settings.channels_last)
     trained = model.parameters_to_train()
     optimizer = model.build_optimizer(trained)
     defect_images = defect_masks = None
