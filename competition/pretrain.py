@@ -41,8 +41,14 @@ from competition.data.transplant import NormalPool
 from competition.metrics import auroc
 from competition.plots import plot_pretraining_curves
 from competition.preprocess import Geometry, build_albumentations, fit_to_canvas
-from competition.runtime import (autocast, configure_threads, seed_everything, select_device, to_channels_last,
-                                 to_device_images)
+from competition.runtime import (
+    autocast,
+    configure_threads,
+    seed_everything,
+    select_device,
+    to_channels_last,
+    to_device_images,
+)
 from competition.stage import RunFolder, results_config
 from competition.training import EngineConfig, fit, warmup_cosine_schedule
 from competition.weights import load_local_weights, write_state_dict

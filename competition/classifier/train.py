@@ -40,8 +40,14 @@ from competition.folds import PSEUDO_FOLD, check_stage_inputs, fold_inputs, load
 from competition.metrics import aupr, auroc, best_threshold, binary_metrics
 from competition.plots import plot_confusion, plot_maps_gallery, plot_roc_pr, plot_training_curves
 from competition.preprocess import canvas_to_image, cut_tiles, fit_to_canvas, stitch_maps
-from competition.runtime import (autocast, configure_threads, seed_everything, select_device, to_channels_last,
-                                 to_device_images)
+from competition.runtime import (
+    autocast,
+    configure_threads,
+    seed_everything,
+    select_device,
+    to_channels_last,
+    to_device_images,
+)
 from competition.stage import RunFolder, results_config
 from competition.training import CheckpointTracker, EngineConfig, FitResult, fit, warmup_cosine_schedule
 from competition.tta import TtaMode, dihedral, tta_views
