@@ -36,6 +36,7 @@ from competition.preprocess import (
     stitch_maps,
     tile_boxes,
 )
+from competition.runtime import to_device_images
 
 CHECKPOINT_FORMAT = 2  # 2: the state is `self.model.state_dict()`
 SSL_WEIGHTS = "ssl"  # the backbone_weights tag of the experiment's own `competition pretrain` output
@@ -600,8 +601,8 @@ class AnomalyModel:
         loader = DataLoader(view, batch_size=self.settings.batch_size, num_workers=self.settings.num_workers)
         scores, maps = [], []
         for _, batch in loader:
-            if isinstance(forward, nn.Module):
-                batch = batch.to(self.device)
+            if isinstance(forward, nn.Module):  # the layout eager scoring uses: the same sums, bit for bit
+                batch = to_device_images(batch, self.device, self.settings.channels_last)
             batch_scores, batch_maps = forward(batch)
             scores.append(batch_scores.float().cpu().numpy())
             if with_maps:
