@@ -64,7 +64,7 @@ class _Clock:
 def _time_steps(trainer: FoldTrainer, batches, scaler) -> tuple[float, float]:
     """The engine's real step (autocast, scaler, accumulation, clipping, schedule) over `batches`."""
     t = trainer.cfg.train
-    engine = EngineConfig(epochs=1, grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps, amp=t.amp,
+    engine = EngineConfig(epochs=1, grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps, amp=t.amp, cpu_amp=t.cpu_amp,
                           progress=False)
     with _Clock() as clock:
         row = train_epoch(trainer.model, trainer.optimizer, batches, trainer.training_step, engine,
@@ -93,7 +93,7 @@ def time_pipeline_eval(loader, model, cfg, device, batches: int) -> tuple[float,
     seen = 0
     with _Clock() as clock:
         for images, _ in itertools.islice(loader, batches):
-            with autocast(device, cfg.train.amp):
+            with autocast(device, cfg.train.amp, cfg.train.cpu_amp):
                 model(to_device_images(images, device, cfg.train.channels_last))
             seen += len(images)
         _sync(device)
@@ -107,7 +107,7 @@ def time_bare_eval(model, cfg, device, batches: int, batch_size: int) -> tuple[f
     images = to_device_images(torch.randn(batch_size, 3, s, s), device, cfg.train.channels_last)
     with _Clock() as clock:
         for _ in range(batches):
-            with autocast(device, cfg.train.amp):
+            with autocast(device, cfg.train.amp, cfg.train.cpu_amp):
                 model(images)
         _sync(device)
     return clock.rates(batches * batch_size)

@@ -73,6 +73,13 @@ def test_override_values_keep_yaml_types():
     assert load_config(ROOT / "configs" / "quick.yaml", ["train.lr=3e-3"]).train.lr == 0.003
 
 
+@pytest.mark.parametrize("value, mode", [("off", "off"), ("false", "off"), ("true", "auto"), ("bf16", "bf16")])
+def test_cpu_amp_reads_yaml_booleans_as_off_and_auto(value, mode):  # YAML 1.1 reads a bare off as false
+    assert load_config(ROOT / "configs" / "quick.yaml", [f"train.cpu_amp={value}"]).train.cpu_amp == mode
+    with pytest.raises(ConfigError, match="train.cpu_amp"):
+        load_config(ROOT / "configs" / "quick.yaml", ["train.cpu_amp=fp8"])
+
+
 def test_resolved_config_round_trips():
     cfg = load_config(ROOT / "configs" / "quick.yaml", ["seed=7"])
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))

@@ -121,7 +121,9 @@ def test_segdec_learns_to_separate_painted_defects(segdec_cfg):
 
 
 @pytest.mark.parametrize("geometry", [["model.resize=letterbox"],
-                                      ["model.tiles.enabled=true", "model.tiles.size=24"]], ids=["letterbox", "tiles"])
+                                      ["model.tiles.enabled=true", "model.tiles.size=24"],
+                                      ["model.tiles.enabled=true", "model.tiles.size=24", "train.cpu_amp=bf16"]],
+                         ids=["letterbox", "tiles", "tiles-cpu-bf16"])
 def test_a_segdec_fold_writes_predictions_and_a_map_gallery(segdec_cfg, geometry):
     cfg = segdec_cfg("fold-" + geometry[0].split("=")[0], "train.epochs=1", "train.ema=true", *geometry)
     index = load_index(cfg)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from competition import training
+from competition import runtime, training
 from competition.artifacts import load_checkpoint
 from competition.stage import ConfigChangedError
 from competition.training import (
@@ -209,6 +209,26 @@ def test_accumulated_small_batches_step_like_one_large_batch():
     odd = _Toy(dropout=0.0, batches=5, batch_size=4)
     odd.fit(EngineConfig(epochs=1, accumulate_steps=2, progress=False))
     assert len(odd.steps) == 3  # the last, incomplete window still steps
+
+
+def test_cpu_bfloat16_autocast_computes_in_bfloat16_and_keeps_float32_weights():
+    layer = nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    with runtime.autocast(torch.device("cpu"), enabled=True, cpu="bf16"):
+        assert layer(x).dtype == torch.bfloat16
+    for mode in ("off", "bf16", "auto"):  # amp (CUDA's float16) never acts on the CPU
+        with runtime.autocast(torch.device("cpu"), enabled=True, cpu=mode):
+            expected = torch.bfloat16 if runtime.cpu_bf16(mode) else torch.float32
+            assert layer(x).dtype == expected
+    assert runtime.cpu_bf16("bf16") and not runtime.cpu_bf16("off")
+    full, half = _Toy(dropout=0.0), _Toy(dropout=0.0)
+    history_full = full.fit(EngineConfig(epochs=3, progress=False)).history
+    history_half = half.fit(EngineConfig(epochs=3, cpu_amp="bf16", progress=False)).history
+    weights_full, weights_half = _weights(full.model), _weights(half.model)
+    assert all(w.dtype == torch.float32 for w in weights_half.values())
+    assert any(not torch.equal(weights_full[k], weights_half[k]) for k in weights_full)  # bf16 rounding acted
+    assert history_half[-1]["train_loss"] < 0.5 * history_half[0]["train_loss"]  # and it still learns
+    assert history_half[-1]["train_loss"] == pytest.approx(history_full[-1]["train_loss"], rel=0.2)
 
 
 def test_gradient_clipping_bounds_the_update():

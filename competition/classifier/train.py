@@ -124,7 +124,7 @@ def predict_logits(model: torch.nn.Module, loader: DataLoader, device: torch.dev
         images = to_device_images(images, device, cfg.train.channels_last)
         total = 0.0
         for k in views:
-            with autocast(device, cfg.train.amp):
+            with autocast(device, cfg.train.amp, cfg.train.cpu_amp):
                 logits = model(dihedral(images, k))
             total = total + logits.float()
         out[index.numpy()] = (total / len(views)).cpu().numpy()
@@ -175,7 +175,7 @@ def predict_map(model: torch.nn.Module, surface: np.ndarray, store: ImageStore, 
     model.eval()
     for piece in pieces:
         canvas = transform(image=fit_to_canvas(piece, geometry)[0])["image"][None]
-        with autocast(device, cfg.train.amp):
+        with autocast(device, cfg.train.amp, cfg.train.cpu_amp):
             seg = model.forward_all(to_device_images(canvas, device, cfg.train.channels_last)).mask_logits
         if seg is None:
             return None
@@ -290,7 +290,7 @@ class FoldTrainer:
               f"{len(self.val_rows)} images ({int(self.val_rows['label'].sum())} defect); device {self.device}")
         engine = EngineConfig(
             epochs=t.epochs, name=f"fold {self.fold}", grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps,
-            amp=t.amp, patience=t.patience, validate_from=t.validate_from, out=self.out, record=run_config(cfg),
+            amp=t.amp, cpu_amp=t.cpu_amp, patience=t.patience, validate_from=t.validate_from, out=self.out, record=run_config(cfg),
             shown_metrics=("val_loss", "val_accuracy_at_05", "val_auroc", "val_macro_f1_at_05", "val_macro_f1",
                            "val_threshold"))
         result = fit(self.model, self.optimizer, self.epoch_batches, self.training_step, engine, device=self.device,

@@ -70,6 +70,7 @@ class ZooSettings:
     std: tuple[float, ...] = IMAGENET_STD
     num_workers: int = 0  # DataLoader workers for decoding
     amp: bool = True  # mixed precision on CUDA
+    cpu_amp: str = "off"  # bfloat16 autocast on the CPU: off | bf16 | auto (runtime.cpu_bf16)
     channels_last: bool = True  # NHWC tensors, on CUDA and CPU
     progress: bool = True  # tqdm bars
     run_dir: str | None = None  # where a trained model keeps best.pt / last.pt; None = nowhere
@@ -88,7 +89,7 @@ class ZooSettings:
             backbone_weights=cfg.zoo.backbone_weights, backbone_init=cfg.zoo.backbone_init,
             work_dir=str(cfg.paths.work), cache_dir=cache,
             mean=tuple(cfg.zoo.mean), std=tuple(cfg.zoo.std), num_workers=cfg.zoo.num_workers,
-            amp=cfg.zoo.amp, channels_last=cfg.zoo.channels_last,
+            amp=cfg.zoo.amp, cpu_amp=cfg.zoo.cpu_amp, channels_last=cfg.zoo.channels_last,
             run_dir=None if run_dir is None else str(run_dir))
 
     def to_dict(self) -> dict[str, Any]:

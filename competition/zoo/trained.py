@@ -114,6 +114,8 @@ def fit_record(model: AnomalyModel) -> dict[str, Any]:
     s = model.settings
     zoo = {"image_size": s.image_size, "batch_size": s.batch_size, "mean": s.mean, "std": s.std, "amp": s.amp,
            "backbone_weights": s.backbone_weights, "params": model.get_params()}
+    if s.cpu_amp != "off":  # only when on, so records of full-precision runs stay as they were
+        zoo["cpu_amp"] = s.cpu_amp
     # Geometry keys only off the square default, so records of square runs stay as they were.
     if s.resize != "square":
         zoo["resize"] = s.resize
@@ -291,7 +293,7 @@ class TrainedAnomalyModel(AnomalyModel):
     def _score_tensor(self, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
         self.model.eval()
         images = to_device_images(images, self.device, self.settings.channels_last)
-        with autocast(self.device, self.settings.amp):
+        with autocast(self.device, self.settings.amp, self.settings.cpu_amp):
             scores, maps = self.score_batch(images)
         return scores.float().cpu().numpy(), maps.float().cpu().numpy()
 
@@ -414,7 +416,7 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
         _calibrate(model, validation_normals)
         return validation_aurocs(model.score_tensors(validation_images)[0], labels, kinds)
 
-    engine = EngineConfig(epochs=int(p.epochs), name=model.family, grad_clip=float(p.grad_clip), amp=settings.amp,
+    engine = EngineConfig(epochs=int(p.epochs), name=model.family, grad_clip=float(p.grad_clip), amp=settings.amp, cpu_amp=settings.cpu_amp,
                           patience=int(p.patience), out=settings.run_dir, record=fit_record(model),
                           shown_metrics=("val_auroc",), progress=settings.progress)
     started = time.perf_counter()

@@ -45,7 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from competition.artifacts import atomic_path, file_digest, write_text
-from competition.runtime import autocast, to_device_images
+from competition.runtime import autocast, cpu_bf16, to_device_images
 from competition.zoo.api import ImageSet, ZooSettings, unit_tensor
 from competition.zoo.components.frozen import freeze
 from competition.zoo.components.normalise import ImageNormalise
@@ -222,6 +222,8 @@ class FeatureExtractor:
         }
         if not settings.geometry.is_square:  # letterbox canvases and tiles are other inputs than square resizes
             self.description["geometry"] = settings.geometry.describe()
+        if self.device.type == "cpu" and cpu_bf16(settings.cpu_amp):  # other bits than float32 features
+            self.description["compute"] = "bfloat16 autocast"
         if self.needs_calibration:
             self.description["init"] = "healthy: live residual branches, BatchNorm statistics of the fit images"
         self._set_key()
@@ -317,7 +319,7 @@ class FeatureExtractor:
         """Normalised (B, 3, S, S) batch -> float32 maps on the CPU, rounded through float16 (no cache)."""
         self._use_statistics()
         x = to_device_images(images, self.device, self.settings.channels_last)
-        with autocast(self.device, self.settings.amp):
+        with autocast(self.device, self.settings.amp, self.settings.cpu_amp):
             maps = self.model(x)
         return [m.half().cpu().float() for m in maps]
 

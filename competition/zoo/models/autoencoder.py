@@ -233,7 +233,7 @@ class Autoencoder(AnomalyModel):
                       .flatten(1).max(1).values for i in range(0, len(validation_data), 64)]
             return validation_aurocs(torch.cat(scores).double().numpy() if scores else np.zeros(0), labels, kinds)
 
-        engine = EngineConfig(epochs=int(p.epochs), name=self.family, amp=self.settings.amp, patience=int(p.patience),
+        engine = EngineConfig(epochs=int(p.epochs), name=self.family, amp=self.settings.amp, cpu_amp=self.settings.cpu_amp, patience=int(p.patience),
                               out=self.settings.run_dir, record=fit_record(self), shown_metrics=("val_auroc",),
                               progress=self.settings.progress)
         result = fit(network, optimiser, epoch_batches, training_step, engine, device=self.device, validate=validate,
@@ -284,7 +284,7 @@ class Autoencoder(AnomalyModel):
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(error maps (B, S, S), codes (B, latent)) of a normalised batch, float32 on the CPU."""
         x = to_device_images(batch.float(), self.device, self.settings.channels_last)
-        with autocast(self.device, self.settings.amp):
+        with autocast(self.device, self.settings.amp, self.settings.cpu_amp):
             recon, code = self.model(x)
         if self.params.loss == "ssim":
             error = 1 - self._ssim_map(recon.float(), x.float()).mean(1)
