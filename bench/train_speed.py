@@ -64,8 +64,8 @@ class _Clock:
 def _time_steps(trainer: FoldTrainer, batches, scaler) -> tuple[float, float]:
     """The engine's real step (autocast, scaler, accumulation, clipping, schedule) over `batches`."""
     t = trainer.cfg.train
-    engine = EngineConfig(epochs=1, grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps, amp=t.amp, cpu_amp=t.cpu_amp,
-                          progress=False)
+    engine = EngineConfig(epochs=1, grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps, amp=t.amp,
+                          cpu_amp=t.cpu_amp, progress=False)
     with _Clock() as clock:
         row = train_epoch(trainer.model, trainer.optimizer, batches, trainer.training_step, engine,
                           device=trainer.device, scheduler=trainer.scheduler, scaler=scaler)

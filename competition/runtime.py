@@ -1,4 +1,5 @@
-"""Device, threads and seeds: the same code runs on a 2-core CPU and on CUDA (AMP on CUDA, bfloat16 autocast on CPUs with AMX when asked, channels_last on both)."""
+"""Device, threads and seeds: the same code runs on a 2-core CPU and on CUDA (AMP on CUDA, bfloat16 autocast on
+CPUs with AMX tiles when asked, channels_last on both)."""
 from __future__ import annotations
 
 import functools

@@ -121,3 +121,17 @@ def test_trained_students_keep_timm_init_and_teachers_are_calibrated():
         network = build_model(name, _settings()).build_model()
         calibrated = calibrate_backbones(network, np.zeros((2, 32, 32, 3), np.uint8) + 100, _settings())
         assert calibrated == 1, name
+
+
+def test_bfloat16_features_are_keyed_apart_and_close_to_float32():
+    """zoo.cpu_amp: bfloat16 features are other bits (another cache folder), near the float32 ones."""
+    images = _images(5)
+    full = FeatureExtractor("resnet18", [1, 2], _settings())
+    half = FeatureExtractor("resnet18", [1, 2], _settings(cpu_amp="bf16"))
+    assert "compute" not in full.description and half.description["compute"] == "bfloat16 autocast"
+    full.calibrate(images)
+    half.calibrate(images)
+    assert half.key != full.key
+    for a, b in zip(full.extract_all(images), half.extract_all(images)):
+        assert not torch.equal(a, b)
+        assert float((a - b).norm() / a.norm()) < 0.05

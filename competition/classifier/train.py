@@ -290,7 +290,8 @@ class FoldTrainer:
               f"{len(self.val_rows)} images ({int(self.val_rows['label'].sum())} defect); device {self.device}")
         engine = EngineConfig(
             epochs=t.epochs, name=f"fold {self.fold}", grad_clip=t.grad_clip, accumulate_steps=t.accumulate_steps,
-            amp=t.amp, cpu_amp=t.cpu_amp, patience=t.patience, validate_from=t.validate_from, out=self.out, record=run_config(cfg),
+            amp=t.amp, cpu_amp=t.cpu_amp, patience=t.patience, validate_from=t.validate_from, out=self.out,
+            record=run_config(cfg),
             shown_metrics=("val_loss", "val_accuracy_at_05", "val_auroc", "val_macro_f1_at_05", "val_macro_f1",
                            "val_threshold"))
         result = fit(self.model, self.optimizer, self.epoch_batches, self.training_step, engine, device=self.device,

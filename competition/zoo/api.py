@@ -92,6 +92,10 @@ class ZooSettings:
             amp=cfg.zoo.amp, cpu_amp=cfg.zoo.cpu_amp, channels_last=cfg.zoo.channels_last,
             run_dir=None if run_dir is None else str(run_dir))
 
+    def precision(self) -> dict[str, Any]:
+        """The engine's precision keys (`EngineConfig(..., **settings.precision())`): amp on CUDA, cpu_amp on CPU."""
+        return {"amp": self.amp, "cpu_amp": self.cpu_amp}
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["mean"], out["std"] = list(self.mean), list(self.std)

@@ -416,7 +416,7 @@ def fit_network(model: TrainedAnomalyModel, images: ImageSet, validation: Valida
         _calibrate(model, validation_normals)
         return validation_aurocs(model.score_tensors(validation_images)[0], labels, kinds)
 
-    engine = EngineConfig(epochs=int(p.epochs), name=model.family, grad_clip=float(p.grad_clip), amp=settings.amp, cpu_amp=settings.cpu_amp,
+    engine = EngineConfig(epochs=int(p.epochs), name=model.family, grad_clip=float(p.grad_clip), **settings.precision(),
                           patience=int(p.patience), out=settings.run_dir, record=fit_record(model),
                           shown_metrics=("val_auroc",), progress=settings.progress)
     started = time.perf_counter()

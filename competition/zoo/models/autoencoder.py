@@ -233,8 +233,9 @@ class Autoencoder(AnomalyModel):
                       .flatten(1).max(1).values for i in range(0, len(validation_data), 64)]
             return validation_aurocs(torch.cat(scores).double().numpy() if scores else np.zeros(0), labels, kinds)
 
-        engine = EngineConfig(epochs=int(p.epochs), name=self.family, amp=self.settings.amp, cpu_amp=self.settings.cpu_amp, patience=int(p.patience),
-                              out=self.settings.run_dir, record=fit_record(self), shown_metrics=("val_auroc",),
+        engine = EngineConfig(epochs=int(p.epochs), name=self.family, **self.settings.precision(),
+                              patience=int(p.patience), out=self.settings.run_dir, record=fit_record(self),
+                              shown_metrics=("val_auroc",),
                               progress=self.settings.progress)
         result = fit(network, optimiser, epoch_batches, training_step, engine, device=self.device, validate=validate,
                      tracker=CheckpointTracker(metric="val_auroc", tie_metric="train_loss"))

@@ -638,7 +638,7 @@ class DSR(TrainedAnomalyModel):
         def on_device(batch: dict[str, Tensor]) -> dict[str, Tensor]:
             return step({key: value.to(device) for key, value in batch.items()})
 
-        engine = EngineConfig(epochs=epochs, name=f"dsr {stage}", amp=settings.amp, cpu_amp=settings.cpu_amp,
+        engine = EngineConfig(epochs=epochs, name=f"dsr {stage}", **settings.precision(),
                               out=Path(settings.run_dir) / stage if settings.run_dir else None,
                               record=fit_record(self), progress=settings.progress)
         self.model.to(device)
