@@ -23,14 +23,24 @@ ARGS=(--config "$CONFIG" --set "paths.data=$DATA" --set "paths.work=$WORK/runs"
 for kv in "$@"; do ARGS+=(--set "$kv"); done
 
 declare -a STAGES=()
-stage() {  # stage NAME COMMAND...: run, time, remember
-  local name=$1 start end
+TIMES=$(mktemp)
+trap 'rm -f "$TIMES"' EXIT
+CPU=0
+read_cpu() {  # CPU: seconds (user + system) of every finished child so far, from bash's `times` run in this
+  times > "$TIMES"  # shell (in a pipe or $(...) it would describe a fresh subshell, whose children are none)
+  CPU=$(tail -n 1 "$TIMES" | awk '{ s = 0; for (i = 1; i <= NF; i++) { split($i, t, "m"); s += t[1] * 60 + t[2] }
+                                   printf "%d", s }')
+}
+stage() {  # stage NAME COMMAND...: run, time (wall and CPU), remember
+  local name=$1 start cpu_start
   shift
   start=$(date +%s)
+  read_cpu
+  cpu_start=$CPU
   echo "== $name: $*"
   "$@"
-  end=$(date +%s)
-  STAGES+=("$name $((end - start))")
+  read_cpu
+  STAGES+=("$name $(( $(date +%s) - start )) $(( CPU - cpu_start ))")
 }
 
 TOTAL_START=$(date +%s)
@@ -64,6 +74,8 @@ if [ -f "$ANSWERS" ]; then
   "$PY" -m competition score --submission "$WORK/submissions/submission.csv" --answers "$ANSWERS"
 fi
 echo
-echo "== wall time per stage (s)"
-for s in "${STAGES[@]}"; do echo "  $s"; done
-echo "  total $TOTAL"
+echo "== time per stage: wall s, CPU s (all threads; on a virtual machine whose host steals CPU time, the wall"
+echo "   grows and the CPU seconds hardly move: \`vmstat 2\` shows the steal in its st column)"
+TOTAL_CPU=0
+for s in "${STAGES[@]}"; do echo "  $s"; TOTAL_CPU=$(( TOTAL_CPU + ${s##* } )); done
+echo "  total $TOTAL $TOTAL_CPU"
