@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key, the source and what is allowed."""
 
 
+def cpu_amp_mode(value: str | bool) -> str:
+    """`train.cpu_amp` / `zoo.cpu_amp` as off | bf16 | auto: YAML 1.1 reads a bare off as false, so false and
+    true mean off and auto."""
+    return ("auto" if value else "off") if isinstance(value, bool) else value
+
+
 @dataclass
 class PathsConfig:
     data: str = "input/synthetic"  # dataset root (competition layout unless data.layout says otherwise)
@@ -106,8 +112,7 @@ class TrainConfig:
                              f"{self.epochs}, {self.batch_size}, {self.accumulate_steps}")
         if isinstance(self.tta, bool):
             self.tta = "flips" if self.tta else "none"
-        if isinstance(self.cpu_amp, bool):
-            self.cpu_amp = "auto" if self.cpu_amp else "off"
+        self.cpu_amp = cpu_amp_mode(self.cpu_amp)
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -265,8 +270,7 @@ class ZooConfig:
     save_models: bool = True  # keep each fold's fitted model as model.pt beside its scores
 
     def __post_init__(self) -> None:
-        if isinstance(self.cpu_amp, bool):
-            self.cpu_amp = "auto" if self.cpu_amp else "off"
+        self.cpu_amp = cpu_amp_mode(self.cpu_amp)
         for name, params in self.params.items():
             if not isinstance(params, dict):
                 raise ValueError(f"params: zoo.params.{name} must be a mapping of hyperparameters, got {params!r}")

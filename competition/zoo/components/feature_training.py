@@ -53,7 +53,7 @@ def fit_on_rows(owner: AnomalyModel, network: nn.Module, optimizer: torch.optim.
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.4g}")
 
     # amp (CUDA) only: a head on feature rows is small matrices, whose steps bfloat16 autocast makes slower on
-    # the CPU (FRE's autoencoder: 1.65x), so `zoo.cpu_amp` speeds the backbone's extraction, not this
+    # the CPU (FRE's autoencoder, in a throwaway timing), so `zoo.cpu_amp` speeds the backbone's extraction, not this
     engine = EngineConfig(epochs=int(epochs), name=owner.family, amp=settings.amp, out=settings.run_dir,
                           record=fit_record(owner), progress=False)
     try:
