@@ -1,0 +1,59 @@
+"""The test defect share estimated from averaged test features (as `infer` does) and per fold model.
+
+`infer`'s level-1 test feature of a model is the mean of its fold models' rank-normalised test scores, so
+the stack's test scores have shorter tails than its out-of-fold scores, which come from single fold
+models. This script refits the experiment's logistic stacker on `_ensemble/oof.csv`'s features, scores the
+test images with each fold model's own features in turn, and prints the EM and BBSE estimates of both ways
+(and the true share when an answer key is given), to judge whether estimating per fold model compares like
+with like. Development only: the pipeline does not do this yet.
+
+    python bench/share_per_fold.py RUNS/EXPERIMENT [--answers DATA/answers.csv]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from competition.ensemble.prior import estimate_test_share
+from competition.ensemble.stacking import normalise_scores
+from competition.leaderboard import read_answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a stacked experiment: RUNS/EXPERIMENT with _ensemble/")
+    parser.add_argument("--answers", type=Path, default=None)
+    args = parser.parse_args()
+    oof = pd.read_csv(args.run / "_ensemble/oof.csv", dtype={"image_id": str})
+    test = pd.read_csv(args.run / "_ensemble/test.csv", dtype={"image_id": str})
+    models = [c for c in oof.columns if c not in ("image_id", "label", "fold", "score", "auto_score")]
+    labels = oof["label"].to_numpy(int)
+    stacker = make_pipeline(StandardScaler(), LogisticRegression()).fit(oof[models].to_numpy(float), labels)
+    rows = [{"test features": "averaged (infer)", **estimate_test_share(labels, oof["score"], test["score"])}]
+    for k in sorted(oof["fold"].unique()):
+        columns = []
+        for model in models:
+            scores = pd.read_csv(args.run / model / f"fold{k}" / "test.csv", dtype={"image_id": str})
+            scores = scores.set_index("image_id")["score"].reindex(test["image_id"]).to_numpy(float)
+            columns.append(normalise_scores(scores, scores, "rank"))
+        fold_scores = stacker.predict_proba(np.column_stack(columns))[:, 1]
+        rows.append({"test features": f"fold model {k}", **estimate_test_share(labels, oof["score"], fold_scores)})
+    table = pd.DataFrame(rows)
+    per_fold = table.iloc[1:]
+    table.loc[len(table)] = {"test features": "mean over fold models", "em": per_fold["em"].mean(),
+                             "bbse": per_fold["bbse"].mean()}
+    print(f"training share {labels.mean():.3f}")
+    if args.answers is not None:
+        answers = read_answers(args.answers)
+        print(f"true test share {answers['answer'].astype(int).mean():.3f}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    main()
