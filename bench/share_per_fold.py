@@ -3,9 +3,9 @@
 `infer`'s level-1 test feature of a model is the mean of its fold models' rank-normalised test scores, so
 the stack's test scores have shorter tails than its out-of-fold scores, which come from single fold
 models. This script refits the experiment's logistic stacker on `_ensemble/oof.csv`'s features, scores the
-test images with each fold model's own features in turn, and prints the EM and BBSE estimates of both ways
-(and the true share when an answer key is given), to judge whether estimating per fold model compares like
-with like. Development only: the pipeline does not do this yet.
+test images with each fold model's own features in turn, and prints the EM and BBSE estimates of both ways.
+With an answer key: the true share, and the submitted scores' Private macro-F1 at the threshold `infer` would
+set for each mean estimate (`prior.threshold_at_share`). Development only: the pipeline does not do this yet.
 
     python bench/share_per_fold.py RUNS/EXPERIMENT [--answers DATA/answers.csv]
 """
@@ -20,9 +20,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from competition.ensemble.prior import estimate_test_share
+from competition.ensemble.prior import estimate_test_share, threshold_at_share
 from competition.ensemble.stacking import normalise_scores
 from competition.leaderboard import read_answers
+from competition.metrics import macro_f1
 
 
 def main() -> None:
@@ -49,10 +50,18 @@ def main() -> None:
     table.loc[len(table)] = {"test features": "mean over fold models", "em": per_fold["em"].mean(),
                              "bbse": per_fold["bbse"].mean()}
     print(f"training share {labels.mean():.3f}")
-    if args.answers is not None:
-        answers = read_answers(args.answers)
-        print(f"true test share {answers['answer'].astype(int).mean():.3f}")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.answers is None:
+        return
+    answers = read_answers(args.answers).rename(columns={"ImageId": "image_id", "answer": "truth"})
+    test = test.merge(answers, on="image_id", how="left", validate="one_to_one")  # test's own `answer`: the submission
+    truth, private = test["truth"].astype(int).to_numpy(), (test["Usage"] == "Private").to_numpy()
+    print(f"true test share {truth.mean():.3f}; Private macro-F1 of the submitted scores at the threshold for:")
+    shares = {f"{way} {name}": table.iloc[row][name] for way, row in (("averaged", 0), ("per-fold", -1))
+              for name in ("em", "bbse")}
+    for label, share in {**shares, "the true share": truth.mean()}.items():
+        cut = threshold_at_share(labels, oof["score"], float(np.clip(share, 0.01, 0.99)))[0]
+        print(f"  {label:<16} {share:.3f}: {macro_f1(truth[private], test['score'].to_numpy()[private] >= cut):.3f}")
 
 
 if __name__ == "__main__":
