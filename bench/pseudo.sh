@@ -30,17 +30,5 @@ echo
 ANSWERS="$DATA/answers.csv"
 if [ -f "$ANSWERS" ]; then
   echo "=== pseudo-labels against $ANSWERS"
-  "$PY" - "$WORK/runs/$FIRST-pseudo/pseudo.csv" "$ANSWERS" <<'PYEOF'
-import sys
-
-import pandas as pd
-
-picked = pd.read_csv(sys.argv[1], dtype={"image_id": str})
-answers = pd.read_csv(sys.argv[2], dtype={"ImageId": str}).rename(columns={"ImageId": "image_id"})
-both = picked.merge(answers, on="image_id", how="left", validate="one_to_one")
-for label, name in ((0, "normal"), (1, "defect")):
-    rows = both[both["label"] == label]
-    right = int((rows["answer"] == label).sum())
-    print(f"  pseudo-{name}: {len(rows)} picked, {right} right ({right / max(len(rows), 1):.1%})")
-PYEOF
+  "$PY" bench/pseudo_pick.py "$WORK/runs/$FIRST-pseudo/pseudo.csv" "$ANSWERS"
 fi

@@ -2,7 +2,7 @@
 
 `infer`'s level-1 test feature of a model is the mean of its fold models' rank-normalised test scores, so
 the stack's test scores have shorter tails than its out-of-fold scores, which come from single fold
-models. This script refits the experiment's logistic stacker on `_ensemble/oof.csv`'s features, scores the
+models. This script refits the experiment's stacker on `_ensemble/oof.csv`'s features, scores the
 test images with each fold model's own features in turn, and prints the EM and BBSE estimates of both ways.
 With an answer key: the true share, and the submitted scores' Private macro-F1 at the threshold `infer` would
 set for each mean estimate (`prior.threshold_at_share`). Development only: the pipeline does not do this yet.
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
-from competition.ensemble.prior import estimate_test_share, threshold_at_share
-from competition.ensemble.stacking import normalise_scores
+from competition.artifacts import read_json
+from competition.config import load_config
+from competition.ensemble.gather import read_model
+from competition.ensemble.prior import SHARE_RANGE, estimate_test_share, threshold_at_share
+from competition.ensemble.stacking import build_stacker, level2_features, stacker_scores
 from competition.leaderboard import read_answers
 from competition.metrics import macro_f1
 
@@ -31,19 +31,21 @@ def main() -> None:
     parser.add_argument("run", type=Path, help="a stacked experiment: RUNS/EXPERIMENT with _ensemble/")
     parser.add_argument("--answers", type=Path, default=None)
     args = parser.parse_args()
-    oof = pd.read_csv(args.run / "_ensemble/oof.csv", dtype={"image_id": str})
-    test = pd.read_csv(args.run / "_ensemble/test.csv", dtype={"image_id": str})
+    ensemble = args.run / "_ensemble"
+    cfg = load_config(ensemble / "config.yaml")  # the experiment's resolved config: normalise, method, seed
+    method = read_json(ensemble / "metrics.json").get("stacker", {}).get("auto", {}).get("chosen")  # auto's pick
+    oof = pd.read_csv(ensemble / "oof.csv", dtype={"image_id": str})
+    test = pd.read_csv(ensemble / "test.csv", dtype={"image_id": str})
     models = [c for c in oof.columns if c not in ("image_id", "label", "fold", "score", "auto_score")]
     labels = oof["label"].to_numpy(int)
-    stacker = make_pipeline(StandardScaler(), LogisticRegression()).fit(oof[models].to_numpy(float), labels)
+    stacker = build_stacker(cfg.ensemble, cfg.seed, method).fit(oof[models].to_numpy(float), labels)
     rows = [{"test features": "averaged (infer)", **estimate_test_share(labels, oof["score"], test["score"])}]
+    test_ids = test["image_id"].tolist()
     for k in sorted(oof["fold"].unique()):
-        columns = []
-        for model in models:
-            scores = pd.read_csv(args.run / model / f"fold{k}" / "test.csv", dtype={"image_id": str})
-            scores = scores.set_index("image_id")["score"].reindex(test["image_id"]).to_numpy(float)
-            columns.append(normalise_scores(scores, scores, "rank"))
-        fold_scores = stacker.predict_proba(np.column_stack(columns))[:, 1]
+        # one fold model per member: level2_features' test feature is then that fold model's alone, not a mean
+        fold_models = [read_model(args.run / model, [int(k)]) for model in models]
+        features = level2_features(fold_models, cfg.ensemble.normalise, test_ids=test_ids)[1]
+        fold_scores = stacker_scores(stacker, features[models].to_numpy(float))
         rows.append({"test features": f"fold model {k}", **estimate_test_share(labels, oof["score"], fold_scores)})
     table = pd.DataFrame(rows)
     per_fold = table.iloc[1:]
@@ -60,7 +62,7 @@ def main() -> None:
     shares = {f"{way} {name}": table.iloc[row][name] for way, row in (("averaged", 0), ("per-fold", -1))
               for name in ("em", "bbse")}
     for label, share in {**shares, "the true share": truth.mean()}.items():
-        cut = threshold_at_share(labels, oof["score"], float(np.clip(share, 0.01, 0.99)))[0]
+        cut = threshold_at_share(labels, oof["score"], float(np.clip(share, *SHARE_RANGE)))[0]  # as infer clips
         print(f"  {label:<16} {share:.3f}: {macro_f1(truth[private], test['score'].to_numpy()[private] >= cut):.3f}")
 
 
