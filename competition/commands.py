@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-like", action="store_true", help="harder variant: grayscale, varying sizes, JPEG, subtle")
     p.add_argument("--if-missing", action="store_true", help="do nothing if OUT already holds this preset and seed")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes rendering images (default 0: one per core, up to 16; same bytes for any number)")
 
     p = sub.add_parser("check-data", help="validate a dataset and print a report")
     p.add_argument("--data", default=None, help="dataset folder (default: paths.data of --config)")
@@ -134,7 +136,7 @@ def _synth(args: argparse.Namespace) -> int:
             return 0
     summary = write_competition(out, preset=args.preset, seed=args.seed,
                                 test_defect_rate=args.test_defect_rate, real_like=args.real_like,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, workers=args.workers)
     print(summary)
     print(out)
     return 0

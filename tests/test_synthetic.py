@@ -44,6 +44,14 @@ def test_same_seed_gives_same_bytes(tiny_runs):
     assert first == second
 
 
+def test_worker_processes_write_the_same_bytes(tiny_runs, tmp_path, monkeypatch):
+    from competition.data import synthetic
+
+    monkeypatch.setattr(synthetic, "_PARALLEL_FROM", 0)  # the tiny preset is below the pool's threshold
+    write_competition(tmp_path, preset="tiny", seed=0, progress=False, workers=2)
+    assert _hashes(tmp_path) == _hashes(tiny_runs["a"])
+
+
 def test_different_seed_gives_different_data(tiny_runs):
     first, other = _hashes(tiny_runs["a"]), _hashes(tiny_runs["other"])
     assert first.keys() == other.keys()
