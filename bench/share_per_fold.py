@@ -1,11 +1,12 @@
-"""The test defect share estimated from averaged test features (as `infer` does) and per fold model.
+"""The test defect share estimated on averaged test features and per fold model (`ensemble.prior_features`).
 
-`infer`'s level-1 test feature of a model is the mean of its fold models' rank-normalised test scores, so
-the stack's test scores have shorter tails than its out-of-fold scores, which come from single fold
-models. This script refits the experiment's stacker on `_ensemble/oof.csv`'s features, scores the
-test images with each fold model's own features in turn, and prints the EM and BBSE estimates of both ways.
-With an answer key: the true share, and the submitted scores' Private macro-F1 at the threshold `infer` would
-set for each mean estimate (`prior.threshold_at_share`). Development only: the pipeline does not do this yet.
+A model's level-1 test feature is the mean of its fold models' normalised test scores, so the stack's
+test scores have shorter tails than its out-of-fold scores, which come from single fold models. This
+script refits the experiment's stacker on `_ensemble/oof.csv`'s features, scores the test images with the
+averaged features and with each fold model's own features in turn (`stacking.fold_test_features`, what
+`infer` estimates on by default), and prints the EM and BBSE estimates of both ways. With an answer key: the
+true share, and the submitted scores' Private macro-F1 at the threshold `infer` would set for each mean
+estimate (`prior.threshold_at_share`).
 
     python bench/share_per_fold.py RUNS/EXPERIMENT [--answers DATA/answers.csv]
 """
@@ -21,7 +22,7 @@ from competition.artifacts import read_json
 from competition.config import load_config
 from competition.ensemble.gather import read_model
 from competition.ensemble.prior import SHARE_RANGE, estimate_test_share, threshold_at_share
-from competition.ensemble.stacking import build_stacker, level2_features, stacker_scores
+from competition.ensemble.stacking import build_stacker, fold_test_features, stacker_scores
 from competition.leaderboard import read_answers
 from competition.metrics import macro_f1
 
@@ -39,12 +40,10 @@ def main() -> None:
     models = [c for c in oof.columns if c not in ("image_id", "label", "fold", "score", "auto_score")]
     labels = oof["label"].to_numpy(int)
     stacker = build_stacker(cfg.ensemble, cfg.seed, method).fit(oof[models].to_numpy(float), labels)
-    rows = [{"test features": "averaged (infer)", **estimate_test_share(labels, oof["score"], test["score"])}]
-    test_ids = test["image_id"].tolist()
-    for k in sorted(oof["fold"].unique()):
-        # one fold model per member: level2_features' test feature is then that fold model's alone, not a mean
-        fold_models = [read_model(args.run / model, [int(k)]) for model in models]
-        features = level2_features(fold_models, cfg.ensemble.normalise, test_ids=test_ids)[1]
+    rows = [{"test features": "averaged", **estimate_test_share(labels, oof["score"], test["score"])}]
+    folds = sorted(int(k) for k in oof["fold"].unique())
+    members = [read_model(args.run / model, folds) for model in models]
+    for k, features in fold_test_features(members, cfg.ensemble.normalise, test["image_id"].tolist()).items():
         fold_scores = stacker_scores(stacker, features[models].to_numpy(float))
         rows.append({"test features": f"fold model {k}", **estimate_test_share(labels, oof["score"], fold_scores)})
     table = pd.DataFrame(rows)

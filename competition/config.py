@@ -298,6 +298,9 @@ class EnsembleConfig:
     # unlabelled test scores) | a share in (0, 1); see competition/ensemble/prior.py
     prior: Literal["train", "estimate"] | float = "estimate"
     prior_method: Literal["em", "bbse"] = "em"  # estimator for prior: estimate
+    # what the share is estimated on: per_fold (each fold model's own test features through the stacker, the
+    # estimates averaged) | averaged (the submitted test scores, means over the fold models; README, "Stacking")
+    prior_features: Literal["per_fold", "averaged"] = "per_fold"
 
     def __post_init__(self) -> None:
         if isinstance(self.prior, str):

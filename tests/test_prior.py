@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from conftest import quick_config
 from fake_runs import read_answers_labels, write_fake_model
+from test_stacking import make_folds, make_model
 
 from competition.artifacts import read_json
 from competition.config import ConfigError, EnsembleConfig
@@ -22,7 +23,7 @@ from competition.ensemble.prior import (
     platt_calibration,
     threshold_at_share,
 )
-from competition.ensemble.stacking import stack
+from competition.ensemble.stacking import fold_test_features, level2_features, stack
 from competition.folds import load_index, read_folds
 from competition.leaderboard import main as leaderboard_main
 from competition.metrics import best_threshold, macro_f1
@@ -157,6 +158,9 @@ def test_config_key_validation(tmp_path):
         quick_config(tmp_path, tmp_path, "ensemble.prior=guess")
     with pytest.raises(ConfigError, match="ensemble.prior_method"):
         quick_config(tmp_path, tmp_path, "ensemble.prior_method=kmm")
+    assert EnsembleConfig().prior_features == "per_fold"
+    with pytest.raises(ConfigError, match="ensemble.prior_features"):
+        quick_config(tmp_path, tmp_path, "ensemble.prior_features=median")
 
 
 def test_stack_applies_the_threshold_for_the_estimated_share():
@@ -178,6 +182,39 @@ def test_stack_applies_the_threshold_for_the_estimated_share():
     assert by_share["estimate"] > by_share["train"] + 0.05
 
 
+@pytest.mark.parametrize("test_share", [0.05, 0.3])
+def test_per_fold_estimates_avoid_the_collapse_of_averaged_test_features(test_share):
+    """Fold models whose test noise is independent: the mean over them has shorter tails than any one fold
+    model's out-of-fold scores, and EM on the averaged features lands far below the truth (at 5%, on 0);
+    estimated on each fold model's own features and averaged, the share is right."""
+    test_labels = (np.random.default_rng(9).random(600) < test_share).astype(int)
+    folds = make_folds(n=400, n_pos=20, n_splits=5)
+    errors = {"averaged": [], "per_fold": []}
+    for seed in SEEDS:
+        models = [make_model("a", folds, test_labels, 1.5, seed), make_model("b", folds, test_labels, 1.0, seed + 10)]
+        oof, test = level2_features(models, "rank", folds)
+        per_fold_features = fold_test_features(models, "rank")
+        for way in errors:
+            prior = stack(oof, test, EnsembleConfig(prior_features=way), 0, per_fold_features).prior
+            assert prior["estimated_from"] == way
+            assert len(prior["fold_estimates"].get("em", [])) == (5 if way == "per_fold" else 0)
+            errors[way].append(abs(prior["estimates"]["em"] - test_labels.mean()))
+    assert np.mean(errors["per_fold"]) < 0.04
+    assert np.mean(errors["averaged"]) > 1.5 * np.mean(errors["per_fold"])
+
+
+def test_fold_test_features_average_to_the_submitted_test_features():
+    folds = make_folds(n=100, n_pos=10, n_splits=5)
+    test_labels = (np.arange(50) % 10 == 0).astype(int)
+    models = [make_model("a", folds, test_labels, 1.5, 0), make_model("b", folds, test_labels, 1.0, 1)]
+    test = level2_features(models, "zscore", folds)[1]
+    frames = fold_test_features(models, "zscore")
+    assert sorted(frames) == [0, 1, 2, 3, 4]
+    mean = sum(frame[["a", "b"]].to_numpy() for frame in frames.values()) / len(frames)
+    np.testing.assert_allclose(mean, test[["a", "b"]].to_numpy())
+    assert all(frame["image_id"].tolist() == test["image_id"].tolist() for frame in frames.values())
+
+
 def test_infer_prints_records_and_the_leaderboard_shows_the_share(tiny_cfg, capsys):
     index = load_index(tiny_cfg)
     folds = read_folds(tiny_cfg, index)
@@ -192,6 +229,9 @@ def test_infer_prints_records_and_the_leaderboard_shows_the_share(tiny_cfg, caps
     prior = record["prior"]
     assert prior["mode"] == "estimate" and prior["method"] == "em" and record["threshold"] == prior["threshold"]
     assert 0 < prior["train_share"] < 1 and 0 < prior["test_share"] < 1 and set(prior["estimates"]) == {"em", "bbse"}
+    assert prior["estimated_from"] == "per_fold" and "mean over the fold models" in out  # the default
+    assert len(prior["fold_estimates"]["em"]) == tiny_cfg.folds.n_splits
+    assert prior["estimates"]["em"] == pytest.approx(np.mean(prior["fold_estimates"]["em"]))
     leaderboard_main(tiny_cfg)
     out = capsys.readouterr().out
     assert "test defect share" in out and f"{prior['test_share']:.3f} (em)" in out

@@ -25,7 +25,13 @@ from competition.artifacts import (
 from competition.config import Config
 from competition.ensemble.gather import Gathered, gather
 from competition.ensemble.prior import PriorDecision
-from competition.ensemble.stacking import StackResult, cross_validation_scores, level2_features, stack
+from competition.ensemble.stacking import (
+    StackResult,
+    cross_validation_scores,
+    fold_test_features,
+    level2_features,
+    stack,
+)
 from competition.ensemble.submission import build_submission, expected_image_ids, write_submission
 from competition.plots import plot_stacker_threshold
 
@@ -106,7 +112,8 @@ def main(cfg: Config, allow_partial: bool = False) -> None:
                          "fold folder, at zoo.confidence or the 95th percentile of the held-out normals' scores")
     oof_features, test_features = level2_features(gathered.models, cfg.ensemble.normalise,
                                                   gathered.folds, gathered.test_ids)
-    result = stack(oof_features, test_features, cfg.ensemble, cfg.seed)
+    fold_features = fold_test_features(gathered.models, cfg.ensemble.normalise, gathered.test_ids)
+    result = stack(oof_features, test_features, cfg.ensemble, cfg.seed, fold_features)
     expected = expected_image_ids(cfg, gathered.index)
     submission = build_submission(expected, result.test.set_index("image_id")["answer"])
     record = ensemble_record(cfg, gathered, result, time.perf_counter() - start)

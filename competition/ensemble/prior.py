@@ -49,6 +49,10 @@ class PriorDecision:
     expected_macro_f1: float  # out-of-fold macro-F1 reweighted to `test_share`, at `threshold`
     estimates: dict[str, float] = field(default_factory=dict)  # every estimator's share (NaN: none)
     note: str = ""  # why an estimate could not be used
+    # what the estimates were computed on: the submitted (averaged) test scores, or each fold model's own
+    # test scores with the estimates averaged (then `fold_estimates` holds each fold model's)
+    estimated_from: str = "averaged"
+    fold_estimates: dict[str, list[float]] = field(default_factory=dict)
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,8 +65,10 @@ class PriorDecision:
         else:
             others = ", ".join(f"{name.upper()} {_share(value)}" for name, value in self.estimates.items()
                                if name != self.method)
-            what = (f"an estimated share {self.test_share:.3f} by {self.method.upper()}"
-                    f"{' (' + others + ')' if others else ''}, training share {self.train_share:.3f}")
+            source = ("mean over the fold models' own test scores" if self.estimated_from == "per_fold"
+                      else "on the averaged test scores")
+            what = (f"an estimated share {self.test_share:.3f} by {self.method.upper()}, {source}"
+                    f"{' (' + others + ')' if others else ''}; training share {self.train_share:.3f}")
         text = (f"test defect share: threshold {self.threshold:.4g} tuned for {what}; "
                 f"train-share threshold {self.train_threshold:.4g}")
         return text + (f"; {self.note}" if self.note else "")
@@ -172,10 +178,14 @@ def parse_prior(prior: str | float) -> tuple[str, float | None]:
 
 
 def decide_threshold(labels, oof_scores, test_scores, prior: str | float = "estimate",
-                     method: str = "em") -> PriorDecision:
+                     method: str = "em", fold_test_scores=None) -> PriorDecision:
     """The test threshold for `prior` (see `parse_prior`), with both share estimates for the record.
 
-    `prior: train` returns exactly `metrics.best_threshold` of the out-of-fold scores.
+    `fold_test_scores`: the test images scored by each fold model alone (one array per fold model); the share
+    is then estimated on each and the estimates averaged. A fold model's test scores are distributed like the
+    out-of-fold scores the calibration is fitted on, whereas `test_scores`, means over the fold models, have
+    shorter tails: on them EM can collapse to a share of 0 (README, "Stacking"). `prior: train` returns
+    exactly `metrics.best_threshold` of the out-of-fold scores.
     """
     if method not in ESTIMATORS:
         raise ValueError(f"prior_method must be one of {', '.join(ESTIMATORS)}, got {method!r}")
@@ -186,8 +196,16 @@ def decide_threshold(labels, oof_scores, test_scores, prior: str | float = "esti
     train_threshold, train_f1 = best_threshold(labels, oof_scores)
     one_class = not 0 < labels.sum() < len(labels)
     estimates = {name: math.nan for name in ESTIMATORS}
+    fold_estimates: dict[str, list[float]] = {}
+    per_fold = fold_test_scores is not None and len(fold_test_scores) > 0
     if not one_class and len(test_scores):
-        estimates = estimate_test_share(labels, oof_scores, test_scores)
+        if per_fold:
+            each = [estimate_test_share(labels, oof_scores, np.asarray(s, float)) for s in fold_test_scores]
+            fold_estimates = {name: [e[name] for e in each] for name in ESTIMATORS}
+            estimates = {name: float(np.mean(values)) for name, values in fold_estimates.items()}
+        else:
+            estimates = estimate_test_share(labels, oof_scores, test_scores)
+    source = "per_fold" if per_fold else "averaged"
 
     share = {"train": train_share, "fixed": fixed}.get(mode, estimates[method])
     note = ""
@@ -201,10 +219,10 @@ def decide_threshold(labels, oof_scores, test_scores, prior: str | float = "esti
     used_method = method if mode == "estimate" else None
     if mode == "train" or note.endswith("is kept"):
         return PriorDecision(mode, used_method, train_share, train_share, train_threshold, train_threshold,
-                             train_f1, estimates, note)
+                             train_f1, estimates, note, source, fold_estimates)
     threshold, expected = threshold_at_share(labels, oof_scores, share)
     return PriorDecision(mode, used_method, train_share, share, threshold, train_threshold, expected,
-                         estimates, note)
+                         estimates, note, source, fold_estimates)
 
 
 def _share(value: float) -> str:

@@ -82,7 +82,8 @@ def normalise_scores(scores, reference, method: str, snap_tolerance: float = 0.0
 
 def level2_features(models: list[ModelPredictions], method: str, folds: pd.DataFrame | None = None,
                     test_ids: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(oof features: image_id, label, fold, one column per model; test features: image_id, one column per model).
+    """(oof features: image_id, label, fold, one column per model; test features: image_id, one column per model,
+    each the mean over the model's fold models).
 
     `folds` (image_id, label, fold) and `test_ids` fix the row order; by default the first model's.
     Labels are carried along for the stacker but never read here.
@@ -90,32 +91,62 @@ def level2_features(models: list[ModelPredictions], method: str, folds: pd.DataF
     if not models:
         raise ValueError("no models to build stacking features from")
     oof = (models[0].oof if folds is None else folds)[KEY_COLUMNS].reset_index(drop=True).copy()
-    if test_ids is None:
-        test_ids = list(dict.fromkeys(models[0].test["image_id"]))
-    test = pd.DataFrame({"image_id": list(test_ids)})
+    test_ids = _test_ids(models, test_ids)
+    test = pd.DataFrame({"image_id": test_ids})
     for model in models:
-        oof_parts, test_parts = [], []
-        for k in model.folds:
-            reference = model.test.loc[model.test["fold"] == k, "score"].to_numpy(float)
-            fold_oof = model.oof[model.oof["fold"] == k]
-            fold_test = model.test[model.test["fold"] == k]
-            oof_parts.append(pd.Series(normalise_scores(fold_oof["score"], reference, method),
-                                       index=fold_oof["image_id"].to_numpy()))
-            test_parts.append(pd.Series(normalise_scores(fold_test["score"], reference, method),
-                                        index=fold_test["image_id"].to_numpy(), name=k))
-        oof_values = pd.concat(oof_parts)
-        per_fold = pd.concat(test_parts, axis=1)
-        if per_fold.isna().any().any():
-            raise ValueError(f"{model.name}: its fold models scored different test images; every test.csv "
-                             "must hold every test image")
-        test_values = per_fold.mean(axis=1)  # mean over the fold models
+        oof_values, per_fold = _model_features(model, method)
         oof[model.name] = oof["image_id"].map(oof_values).to_numpy(float)
-        test[model.name] = test["image_id"].map(test_values).to_numpy(float)
+        test[model.name] = test["image_id"].map(per_fold.mean(axis=1)).to_numpy(float)  # mean over the fold models
         for frame, what in ((oof, "out-of-fold"), (test, "test")):
-            lacking = frame.loc[frame[model.name].isna(), "image_id"].tolist()
-            if lacking:
-                raise ValueError(f"{model.name} has no {what} score for {len(lacking)} image(s), e.g. {lacking[:3]}")
+            _require_scores(frame, model.name, what)
     return oof, test
+
+
+def fold_test_features(models: list[ModelPredictions], method: str,
+                       test_ids: list[str] | None = None) -> dict[int, pd.DataFrame]:
+    """{k: test features (image_id, one column per model) of fold model k alone}: what the stacker would see
+    if each model were its fold-k model, whose score distribution is that of the out-of-fold scores the stacker
+    was fitted on (averaging over fold models shortens the tails). The test defect share is estimated on these
+    (`ensemble.prior_features: per_fold`)."""
+    if not models:
+        raise ValueError("no models to build stacking features from")
+    test_ids = _test_ids(models, test_ids)
+    shared = [k for k in models[0].folds if all(k in model.folds for model in models)]
+    frames = {k: pd.DataFrame({"image_id": test_ids}) for k in shared}
+    for model in models:
+        per_fold = _model_features(model, method)[1]
+        for k, frame in frames.items():
+            frame[model.name] = frame["image_id"].map(per_fold[k]).to_numpy(float)
+            _require_scores(frame, model.name, f"fold-{k} test")
+    return frames
+
+
+def _test_ids(models: list[ModelPredictions], test_ids: list[str] | None) -> list[str]:
+    return list(dict.fromkeys(models[0].test["image_id"])) if test_ids is None else list(test_ids)
+
+
+def _model_features(model: ModelPredictions, method: str) -> tuple[pd.Series, pd.DataFrame]:
+    """(normalised out-of-fold score per image id, normalised test scores: one column per fold model k)."""
+    oof_parts, test_parts = [], []
+    for k in model.folds:
+        reference = model.test.loc[model.test["fold"] == k, "score"].to_numpy(float)
+        fold_oof = model.oof[model.oof["fold"] == k]
+        fold_test = model.test[model.test["fold"] == k]
+        oof_parts.append(pd.Series(normalise_scores(fold_oof["score"], reference, method),
+                                   index=fold_oof["image_id"].to_numpy()))
+        test_parts.append(pd.Series(normalise_scores(fold_test["score"], reference, method),
+                                    index=fold_test["image_id"].to_numpy(), name=k))
+    per_fold = pd.concat(test_parts, axis=1)
+    if per_fold.isna().any().any():
+        raise ValueError(f"{model.name}: its fold models scored different test images; every test.csv "
+                         "must hold every test image")
+    return pd.concat(oof_parts), per_fold
+
+
+def _require_scores(frame: pd.DataFrame, name: str, what: str) -> None:
+    lacking = frame.loc[frame[name].isna(), "image_id"].tolist()
+    if lacking:
+        raise ValueError(f"{name} has no {what} score for {len(lacking)} image(s), e.g. {lacking[:3]}")
 
 
 def feature_names(oof_features: pd.DataFrame) -> list[str]:
@@ -435,10 +466,12 @@ def rank_correlations(oof_features: pd.DataFrame) -> dict[str, dict[str, float]]
 
 
 def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: EnsembleConfig,
-          seed: int = 0) -> StackResult:
+          seed: int = 0, fold_features: dict[int, pd.DataFrame] | None = None) -> StackResult:
     """Nested out-of-fold scores and CV figures, then the stacker refit on all out-of-fold rows
     scores the test features and the threshold, tuned for the test defect share that
-    `ensemble.prior` gives (`prior.decide_threshold`), turns them into 0/1.
+    `ensemble.prior` gives (`prior.decide_threshold`), turns them into 0/1. With `fold_features`
+    (`fold_test_features`) and `ensemble.prior_features: per_fold`, that share is estimated on each fold
+    model's own test features, scored by the same fitted stacker, and averaged.
 
     `ensemble.method: auto` judges every candidate (`AUTO_CANDIDATES`) by nested out-of-fold macro-F1
     and submits the best (ties to the simpler) exactly as if it had been configured: its nested
@@ -463,7 +496,10 @@ def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: Ens
         cv = cross_validation_scores(y, oof_scores, folds)
     fitted = clone(build_stacker(ensemble, seed, method)).fit(X, y)
     test_scores = stacker_scores(fitted, X_test)
-    decision = decide_threshold(y, oof_scores, test_scores, ensemble.prior, ensemble.prior_method)
+    fold_scores = None
+    if fold_features and ensemble.prior_features == "per_fold":
+        fold_scores = [stacker_scores(fitted, frame[names].to_numpy(float)) for frame in fold_features.values()]
+    decision = decide_threshold(y, oof_scores, test_scores, ensemble.prior, ensemble.prior_method, fold_scores)
     oof = oof_features.assign(score=oof_scores, **({"auto_score": auto_scores} if auto else {}))
     test = test_features.assign(score=test_scores, answer=(test_scores >= decision.threshold).astype(int))
     described = describe_stacker(fitted, names)
