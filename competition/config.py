@@ -378,9 +378,13 @@ class PseudoConfig:
     source: str | None = None  # the first-round experiment (same paths.work) whose stacked test scores pick them
     normal_share: float = 0.5  # of the test images it predicted normal, this lowest-scoring share joins the normals
     defect_share: float = 0.25  # of those it predicted defective, this highest-scoring share joins the defects
+    # pseudo-defects get a mask: the source classifier's defect-probability map (SegDecNet or the mask head),
+    # averaged over its fold models, at or above mask_threshold; false (or an empty mask): shown whole, weak
+    masks: bool = False
+    mask_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("normal_share", "defect_share"):
+        for name in ("normal_share", "defect_share", "mask_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.enabled and not self.source:

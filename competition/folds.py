@@ -213,9 +213,10 @@ PSEUDO_FOLD = -1  # the fold of pseudo-labelled test rows: never a validation fo
 
 def training_folds(cfg: Config, index: pd.DataFrame) -> pd.DataFrame:
     """What the classifier and the zoo train on: `read_folds`' table, plus with `pseudo.enabled` the
-    pseudo-labelled test images of pseudo.csv as rows of fold -1 (no mask: a pseudo defect is a weak
-    label). Fold k's validation rows are those of fold k, so a pseudo-labelled image is never validated on
-    and never gets an out-of-fold score; stacking and the leaderboard read `read_folds`, without them."""
+    pseudo-labelled test images of pseudo.csv as rows of fold -1 (a pseudo defect has no mask unless
+    `pseudo.masks` drew one: a weak label). Fold k's validation rows are those of fold k, so a
+    pseudo-labelled image is never validated on and never gets an out-of-fold score; stacking and the
+    leaderboard read `read_folds`, without them."""
     folds = read_folds(cfg, index)
     if not cfg.pseudo.enabled:
         return folds
@@ -232,9 +233,10 @@ def training_folds(cfg: Config, index: pd.DataFrame) -> pd.DataFrame:
     shared = sorted(set(labels["image_id"]) & set(folds["image_id"]))
     if shared:
         raise ValueError(f"test image id {shared[0]} is also a training image id: pseudo-labels need distinct ids")
-    rows = test.drop(columns="label").merge(labels[["image_id", "label"]], on="image_id", how="inner")
+    masks = labels["mask_path"].astype(object).fillna("").astype(str) if "mask_path" in labels else ""
+    rows = test.drop(columns=["label", "mask_path"]).merge(labels[["image_id", "label"]].assign(mask_path=masks),
+                                                           on="image_id", how="inner")
     rows["label"] = rows["label"].astype(int)
-    rows["mask_path"] = ""  # a pseudo defect has no mask
     rows["group"] = rows["image_id"].astype(str)
     rows["fold"] = PSEUDO_FOLD
     return pd.concat([folds, rows[folds.columns]], ignore_index=True)

@@ -6,21 +6,43 @@ confident calls become training labels of this experiment: the lowest-scoring `n
 images it predicted normal, the highest-scoring `defect_share` of those it predicted defective. Both
 shares are ranks within the predicted side, so they mean the same under every stacker and threshold.
 
-Writes `<paths.work>/<experiment>/pseudo.csv` (image_id, label, score) and `pseudo.json` (the source, a
-digest of the test scores it read, the counts). `folds.training_folds` adds them to every fold's training
-set; a fold's record keeps pseudo.csv's digest, so a changed pick makes its folds stale, not reused.
+Writes `<paths.work>/<experiment>/pseudo.csv` (image_id, label, score, mask_path, mask_sha1) and
+`pseudo.json` (the source, a digest of the test scores it read, the counts). `folds.training_folds` adds
+them to every fold's training set; a fold's record keeps pseudo.csv's digest, so a changed pick (or mask)
+makes its folds stale, not reused.
+
+A pseudo defect has no mask of its own. In tiled training such an image is shown whole, letterboxed into
+one tile, where a 640-pixel board shrinks four-fold and its few-pixel defects vanish. With `pseudo.masks`,
+the source's classifier (SegDecNet, or the mask head) draws one: its defect-probability map of the image,
+averaged over its fold models, at or above `pseudo.mask_threshold`. The defect's tiles then show it at
+native scale, and the segmentation loss sees where it is. These are the first round's own beliefs, as the
+labels are (self-training); an empty map leaves the image weak, as before.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pandas as pd
+from PIL import Image
+from tqdm import tqdm
 
-from competition.artifacts import file_digest, pseudo_labels_path, read_table, write_csv, write_json
+from competition.artifacts import (
+    atomic_path,
+    file_digest,
+    model_dir,
+    pseudo_labels_path,
+    read_table,
+    write_csv,
+    write_json,
+)
 from competition.config import Config
 from competition.ensemble.infer import ENSEMBLE_DIR
 
 PSEUDO_COLUMNS = ["image_id", "label", "score"]
+MASK_COLUMNS = ["mask_path", "mask_sha1"]  # pseudo.csv's: "" where a pseudo label has no mask
 
 
 def select_pseudo_labels(test: pd.DataFrame, normal_share: float, defect_share: float) -> pd.DataFrame:
@@ -53,14 +75,78 @@ def main(cfg: Config) -> Path:
     if missing:
         raise ValueError(f"{source} lacks column(s) {sorted(missing)}: re-run infer of {cfg.pseudo.source!r}")
     labels = select_pseudo_labels(test, cfg.pseudo.normal_share, cfg.pseudo.defect_share)
+    labels[MASK_COLUMNS] = ""
     out = pseudo_labels_path(cfg.paths.work, cfg.experiment)
+    defects = labels.index[labels["label"] == 1]
+    if cfg.pseudo.masks and len(defects):
+        from competition.folds import load_index
+
+        paths = load_index(cfg).set_index("image_id")["path"].astype(str)
+        ids = labels.loc[defects, "image_id"].tolist()
+        masks = write_pseudo_masks(ids, paths.loc[ids].tolist(), source_map_maker(cfg), cfg.pseudo.mask_threshold,
+                                   out.parent / "pseudo_masks")
+        labels.loc[defects, "mask_path"] = [masks.get(i, "") for i in ids]
+        labels.loc[defects, "mask_sha1"] = [file_digest(masks[i]) if i in masks else "" for i in ids]
     write_csv(labels, out)
     counts = {"n_test": len(test), "n_predicted_defect": int(test["answer"].astype(int).sum()),
-              "n_normal": int((labels["label"] == 0).sum()), "n_defect": int((labels["label"] == 1).sum())}
+              "n_normal": int((labels["label"] == 0).sum()), "n_defect": int((labels["label"] == 1).sum()),
+              "n_defect_masks": int((labels["mask_path"] != "").sum())}
     write_json({"source": cfg.pseudo.source, "source_test_csv": str(source), "source_sha1": file_digest(source),
-                "normal_share": cfg.pseudo.normal_share, "defect_share": cfg.pseudo.defect_share, **counts},
+                "normal_share": cfg.pseudo.normal_share, "defect_share": cfg.pseudo.defect_share,
+                "masks": cfg.pseudo.masks, "mask_threshold": cfg.pseudo.mask_threshold, **counts},
                out.with_suffix(".json"))
     print(f"pseudo-labels from {cfg.pseudo.source!r} ({counts['n_test']} test images, "
           f"{counts['n_predicted_defect']} predicted defective): {counts['n_normal']} normal and "
-          f"{counts['n_defect']} defect (no masks) -> {out}")
+          f"{counts['n_defect']} defect ({counts['n_defect_masks']} with a mask drawn by the source's classifier) "
+          f"-> {out}")
     return out
+
+
+def source_map_maker(cfg: Config) -> Callable[[str, np.ndarray], np.ndarray]:
+    """image path, decoded image -> the source classifier's defect-probability map on the image's pixels, the
+    mean over its fold models (`predict.ClassifierFold`: each fold model as its test.csv scored)."""
+    from competition.predict import ClassifierFold
+    from competition.runtime import select_device
+
+    root = model_dir(cfg.paths.work, str(cfg.pseudo.source), cfg.model.name)
+    fold_dirs = [root / f"fold{k}" for k in range(cfg.folds.n_splits)]
+    missing = [str(d) for d in fold_dirs if not (d / "best.pt").exists()]
+    if missing:
+        raise ValueError(f"pseudo.masks needs the source experiment's classifier ({cfg.model.name}) on every fold; "
+                         f"missing {missing[0]}: finish {cfg.pseudo.source!r} first, or set pseudo.masks=false")
+    device = select_device(cfg.device)
+    folds = [ClassifierFold(d, device, "torch") for d in fold_dirs]
+
+    def probability(path: str, image: np.ndarray) -> np.ndarray:
+        maps = []
+        for fold in folds:
+            fold.begin_chunk([path], [image])
+            drawn = fold.maps([path], [image])
+            if drawn is None:
+                raise ValueError(f"pseudo.masks: the source classifier {cfg.model.name} has no segmentation output "
+                                 "(use SegDecNet or mask_head.enabled=true in the source), or set pseudo.masks=false")
+            heat = drawn[0][1].astype(np.float32)
+            if heat.shape != image.shape[:2]:  # the surface at another scale: back onto the image's pixels
+                heat = cv2.resize(heat, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+            maps.append(heat)
+        return np.mean(maps, axis=0)
+
+    return probability
+
+
+def write_pseudo_masks(image_ids: list[str], paths: list[str], probability: Callable[[str, np.ndarray], np.ndarray],
+                       threshold: float, out_dir: Path) -> dict[str, str]:
+    """{image id: mask PNG} for each image whose map reaches `threshold` somewhere (255 there, else 0)."""
+    from competition.data.images import read_image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for image_id, path in tqdm(list(zip(image_ids, paths)), desc="pseudo masks", unit="img"):
+        mask = probability(path, read_image(path)) >= threshold
+        if not mask.any():
+            continue
+        target = out_dir / f"{image_id}.png"
+        with atomic_path(target) as tmp:
+            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+        written[image_id] = str(target)
+    return written

@@ -3,10 +3,13 @@ on them. They are test images only: never a validation-fold image, never an out-
 changed pick makes the second round's folds stale."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import config_with_folds
+from conftest import config_with_folds, quick_config
+from PIL import Image
 
 from competition.artifacts import pseudo_labels_path, read_json, run_dir, write_csv
 from competition.config import ConfigError, load_config
@@ -149,3 +152,50 @@ def test_the_run_graph_picks_pseudo_labels_before_any_model_trains(second_round)
             assert "pseudo" in job.after, name
     plain = load_config(None, [])
     assert "pseudo" not in {job.name for job in build_jobs(plain, [])}
+
+
+def test_pseudo_masks_keep_the_pixels_the_map_puts_at_or_above_the_threshold(tmp_path):
+    from competition.pseudo import write_pseudo_masks
+
+    paths = []
+    for name in ("a", "b"):
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.fromarray(np.zeros((12, 20, 3), np.uint8)).save(paths[-1])
+
+    def probability(path, image):
+        heat = np.zeros(image.shape[:2], np.float32)
+        if path.endswith("a.png"):
+            heat[3:6, 10:15] = 0.8  # a defect here
+        heat[0, 0] = 0.4  # below the threshold everywhere else
+        return heat
+
+    written = write_pseudo_masks(["a", "b"], paths, probability, 0.5, tmp_path / "masks")
+    assert list(written) == ["a"]  # b's map never reaches the threshold: it stays a weak label
+    mask = np.asarray(Image.open(written["a"]))
+    expected = np.zeros((12, 20), np.uint8)
+    expected[3:6, 10:15] = 255
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_masked_pseudo_defects_reach_the_training_folds_with_their_masks(second_round):
+    from competition.classifier.train import main as train_main
+
+    data, work = Path(second_round.paths.data), Path(second_round.paths.work).parent
+    train_main(quick_config(data, work, *TINY_MODEL, "experiment=round1"), fold="all")  # the source's classifier,
+    # mask head on: it draws the masks
+    cfg = quick_config(data, work, *TINY_MODEL, *SECOND_ROUND, "pseudo.masks=true", "pseudo.mask_threshold=0")
+    pseudo_main(cfg)  # threshold 0: every pixel of every pseudo defect is in its mask
+    labels = pd.read_csv(pseudo_labels_path(cfg.paths.work, cfg.experiment), dtype={"image_id": str},
+                         keep_default_na=False)
+    defects, normals = labels[labels["label"] == 1], labels[labels["label"] == 0]
+    assert len(defects) and (defects["mask_path"] != "").all() and (defects["mask_sha1"] != "").all()
+    assert (normals["mask_path"] == "").all()
+    index = load_index(cfg).set_index("image_id")
+    for row in defects.itertuples():
+        mask = np.asarray(Image.open(row.mask_path))
+        assert mask.shape == np.asarray(Image.open(index.loc[row.image_id, "path"])).shape[:2] and mask.min() == 255
+    folds = training_folds(cfg, load_index(cfg))
+    added = folds[folds["fold"] == PSEUDO_FOLD].set_index("image_id")
+    assert (added.loc[defects["image_id"], "mask_path"] == defects["mask_path"].to_numpy()).all()
+    assert read_json(pseudo_labels_path(cfg.paths.work, cfg.experiment).with_suffix(".json"))["n_defect_masks"] == \
+        len(defects)
