@@ -379,7 +379,7 @@ class PseudoConfig:
     normal_share: float = 0.5  # of the test images it predicted normal, this lowest-scoring share joins the normals
     defect_share: float = 0.25  # of those it predicted defective, this highest-scoring share joins the defects
     # pseudo-defects get a mask: the source classifier's defect-probability map (SegDecNet or the mask head),
-    # averaged over its fold models, at or above mask_threshold; false (or an empty mask): shown whole, weak
+    # averaged over its fold models, where it reaches mask_threshold x its maximum; false: shown whole, weak
     masks: bool = False
     mask_threshold: float = 0.5
 
