@@ -19,7 +19,8 @@ because the stack called the image defective with confidence while the map's own
 an absolute 0.5 was reached on 29 of 94 pseudo-defects): the most suspicious region is where the defect
 most likely is, as multiple-instance learning takes the top instance. The defect's tiles then show it at
 native scale, and the segmentation loss sees where it is. These are the first round's own beliefs, as the
-labels are (self-training); a map that is zero everywhere leaves the image weak, as before.
+labels are (self-training); a map that is zero everywhere leaves the image weak, as before. A masked
+pseudo-defect is a masked defect to training in every way, so `positives.kinds: transplant` may move it too.
 """
 from __future__ import annotations
 
