@@ -297,7 +297,7 @@ class EnsembleConfig:
     # defect share the test threshold is tuned for: train (the out-of-fold share) | estimate (from the
     # unlabelled test scores) | a share in (0, 1); see competition/ensemble/prior.py
     prior: Literal["train", "estimate"] | float = "estimate"
-    prior_method: Literal["em", "bbse"] = "em"  # estimator for prior: estimate
+    prior_method: Literal["em", "bbse"] = "bbse"  # estimator for prior: estimate
     # what the share is estimated on: per_fold (each fold model's own test features through the stacker, the
     # estimates averaged) | averaged (the submitted test scores, means over the fold models; README, "Stacking")
     prior_features: Literal["per_fold", "averaged"] = "per_fold"
