@@ -5,7 +5,8 @@ answer key (development sets only), Public/Private macro-F1 of the submission ea
         --answers ../shared/datasets/bsdata_tiles/answers.csv
 
 The experiment's runs are gathered once; each method stacks the same features, with the config's
-`ensemble.prior`. The pipeline itself never reads answers.csv.
+`ensemble.prior`, estimated as `infer` does (`ensemble.prior_method`, `prior_features`). The pipeline
+itself never reads answers.csv.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from competition.artifacts import read_table  # noqa: E402
 from competition.config import load_config  # noqa: E402
 from competition.ensemble.gather import gather  # noqa: E402
-from competition.ensemble.stacking import level2_features, stack  # noqa: E402
+from competition.ensemble.stacking import fold_test_features, level2_features, stack  # noqa: E402
 from competition.ensemble.submission import build_submission, expected_image_ids  # noqa: E402
 from competition.leaderboard import score_by_usage  # noqa: E402
 
@@ -38,12 +39,15 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     gathered = gather(cfg)
     oof, test = level2_features(gathered.models, cfg.ensemble.normalise, gathered.folds, gathered.test_ids)
+    per_fold_share = cfg.ensemble.prior == "estimate" and cfg.ensemble.prior_features == "per_fold"  # as infer
+    fold_features = (fold_test_features(gathered.models, cfg.ensemble.normalise, gathered.test_ids)
+                     if per_fold_share else None)
     answers = read_table(args.answers) if args.answers else None
     expected = expected_image_ids(cfg, gathered.index)
     rows = []
     for method in METHODS:
         ensemble = dataclasses.replace(cfg.ensemble, method=method, estimator_params={})
-        result = stack(oof, test, ensemble, cfg.seed)
+        result = stack(oof, test, ensemble, cfg.seed, fold_features)
         row = {"method": method, "chosen": result.stacker.get("auto", {}).get("chosen", ""),
                "oof_macro_f1": result.cv["oof_macro_f1"], "oof_auroc": result.cv["oof_auroc"],
                "test_share": result.prior.get("test_share"), "predicted_defects": int(result.test["answer"].sum())}
