@@ -100,6 +100,24 @@ def test_loss_is_the_reference_formula_and_prefers_matching_positions():
     assert contrastive_margin_loss(teacher, teacher, 0.1, 1.0, 0.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("side", [8, 16, 32])
+def test_the_abnormal_margin_term_is_inert_at_the_reference_temperature(side):
+    """As in the reference, p_ii is a softmax over all h*w positions at T = 2: under e / (h w) even for a student
+    equal to its teacher, so relu(p_ii - margin / 2) is zero and a defect position adds no loss and no gradient
+    (the README's finding on bsdata_tiles). At T = 0.01 the same positions do push."""
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 64, side, side)
+    student = teacher.clone().requires_grad_(True)
+    everywhere = torch.ones(1, side, side, dtype=torch.bool)
+    loss = contrastive_margin_loss(teacher, student, 2.0, 0.7, 1.0, abnormal=everywhere)
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.abs().max().item() == 0.0
+    s = F.normalize(teacher.flatten(2).transpose(1, 2), dim=2)
+    p_ii = torch.softmax(s @ s.transpose(1, 2) / 2.0, dim=2).diagonal(dim1=1, dim2=2)
+    assert p_ii.max().item() < np.e / side**2 < 0.5
+    assert contrastive_margin_loss(teacher, teacher, 0.01, 0.7, 1.0, abnormal=everywhere).item() > 0.1
+
+
 def test_weighted_decision_scores_the_contrast_of_the_summed_map():
     flat = [torch.full((1, 4, 4), 0.2), torch.full((1, 2, 2), 0.1)]
     scores, total = weighted_decision(flat, (8, 8), alpha=0.01, beta=3e-5)

@@ -31,7 +31,10 @@ contrastive and margin terms average over the normal positions, and the defect p
 margin loss's abnormal term mean(relu(p_ii - margin / 2)), pushing the student's match there below half
 the margin; a defect without a mask counts as a defect at every position (the reference's image-label
 case). A batch without a defect position gives exactly the unsupervised loss, so without defects the
-supervised entry trains as `uninet-resnet18`.
+supervised entry trains as `uninet-resnet18`. As in the reference, p_ii is a softmax over all the grid's
+positions at T = 2, so it stays under e / (h w) (0.042 on an 8x8 grid, even for a student equal to its
+teacher) and the abnormal term never reaches margin / 2: the labelled defects act only by leaving the
+normal terms (README, "The anomaly zoo": on bsdata_tiles this entry ranked defects below normals).
 
 Deviations, and why:
 - Supervised: the cosine term averages over normal positions only (the reference over all), since
@@ -134,7 +137,8 @@ def contrastive_margin_loss(teacher: Tensor, student: Tensor, temperature: float
     `abnormal` (N, h, w) bool, the supervised setting: the defect positions. The cosine, contrastive and
     margin terms then average over the normal positions only, and the defect positions add the margin
     loss's abnormal term mean(relu(p_ii - margin / 2)): their matching probability is pushed below half
-    the margin, so the student does not reproduce the teacher there. None: every position is normal.
+    the margin, so the student does not reproduce the teacher there (at T = 2 it always is already: the module
+    docstring). None: every position is normal.
     """
     n, c = student.shape[:2]
     s = F.normalize(student.reshape(n, c, -1).transpose(1, 2), dim=2)  # (N, HW, C)
