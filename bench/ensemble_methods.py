@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from competition.artifacts import read_table  # noqa: E402
 from competition.config import load_config  # noqa: E402
 from competition.ensemble.gather import gather  # noqa: E402
-from competition.ensemble.stacking import fold_test_features, level2_features, stack  # noqa: E402
+from competition.ensemble.stacking import level2_features, share_fold_features, stack  # noqa: E402
 from competition.ensemble.submission import build_submission, expected_image_ids  # noqa: E402
 from competition.leaderboard import score_by_usage  # noqa: E402
 
@@ -39,9 +39,7 @@ def main() -> None:
     cfg = load_config(args.config, args.set)
     gathered = gather(cfg)
     oof, test = level2_features(gathered.models, cfg.ensemble.normalise, gathered.folds, gathered.test_ids)
-    per_fold_share = cfg.ensemble.prior == "estimate" and cfg.ensemble.prior_features == "per_fold"  # as infer
-    fold_features = (fold_test_features(gathered.models, cfg.ensemble.normalise, gathered.test_ids)
-                     if per_fold_share else None)
+    fold_features = share_fold_features(gathered.models, cfg.ensemble, gathered.test_ids)  # as infer
     answers = read_table(args.answers) if args.answers else None
     expected = expected_image_ids(cfg, gathered.index)
     rows = []

@@ -28,8 +28,8 @@ from competition.ensemble.prior import PriorDecision
 from competition.ensemble.stacking import (
     StackResult,
     cross_validation_scores,
-    fold_test_features,
     level2_features,
+    share_fold_features,
     stack,
 )
 from competition.ensemble.submission import build_submission, expected_image_ids, write_submission
@@ -112,9 +112,7 @@ def main(cfg: Config, allow_partial: bool = False) -> None:
                          "fold folder, at zoo.confidence or the 95th percentile of the held-out normals' scores")
     oof_features, test_features = level2_features(gathered.models, cfg.ensemble.normalise,
                                                   gathered.folds, gathered.test_ids)
-    per_fold_share = cfg.ensemble.prior == "estimate" and cfg.ensemble.prior_features == "per_fold"
-    fold_features = (fold_test_features(gathered.models, cfg.ensemble.normalise, gathered.test_ids)
-                     if per_fold_share else None)
+    fold_features = share_fold_features(gathered.models, cfg.ensemble, gathered.test_ids)
     result = stack(oof_features, test_features, cfg.ensemble, cfg.seed, fold_features)
     expected = expected_image_ids(cfg, gathered.index)
     submission = build_submission(expected, result.test.set_index("image_id")["answer"])

@@ -121,6 +121,15 @@ def fold_test_features(models: list[ModelPredictions], method: str,
     return frames
 
 
+def share_fold_features(models: list[ModelPredictions], ensemble: EnsembleConfig,
+                        test_ids: list[str] | None = None) -> dict[int, pd.DataFrame] | None:
+    """`fold_test_features` where `stack` estimates the test defect share on them (`prior: estimate` with
+    `prior_features: per_fold`), else None: a fixed or training share never reads them."""
+    if ensemble.prior == "estimate" and ensemble.prior_features == "per_fold":
+        return fold_test_features(models, ensemble.normalise, test_ids)
+    return None
+
+
 def _test_ids(models: list[ModelPredictions], test_ids: list[str] | None) -> list[str]:
     return list(dict.fromkeys(models[0].test["image_id"])) if test_ids is None else list(test_ids)
 
@@ -470,7 +479,7 @@ def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: Ens
     """Nested out-of-fold scores and CV figures, then the stacker refit on all out-of-fold rows
     scores the test features and the threshold, tuned for the test defect share that
     `ensemble.prior` gives (`prior.decide_threshold`), turns them into 0/1. With `fold_features`
-    (`fold_test_features`) and `ensemble.prior_features: per_fold`, that share is estimated on each fold
+    (`share_fold_features`) and `ensemble.prior_features: per_fold`, that share is estimated on each fold
     model's own test features, scored by the same fitted stacker, and averaged.
 
     `ensemble.method: auto` judges every candidate (`AUTO_CANDIDATES`) by nested out-of-fold macro-F1
