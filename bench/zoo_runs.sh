@@ -35,5 +35,9 @@ for model in "${MODELS[@]}"; do
   printf '%s\t%s\t%s\n' "$model" "$wall" "$status" >> "$WORK/walls.tsv"
   echo "$model: $status in ${wall} s"
 done
-experiment=$(ls -d "$WORK"/runs/*/ 2>/dev/null | head -1)
-[ -n "$experiment" ] && "$PY" bench/zoo_table.py "$experiment"*/
+# The table covers the models of this call, in the experiment the config and overrides resolve to.
+SETS=(); for kv in "$@"; do SETS+=("$kv"); done
+experiment=$("$PY" -c 'import sys; from competition.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).experiment)' "${CONFIG:-configs/default.yaml}" "${SETS[@]}")
+DIRS=(); for model in "${MODELS[@]}"; do [ -d "$WORK/runs/$experiment/$model" ] && DIRS+=("$WORK/runs/$experiment/$model"); done
+[ ${#DIRS[@]} -gt 0 ] && "$PY" bench/zoo_table.py "${DIRS[@]}"
