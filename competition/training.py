@@ -438,8 +438,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         steps += 1
         images += _batch_size(batch)
+        # refresh=False: tqdm's iterator writes its count back only when it prints, so a forced refresh here
+        # would redraw a stale count ("0/52" for seconds); the postfix shows at the bar's next own print
         bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}",
-                        img_s=f"{images / (time.perf_counter() - started):.1f}")
+                        img_s=f"{images / (time.perf_counter() - started):.1f}", refresh=False)
     seconds = time.perf_counter() - started
     row: dict[str, Any] = {("train_loss" if key == "loss" else f"train_{key}"): value / max(steps, 1)
                            for key, value in sums.items()}
