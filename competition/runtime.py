@@ -1,5 +1,5 @@
 """Device, threads and seeds: the same code runs on a 2-core CPU and on CUDA (AMP on CUDA, bfloat16 autocast on
-CPUs with AMX tiles when asked, channels_last on both)."""
+CPUs with bfloat16 hardware when asked, channels_last on both)."""
 from __future__ import annotations
 
 import functools
@@ -37,14 +37,23 @@ def seed_everything(seed: int) -> None:
 @functools.cache
 def cpu_bf16(mode: str = "off") -> bool:
     """Whether CPU work runs under bfloat16 autocast (`train.cpu_amp`, `zoo.cpu_amp`): always for `bf16`; for
-    `auto` only where the CPU multiplies bfloat16 in hardware (Intel AMX tiles), where SegDecNet trains about
-    5x and scores about 2.5x faster on 2 cores (bench/channels_last.py --precision). Elsewhere bfloat16 is
-    emulated and slower than float32, and depthwise-convolution networks (EfficientNet) train slower even
-    with AMX, so the default is off."""
+    `auto` only where the CPU multiplies bfloat16 in hardware (`cpu_has_bf16`). There SegDecNet trains 2.2-2.4x
+    and scores 1.8-2.6x faster on 2 cores (bench/channels_last.py --precision). Elsewhere bfloat16 is emulated
+    and slower than float32, and depthwise-convolution networks (EfficientNet) train slower even with it, so the
+    default is off."""
     if mode == "auto":
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-        return bool(probe is not None and probe())
+        return cpu_has_bf16()
     return mode == "bf16"
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 arithmetic in hardware: Intel's AMX tiles (Sapphire Rapids on) or the
+    AVX-512 BF16 dot products (Cooper Lake, AMD Zen 4 on), both of which oneDNN's convolutions use. The AMX-only
+    probe of an earlier version left `auto` off on an AMD EPYC with AVX-512 BF16, where `configs/real.yaml` then
+    ran deeppcb in float32: 44.6 min end to end instead of about 30 (README, "Real data")."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def autocast(device: torch.device, enabled: bool = True, cpu: str = "off"):

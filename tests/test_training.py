@@ -211,6 +211,19 @@ def test_accumulated_small_batches_step_like_one_large_batch():
     assert len(odd.steps) == 3  # the last, incomplete window still steps
 
 
+def test_cpu_amp_auto_turns_on_with_either_bfloat16_hardware(monkeypatch):
+    """AMX tiles (Intel) or AVX-512 BF16 (Cooper Lake, AMD Zen 4) turn `auto` on; neither leaves it off."""
+    for amx, avx512_bf16 in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        runtime.cpu_has_bf16.cache_clear()
+        runtime.cpu_bf16.cache_clear()
+        assert runtime.cpu_bf16("auto") == (amx or avx512_bf16)
+        assert runtime.cpu_bf16("bf16") and not runtime.cpu_bf16("off")
+    runtime.cpu_has_bf16.cache_clear()
+    runtime.cpu_bf16.cache_clear()
+
+
 def test_cpu_bfloat16_autocast_computes_in_bfloat16_and_keeps_float32_weights():
     layer = nn.Linear(4, 2)
     x = torch.randn(3, 4)
