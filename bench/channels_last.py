@@ -1,6 +1,6 @@
 """Bare-model throughput in the contiguous (NCHW) and channels_last (NHWC) layouts, training and scoring:
 does `train.channels_last` / `zoo.channels_last` pay on this machine? With `--precision`, float32 against
-bfloat16 autocast, both in NHWC: does `train.cpu_amp` / `zoo.cpu_amp` pay (CPUs with AMX tiles)? Random
+bfloat16 autocast, both in NHWC: does `train.cpu_amp` / `zoo.cpu_amp` pay (CPUs with AMX tiles or AVX-512 BF16)? Random
 batches, no data pipeline (`bench/train_speed.py` times the real one).
 
     .venv/bin/python bench/channels_last.py --threads 2

@@ -89,8 +89,8 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers; 0 = in the main process
     threads: int = 0  # torch CPU threads; 0 = all cores
     amp: bool = True  # mixed precision, CUDA only
-    # bfloat16 autocast on the CPU: off | bf16 | auto (on where the CPU has AMX bfloat16 tiles; SegDecNet trains
-    # about 5x faster there; EfficientNet trains slower in bfloat16, and CPUs without AMX emulate it slowly).
+    # bfloat16 autocast on the CPU: off | bf16 | auto (on where the CPU has bfloat16 hardware, AMX or AVX-512 BF16;
+    # SegDecNet trains 2-5x faster there; EfficientNet trains slower in bfloat16, other CPUs emulate it slowly).
     # YAML reads a bare off as false: false / true are read as off / auto
     cpu_amp: Literal["off", "bf16", "auto"] | bool = "off"
     channels_last: bool = True  # NHWC tensors, on CUDA and CPU
@@ -254,7 +254,7 @@ class ZooConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 0  # DataLoader workers for decoding; 0 = in the main process
     amp: bool = True  # mixed precision, CUDA only
-    # bfloat16 autocast on the CPU: off | bf16 | auto (on where the CPU has AMX tiles); false / true read as off / auto
+    # bfloat16 autocast on the CPU: off | bf16 | auto (on with AMX or AVX-512 BF16); false / true read as off / auto
     cpu_amp: Literal["off", "bf16", "auto"] | bool = "off"
     channels_last: bool = True  # NHWC tensors, on CUDA and CPU
     cache: bool = True  # on-disk feature cache shared by models over the same backbone
