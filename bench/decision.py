@@ -3,9 +3,11 @@
 For the stacked score and each member's level-2 score (`<experiment>/_ensemble/{oof,test}.csv`):
 out-of-fold and test AUROC, the test defect share as EM and BBSE estimate it (and the truth), and
 the Private macro-F1 of the threshold tuned for each share (`ensemble.prior: train`, `estimate`
-with `em` or `bbse`, the true share) against the best threshold on Private itself (an oracle: the
-most the decision could give these scores). Then, with the data's masks, the out-of-fold defects
-missed at the training-share threshold by defect area: which sizes the ranking loses.
+with `em` or `bbse`, the true share), of calling the top BBSE share of the test images defective
+(`private_bbse_top`: a quantile rule the package does not use), against the best threshold on
+Private itself (an oracle: the most the decision could give these scores). Then, with the data's
+masks, the out-of-fold defects missed at the training-share threshold by defect area: which sizes
+the ranking loses.
 
     .venv/bin/python bench/decision.py RUNS/EXPERIMENT --data DATA
     .venv/bin/python bench/decision.py runs/bench-pseudo/deeppcb-real/runs/real --data ../shared/datasets/deeppcb
@@ -43,6 +45,10 @@ def decision_rows(oof: pd.DataFrame, test: pd.DataFrame, columns: list[str]) -> 
                 "true": threshold_at_share(labels, oof_scores, float(truth.mean()))[0]}
         for name, cut in cuts.items():
             row[f"private_{name}"] = macro_f1(truth[private], test_scores[private] >= cut)
+        # another rule, not the package's: call the top BBSE share of the test images defective (a quantile cut)
+        if np.isfinite(shares["bbse"]):
+            row["private_bbse_top"] = macro_f1(truth[private], test_scores[private] >= np.quantile(
+                test_scores, 1.0 - shares["bbse"]))
         row["private_oracle"] = best_threshold(truth[private], test_scores[private])[1]  # the best any cut reaches
         rows.append(row)
     return pd.DataFrame(rows)

@@ -267,7 +267,7 @@ class EngineConfig:
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
     accumulate_steps: int = 1  # batches per optimizer step
     amp: bool = True  # float16 autocast and a GradScaler, CUDA only
-    cpu_amp: str = "off"  # bfloat16 autocast on the CPU: off | bf16 | auto (where the CPU has bfloat16 hardware; runtime.cpu_bf16)
+    cpu_amp: str = "off"  # bfloat16 autocast on the CPU: off | bf16 | auto (with bfloat16 hardware: runtime.cpu_bf16)
     patience: int = 0  # early stopping: epochs in a row without a new best; 0 disables
     out: str | Path | None = None  # best.pt, last.pt, history.csv; None keeps the run in memory
     record: dict[str, Any] | None = None  # results-relevant config, in last.pt and best.pt; resuming checks it
