@@ -46,7 +46,6 @@ def cpu_bf16(mode: str = "off") -> bool:
     return mode == "bf16"
 
 
-@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether the CPU has bfloat16 arithmetic in hardware: Intel's AMX tiles (Sapphire Rapids on) or the
     AVX-512 BF16 dot products (Cooper Lake, AMD Zen 4 on), both of which oneDNN's convolutions use. The AMX-only

@@ -216,11 +216,9 @@ def test_cpu_amp_auto_turns_on_with_either_bfloat16_hardware(monkeypatch):
     for amx, avx512_bf16 in ((True, False), (False, True), (False, False)):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
-        runtime.cpu_has_bf16.cache_clear()
         runtime.cpu_bf16.cache_clear()
         assert runtime.cpu_bf16("auto") == (amx or avx512_bf16)
         assert runtime.cpu_bf16("bf16") and not runtime.cpu_bf16("off")
-    runtime.cpu_has_bf16.cache_clear()
     runtime.cpu_bf16.cache_clear()
 
 

@@ -19,11 +19,11 @@ N_TEST = 12
 LOCAL = "local"
 GLOBAL = "global"
 AE = {"epochs": 20, "lr": 1e-3, "batch_size": 8}  # 100 steps: enough to separate, seconds on one core
-# (name, hyperparameters, test set, least AUROC of the image scores). The OC-SVM sees one global code per image,
-# a weak signal for a small defect: its AUROC here was 0.62 on an Intel CPU and 0.52 on an AMD one (seeds 0-2 on
-# the AMD: 0.52, 0.68, 0.63; whole foreign textures as anomalies: 0.39-0.71), so no bar on its image scores would
-# be more than luck of the machine. Its maps (the reconstruction error) must still locate the defects, and its
-# scorer must equal scikit-learn's (test_one_class_svm_scorer_equals_sklearn below).
+SHIFTED = "shifted"
+# (name, hyperparameters, test set, least AUROC of the image scores). The OC-SVM sees one global code per image:
+# Andrews et al.'s novelty detector for whole images, a weak signal for a small defect (painted defects: AUROC 0.62
+# on an Intel CPU, 0.52 on an AMD one; seeds 0-2 on the AMD 0.52, 0.68, 0.63: `bench/test_margins.py`), so it is
+# judged on whole images shifted in brightness (1.0 on seeds 0-2), its maps on the painted defects below.
 CASES = [
     ("patchcore-resnet18", {}, LOCAL, 0.75),
     ("padim-resnet18", {}, LOCAL, 0.75),
@@ -31,19 +31,21 @@ CASES = [
     ("dfm-resnet18", {}, GLOBAL, 0.75),
     ("dfkde-resnet18", {}, GLOBAL, 0.75),
     ("autoencoder-recon", AE, LOCAL, 0.75),
-    ("autoencoder-ocsvm", AE, LOCAL, None),
+    ("autoencoder-ocsvm", AE, SHIFTED, 0.9),
     ("autoencoder-ssim", AE, LOCAL, 0.75),
 ]
 
 
 @pytest.fixture(scope="module")
 def texture_sets(tmp_path_factory):
-    """Brushed-metal normals (40 to fit, 12 to test), 12 with painted defects, 12 with Perlin anomalies."""
+    """Brushed-metal normals (40 to fit, 12 to test), 12 with painted defects, 12 with Perlin anomalies, 12 darkened."""
     rng = np.random.default_rng(0)
     fit, test, _ = painted_test_sets(SIZE, n_test=N_TEST, rng=rng)
     perlin = [perlin_anomaly(brushed_metal(SIZE, rng), rng, beta=1.0)[0] for _ in range(N_TEST)]
+    darkened = [brushed_metal(SIZE, rng) // 3 for _ in range(N_TEST)]  # a whole-image shift: novelty, not a defect
     cache = tmp_path_factory.mktemp("zoo_cache")
-    return {"fit": fit, LOCAL: test, GLOBAL: ImageSet(test.sources[:N_TEST] + perlin), "cache": str(cache)}
+    return {"fit": fit, LOCAL: test, GLOBAL: ImageSet(test.sources[:N_TEST] + perlin),
+            SHIFTED: ImageSet(test.sources[:N_TEST] + darkened), "cache": str(cache)}
 
 
 def _settings(cache: str) -> ZooSettings:
@@ -64,10 +66,10 @@ def test_model_interface_persistence_and_separation(name, params, kind, least, t
     assert np.isfinite(prediction.maps).all()
     np.testing.assert_allclose(model.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
     labels = [0] * N_TEST + [1] * N_TEST
-    if least is not None:
-        assert auroc(labels, prediction.scores) >= least, f"{name} barely separates painted defects"
-    if model.has_maps:  # maps locate the defects: their maximum is higher on defective images
-        peak = prediction.maps.reshape(len(test), -1).max(1)
+    assert auroc(labels, prediction.scores) >= least, f"{name} barely separates its test set's anomalies"
+    if model.has_maps:  # maps locate the painted defects: their maximum is higher on defective images
+        maps = prediction.maps if kind != SHIFTED else model.predict(texture_sets[LOCAL]).maps
+        peak = maps.reshape(len(maps), -1).max(1)
         assert auroc(labels, peak) >= 0.7
 
     path = model.save(tmp_path / "model.pt")
