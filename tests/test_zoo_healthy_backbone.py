@@ -135,3 +135,41 @@ def test_bfloat16_features_are_keyed_apart_and_close_to_float32():
     for a, b in zip(full.extract_all(images), half.extract_all(images)):
         assert not torch.equal(a, b)
         assert float((a - b).norm() / a.norm()) < 0.05
+
+
+def test_a_draw_is_another_random_extractor_reproduced_on_load(tmp_path):
+    """`draw: k` seeds the model's random backbone and channel subset apart from draw 0 (another member to
+    average), the same draw twice gives the same scores, and a saved draw reloads as itself."""
+    from competition.zoo.api import DRAW_SEED_STRIDE
+    from competition.zoo.registry import build_model
+
+    images = _images(6)
+    first = build_model("padim-resnet18", _settings())
+    assert first.settings.seed == 0
+    drawn = build_model("padim-resnet18", _settings(), {"draw": 2})
+    assert drawn.settings.seed == 2 * DRAW_SEED_STRIDE
+    first.fit(images)
+    drawn.fit(images)
+    assert not torch.equal(first.model.channels, drawn.model.channels)
+    assert not np.allclose(first.score_samples(images), drawn.score_samples(images))
+    again = build_model("padim-resnet18", _settings(), {"draw": 2}).fit(images)
+    np.testing.assert_array_equal(again.score_samples(images), drawn.score_samples(images))
+    loaded = type(drawn).load(drawn.save(tmp_path / "padim.pt"))
+    assert loaded.settings.seed == drawn.settings.seed  # the shift applied once, not twice
+    np.testing.assert_allclose(loaded.score_samples(images), drawn.score_samples(images), rtol=1e-5)
+    with pytest.raises(ValueError, match="draw"):
+        build_model("padim-resnet18", _settings(), {"draw": -1})
+
+
+def test_a_backbone_first_built_while_scoring_can_be_calibrated_by_a_later_fit(tmp_path):
+    """Scoring runs in inference mode; the memoised backbone it builds must still take a later fit's
+    in-place BatchNorm re-estimation (it raised "Inplace update to inference tensor" before)."""
+    from competition.zoo.registry import build_model
+
+    images = _images(5)
+    path = build_model("padim-resnet18", _settings()).fit(images).save(tmp_path / "padim.pt")
+    shared_extractor("resnet18", [1], _settings(seed=3))  # the memo now holds another backbone
+    loaded = build_model("padim-resnet18", _settings()).load(path)
+    scores = loaded.score_samples(images)  # rebuilds the seed-0 backbone inside inference mode
+    refit = build_model("padim-resnet18", _settings()).fit(images)
+    np.testing.assert_allclose(refit.score_samples(images), scores, rtol=1e-5)

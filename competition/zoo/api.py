@@ -38,6 +38,7 @@ from competition.preprocess import (
 )
 from competition.runtime import to_device_images
 
+DRAW_SEED_STRIDE = 7919  # BackboneParams.draw k: seed + k * stride (a prime, far from the small seeds users pick)
 CHECKPOINT_FORMAT = 2  # 2: the state is `self.model.state_dict()`
 SSL_WEIGHTS = "ssl"  # the backbone_weights tag of the experiment's own `competition pretrain` output
 
@@ -397,6 +398,10 @@ class BackboneParams:
     # None: zoo.backbone_weights; "ssl": the experiment's pretraining output (make pretrain),
     # <paths.work>/pretrain/<backbone>.safetensors; else a local weights file or folder, as zoo.backbone_weights takes
     backbone_weights: str | None = None
+    # which random draw of the model: draw k > 0 seeds everything the model draws (a random backbone, a channel
+    # subset, an initialisation) with zoo seed + k * DRAW_SEED_STRIDE, so entries that differ only in `draw` are
+    # independent random feature extractors on the same folds (members to average); 0 keeps the zoo seed
+    draw: int = 0
 
 
 def _coerce(value: Any, tp: Any) -> Any:
@@ -509,7 +514,13 @@ class AnomalyModel:
 
     def __init__(self, settings: ZooSettings | None = None, **params: Any):
         self.settings = settings or ZooSettings()
+        self.given_settings = self.settings  # what `save` keeps: the draw's seed shift is applied again on load
         self.params = build_params(self.params_class, params, self.family or type(self).__name__)
+        if isinstance(self.params, BackboneParams) and self.params.draw:
+            if self.params.draw < 0:
+                raise ValueError(f"{self.family}: draw must be 0 or more, got {self.params.draw}")
+            self.settings = dataclasses.replace(self.settings,
+                                                seed=self.settings.seed + DRAW_SEED_STRIDE * self.params.draw)
         if isinstance(self.params, BackboneParams) and self.params.backbone_weights is not None:
             weights = resolve_backbone_weights(self.params.backbone_weights, self.params.backbone, self.settings,
                                                self.family)
@@ -646,7 +657,7 @@ class AnomalyModel:
         self._check_fitted()
         return save_checkpoint({
             "format": CHECKPOINT_FORMAT, "family": self.family, "params": _plain(self.get_params()),
-            "settings": self.settings.to_dict(), "fit_info": _plain(self.fit_info),
+            "settings": self.given_settings.to_dict(), "fit_info": _plain(self.fit_info),
             "state": {key: value.detach().cpu() for key, value in self.model.state_dict().items()},
         }, path)
 

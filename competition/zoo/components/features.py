@@ -203,8 +203,11 @@ class FeatureExtractor:
         memo = (backbone, self.layers, str(settings.backbone_weights), settings.seed, str(self.device), init)
         model = _BACKBONES.get(memo)
         if model is None:
-            model = create_backbone(backbone, self.layers, settings.backbone_weights, settings.seed,
-                                    init=init).to(self.device)
+            # built as normal tensors even under a scorer's inference mode: a later fit that reuses the
+            # memoised backbone re-estimates its BatchNorm statistics in place
+            with torch.inference_mode(False):
+                model = create_backbone(backbone, self.layers, settings.backbone_weights, settings.seed,
+                                        init=init).to(self.device)
             _BACKBONES.clear()  # keep one backbone alive at a time; they are cheap to rebuild
             _BACKBONES[memo] = model
         self.model = model
