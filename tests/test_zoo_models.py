@@ -132,6 +132,21 @@ def test_ledoit_wolf_and_kde_match_their_references():
     np.testing.assert_allclose(kde(torch.tensor(queries, dtype=torch.float32)).numpy(), expected, rtol=1e-4)
 
 
+def test_padim_embedding_is_the_papers_concatenate_then_select():
+    """Channels taken per layer before the repetition onto layer1's grid: the same tensor as repeating every
+    layer, concatenating and selecting, including when a layer contributes no channel."""
+    import torch.nn.functional as F
+
+    from competition.zoo.models.padim import padim_embedding
+
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 6, 4, 4, generator=gen),
+            torch.randn(2, 5, 2, 2, generator=gen)]
+    joined = torch.cat([maps[0]] + [F.interpolate(m, size=(8, 8), mode="nearest") for m in maps[1:]], dim=1)
+    for channels in (torch.tensor([0, 3, 5, 9, 14]), torch.tensor([1, 2, 12]), torch.arange(15)):
+        assert torch.equal(padim_embedding(maps, channels), joined.index_select(1, channels))
+
+
 def test_patchcore_reweighting_follows_eq7():
     """s = (1 - exp(d*) / sum_{N_b(m*)} exp(d)) * s*, with m* the nearest memory patch of the worst test patch."""
     from competition.zoo.models.patchcore import PatchCoreModel

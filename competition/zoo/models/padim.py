@@ -40,11 +40,25 @@ class PaDiMParams(BackboneParams):
 
 
 def padim_embedding(maps: list[torch.Tensor], channels: torch.Tensor) -> torch.Tensor:
-    """Maps of several layers -> (B, d, h, w): concatenated on the first grid, channel subset taken."""
+    """Maps of several layers -> (B, d, h, w): concatenated on the first grid, channel subset taken.
+
+    `channels` index the concatenation (sorted, as PaDiM keeps them). Each layer's chosen channels are taken
+    before its map is repeated onto the first grid: nearest-neighbour repetition acts per channel, so this
+    is the concatenate-then-select of the paper, without repeating the (mostly dropped) deep channels,
+    which took over half of a 256-pixel fit.
+    """
     size = maps[0].shape[-2:]
-    joined = torch.cat([m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest")
-                        for m in maps], dim=1)
-    return joined.index_select(1, channels.to(joined.device))
+    channels = channels.to(maps[0].device)
+    parts, start = [], 0
+    for m in maps:
+        stop = start + m.shape[1]
+        own = channels[(channels >= start) & (channels < stop)] - start
+        start = stop
+        if own.numel() == 0:
+            continue
+        m = m.index_select(1, own)
+        parts.append(m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="nearest"))
+    return torch.cat(parts, dim=1)
 
 
 class PaDiMModel(nn.Module):
