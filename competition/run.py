@@ -82,14 +82,14 @@ def pretrain_backbones(cfg: Config) -> list[str]:
     """Backbones whose self-supervised weights (`ssl`) the classifier or a zoo model reads."""
     from competition.artifacts import pretrain_dir
     from competition.zoo.api import SSL_WEIGHTS, BackboneParams, build_params
-    from competition.zoo.registry import get_entry
+    from competition.zoo.registry import config_params, get_entry
 
     needed = []
     if cfg.model.pretrained and Path(str(cfg.model.pretrained)) == pretrain_dir(cfg.paths.work):
         needed.append(cfg.model.name)
     for name in cfg.zoo.models:
         entry = get_entry(name, "zoo.models")
-        params = build_params(entry.model_class.params_class, {**entry.params, **cfg.zoo.params.get(name, {})}, name)
+        params = build_params(entry.model_class.params_class, {**entry.params, **config_params(cfg, name)}, name)
         if isinstance(params, BackboneParams) and params.backbone_weights == SSL_WEIGHTS:
             needed.append(params.backbone)
     return list(dict.fromkeys(needed))

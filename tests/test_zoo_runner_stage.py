@@ -184,3 +184,30 @@ def test_the_teacher_distillation_resumes_exactly(tmp_path, monkeypatch):
     for key, value in straight.model.teacher.state_dict().items():
         assert torch.equal(resumed.model.teacher.state_dict()[key], value), key
     assert torch.equal(resumed.model.teacher_mean, straight.model.teacher_mean)
+
+
+def test_a_draw_runs_as_its_own_model_with_its_base_params(tiny_cfg):
+    """zoo.models may list NAME@K: entry NAME at random draw K, in its own folder, taking NAME's zoo.params
+    (its own on top); its scores differ from draw 0's and the stack reads it as one more model."""
+    from pathlib import Path
+
+    from competition.ensemble.gather import select_models
+    from competition.zoo.registry import get_entry, split_draw
+
+    params = "zoo.params={padim-resnet18: {n_channels: 20}, padim-resnet18@2: {blur_sigma: 2.0}}"
+    cfg = _config(tiny_cfg, "zoo.models=[padim-resnet18, padim-resnet18@2]", params)
+    main(cfg, model=None, fold="0", force=False)
+    root = Path(tiny_cfg.paths.work) / "stage"
+    summary = pd.read_json(root / "padim-resnet18@2" / "fold0" / "summary.json", typ="series")
+    assert summary["params"]["draw"] == 2 and summary["params"]["n_channels"] == 20
+    assert summary["params"]["blur_sigma"] == 2.0
+    first, drawn = (pd.read_csv(root / name / "fold0" / "oof.csv")["score"] for name in ("padim-resnet18",
+                                                                                       "padim-resnet18@2"))
+    assert not np.allclose(first, drawn)
+    assert get_entry("padim-resnet18@2").params["draw"] == 2 and split_draw("padim-resnet18") == ("padim-resnet18", 0)
+    for bad in ("padim-resnet18@0", "padim-resnet18@x", "autoencoder-recon@1"):
+        with pytest.raises(ValueError, match="draw"):
+            get_entry(bad)
+    main(cfg, model="padim-resnet18@2", fold="all", force=False)  # --model takes a draw too
+    main(cfg, model="padim-resnet18", fold="all", force=False)
+    assert select_models(cfg) == ["padim-resnet18", "padim-resnet18@2"]

@@ -180,9 +180,13 @@ def read_model(model_path: Path, folds: list[int], check_disjoint: bool = True) 
 
 
 def _is_zoo_model(name: str) -> bool:
-    from competition.zoo.registry import entries
+    from competition.zoo.registry import get_entry
 
-    return name in entries()
+    try:
+        get_entry(name)
+    except ValueError:
+        return False
+    return True
 
 
 def select_models(cfg: Config, allow_partial: bool = False) -> list[str]:

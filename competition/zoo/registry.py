@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from competition.artifacts import load_checkpoint
-from competition.zoo.api import AnomalyModel, ZooSettings, build_params
+from competition.zoo.api import AnomalyModel, BackboneParams, ZooSettings, build_params
 
 MODELS_PACKAGE = "competition.zoo.models"
 
@@ -80,16 +80,46 @@ def entries() -> dict[str, ZooEntry]:
     return dict(sorted(_ENTRIES.items()))
 
 
+DRAW_SEPARATOR = "@"  # NAME@K: entry NAME at random draw K (BackboneParams.draw), e.g. padim-resnet18@2
+
+
+def split_draw(name: str) -> tuple[str, int]:
+    """"padim-resnet18@2" -> ("padim-resnet18", 2); a name without the separator is draw 0."""
+    base, separator, draw = name.partition(DRAW_SEPARATOR)
+    if not separator:
+        return name, 0
+    if not draw.isdigit() or int(draw) < 1:
+        raise ValueError(f"zoo model {name!r}: after {DRAW_SEPARATOR!r} comes a draw number of 1 or more "
+                         f"(e.g. {base}{DRAW_SEPARATOR}1)")
+    return base, int(draw)
+
+
 def get_entry(name: str, where: str = "") -> ZooEntry:
     """The registered configuration `name`; an unknown name says which config key gave it (`where`) and
-    suggests the closest registered names."""
+    suggests the closest registered names. `NAME@K` is entry NAME at random draw K (its backbone and every
+    other random choice seeded apart, `BackboneParams.draw`): independent members on the same folds."""
+    base, draw = split_draw(name)
     known = entries()
-    if name not in known:
-        close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.5)
+    if base not in known:
+        close = difflib.get_close_matches(base, list(known), n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise ValueError(f"unknown zoo model {name!r}{f' in {where}' if where else ''}; {hint}known: "
                          f"{', '.join(known)} (python -m competition zoo --list)")
-    return known[name]
+    entry = known[base]
+    if not draw:
+        return entry
+    if not issubclass(entry.model_class.params_class, BackboneParams):
+        raise ValueError(f"zoo model {name!r}{f' in {where}' if where else ''}: {base} has no random backbone to "
+                         "draw again (draws are for models over a timm backbone)")
+    return ZooEntry(name, entry.model_class, f"{entry.description} (random draw {draw})",
+                    {**entry.params, "draw": draw}, entry.module)
+
+
+def config_params(cfg, name: str) -> dict[str, Any]:
+    """`zoo.params` for `name`: a draw NAME@K takes NAME's overrides, then its own on top."""
+    base, _ = split_draw(name)
+    own = dict(cfg.zoo.params.get(name) or {})
+    return {**(cfg.zoo.params.get(base) or {}), **own} if base != name else own
 
 
 def list_models() -> list[tuple[str, str]]:
@@ -122,7 +152,7 @@ def build_model(name: str, settings: ZooSettings, overrides: dict[str, Any] | No
 def build_from_config(name: str, cfg, run_dir=None) -> AnomalyModel:
     """`build_model` with settings and `zoo.params[name]` taken from the config."""
     settings = ZooSettings.from_config(cfg, run_dir=run_dir)
-    return build_model(name, settings, cfg.zoo.params.get(name))
+    return build_model(name, settings, config_params(cfg, name))
 
 
 def load_model(path: str | Path, settings: ZooSettings | None = None) -> AnomalyModel:

@@ -37,7 +37,7 @@ from competition.runtime import configure_threads, seed_everything
 from competition.stage import RunFolder, json_form, results_config
 from competition.zoo.api import AnomalyModel, ImageSet
 from competition.zoo.evaluation import evaluate_scores
-from competition.zoo.registry import build_from_config, get_entry, resolved_params
+from competition.zoo.registry import build_from_config, config_params, get_entry, resolved_params
 from competition.zoo.validation import painted_copies, split_defects, split_validation
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def zoo_record(cfg: Config, name: str) -> dict[str, Any]:
     defaults plus the config's overrides), so `zoo.params.lr: 0.001 -> 0.01` names a change."""
     record = results_config(cfg, RESULTS_KEYS + (("pseudo",) if cfg.pseudo.enabled else ()))
     record["zoo"].pop("models")
-    record["zoo"]["params"] = dataclasses.asdict(resolved_params(name, cfg.zoo.params.get(name)))
+    record["zoo"]["params"] = dataclasses.asdict(resolved_params(name, config_params(cfg, name)))
     record["inputs"] = fold_inputs(cfg)
     return json_form(record)
 
