@@ -258,6 +258,8 @@ class ZooConfig:
     cpu_amp: Literal["off", "bf16", "auto"] | bool = "off"
     channels_last: bool = True  # NHWC tensors, on CUDA and CPU
     cache: bool = True  # on-disk feature cache shared by models over the same backbone
+    # the cache's size limit in GB: beyond it the least recently used backbone folders are deleted; 0 = none
+    cache_max_gb: float = 4.0
     confidence: float | None = None  # fixed OK/NG threshold on the score; null = F1-optimal
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per registry name: hyperparameter overrides
     min_real_defects: int = 5  # a fold with fewer real defects is also judged on painted ones
@@ -276,6 +278,8 @@ class ZooConfig:
                 raise ValueError(f"params: zoo.params.{name} must be a mapping of hyperparameters, got {params!r}")
         if not 0.0 < self.validation_share < 1.0:
             raise ValueError(f"validation_share must be in (0, 1), got {self.validation_share}")
+        if self.cache_max_gb < 0:
+            raise ValueError(f"cache_max_gb must be >= 0 (0 = no limit), got {self.cache_max_gb}")
         if self.painted_kinds is not None:
             unknown = [k for k in self.painted_kinds if k not in POSITIVE_KINDS]
             if unknown or not self.painted_kinds:

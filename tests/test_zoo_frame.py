@@ -8,8 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
+from competition.config import ZooConfig
 from competition.zoo.api import ImageSet, ZooSettings
-from competition.zoo.components.features import FeatureExtractor, shared_extractor
+from competition.zoo.components.features import (
+    FeatureExtractor,
+    folder_bytes,
+    prune_feature_cache,
+    shared_extractor,
+)
 from competition.zoo.evaluation import (
     THRESHOLDS,
     evaluate_scores,
@@ -147,6 +153,57 @@ def test_cache_key_follows_the_weights(tmp_path):
     assert a.key != b.key and "file sha1" in b.description["weights"]
     seeded = FeatureExtractor("resnet18", [2], ZooSettings(image_size=32, seed=1, progress=False))
     assert seeded.key != a.key
+
+
+
+def test_feature_cache_keeps_its_size_limit_by_deleting_the_least_recently_used_folder(tmp_path):
+    """Three keys (random inits of three seeds) over a limit of 2.5 folders: writing the third deletes
+    the one used longest ago (A was read again after B), never the one in use; features read back or
+    extracted again are the same."""
+    images = ImageSet(_arrays(6))
+
+    def extractor(seed: int, limit_gb: float = 0.0) -> FeatureExtractor:
+        return FeatureExtractor("resnet18", [1, 2, 3, 4], ZooSettings(
+            image_size=32, batch_size=2, seed=seed, cache_dir=str(tmp_path / "cache"), cache_max_gb=limit_gb,
+            progress=False))
+
+    a = extractor(0)
+    maps_a = a.extract_all(images)
+    one_folder = folder_bytes(a.cache_dir)
+    assert one_folder > 0
+    limit_gb = 2.5 * one_folder / 1024 ** 3
+    b = extractor(1, limit_gb)
+    b.extract_all(images)
+    again = extractor(0, limit_gb)
+    assert all(torch.equal(x, y) for x, y in zip(maps_a, again.extract_all(images)))
+    assert (again.extracted, again.cache_hits) == (0, 6)  # A is now the more recently used
+    c = extractor(2, limit_gb)
+    c.extract_all(images)
+    assert a.cache_dir.exists() and c.cache_dir.exists() and not b.cache_dir.exists()
+    assert folder_bytes(tmp_path / "cache") <= limit_gb * 1024 ** 3
+    # a limit below one folder still keeps the folder being written
+    tiny = extractor(3, 1e-9)
+    tiny.extract_all(images)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [tiny.cache_dir.name]
+    with pytest.raises(ValueError, match="cache_max_gb"):
+        ZooConfig(cache_max_gb=-1)
+
+
+def test_features_deleted_while_being_read_are_extracted_again(tmp_path):
+    """Another process's pruning may delete a folder between the look-up and the read."""
+    images = ImageSet(_arrays(6))
+    settings = ZooSettings(image_size=32, batch_size=2, cache_dir=str(tmp_path / "cache"), progress=False)
+    expected = FeatureExtractor("resnet18", [1, 2, 3, 4], settings).extract_all(images)
+    reader = FeatureExtractor("resnet18", [1, 2, 3, 4], settings)
+    batches = reader.extract(images)
+    first = [next(batches)]
+    prune_feature_cache(tmp_path / "cache", None, 0)  # every folder goes
+    got = {}
+    for batch_idx, maps in first + list(batches):
+        for row, i in enumerate(batch_idx):
+            got[i] = [m[row] for m in maps]
+    assert (reader.cache_hits, reader.extracted) == (2, 4)
+    assert all(torch.equal(got[i][k], expected[k][i]) for i in range(6) for k in range(4))
 
 
 # ---------------------------------------------------------------- thresholds

@@ -21,6 +21,13 @@ model picks its own layers from it (`extractor.select(maps, layers)`); PatchCore
 DFKDE over resnet18 thus share one cache. Features are always rounded through float16, cached or
 not, so results never depend on the cache.
 
+Size limit (`settings.cache_max_gb`). Each extraction that wrote features then deletes the least
+recently used `<backbone>-<key>` folders (use = `extractor.json`'s mtime, touched by every
+extraction) until the cache fits the limit again; the folder in use is never deleted. A healthy random
+backbone has a key per fold (its BatchNorm statistics), so without a limit every fold would cache
+every image again: about 2 GB per PaDiM run at 256 px on bsdata_tiles. Features a reader finds gone
+(deleted by another process's pruning) are extracted again.
+
 Random init (`settings.backbone_init`). timm zero-initialises the last BatchNorm of every residual
 branch (`zero_init_last`, Goyal et al. 2017, a training aid): untrained, every block is then the
 identity and all layers repeat the stem. "healthy" (the default) builds frozen random backbones with
@@ -35,6 +42,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import shutil
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -335,6 +345,21 @@ class FeatureExtractor:
         if not path.exists():
             write_text(path, json.dumps(self.description, indent=2) + "\n")
 
+    def _mark_used(self) -> None:
+        """Touch the folder's `extractor.json`: the size limit deletes the least recently used folders."""
+        try:
+            os.utime(self.cache_dir / "extractor.json")
+        except FileNotFoundError:
+            pass
+
+    def _prune(self) -> None:
+        limit = self.settings.cache_max_gb
+        if self.cache_dir is not None and limit and limit > 0:
+            for folder in prune_feature_cache(self.cache_dir.parent, self.cache_dir, int(limit * 1024 ** 3)):
+                if self.settings.progress:
+                    tqdm.write(f"feature cache over zoo.cache_max_gb = {limit:g}: deleted {folder.name}, "
+                               "the least recently used")
+
     def extract(self, images: ImageSet, indices: Sequence[int] | None = None,
                 desc: str = "features") -> Iterator[tuple[list[int], list[torch.Tensor]]]:
         """Yield `(indices, maps)` batches covering `images` (or `indices` of it), in no fixed order."""
@@ -347,6 +372,7 @@ class FeatureExtractor:
         if self.cache_dir is None:
             misses = wanted
         else:
+            self._mark_used()
             for i in wanted:
                 (hits if self._cache_path(images.content_key(i)).exists() else misses).append(i)
         names = self.layer_names
@@ -369,10 +395,18 @@ class FeatureExtractor:
                     self.extracted += len(batch_idx)
                     bar.update(len(batch_idx))
                     yield batch_idx, maps
+                self._prune()
             batch_size = self.settings.batch_size
             for start in range(0, len(hits), batch_size):
                 chunk = hits[start:start + batch_size]
-                loaded = [load_file(str(self._cache_path(images.content_key(i)))) for i in chunk]
+                try:
+                    loaded = [load_file(str(self._cache_path(images.content_key(i)))) for i in chunk]
+                except FileNotFoundError:  # pruned by another process since the look-up: extract again
+                    for batch_idx, batch in images.loader(self.settings, indices=chunk):
+                        self.extracted += len(batch_idx)
+                        bar.update(len(batch_idx))
+                        yield batch_idx.tolist(), self.forward(batch)
+                    continue
                 maps = [torch.stack([d[n] for d in loaded]).float() for n in names]
                 self.cache_hits += len(chunk)
                 bar.update(len(chunk))
@@ -395,6 +429,53 @@ class FeatureExtractor:
         if out is None:
             out = [torch.empty((0, c, h, w)) for c, h, w in self.feature_shapes()]
         return out
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under `folder` (0 when it is gone)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:  # removed meanwhile
+                pass
+    return total
+
+
+def prune_feature_cache(root: str | Path, keep: str | Path | None, limit_bytes: int) -> list[Path]:
+    """Delete the least recently used extractor folders under `root` (those holding `extractor.json`;
+    last use = its mtime), never `keep`, until the folders total at most `limit_bytes`. Returns the
+    deleted folders. Each is renamed away first, so a concurrent reader finds all of it or none."""
+    root = Path(root)
+    keep = Path(keep).resolve() if keep is not None else None
+    folders = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.name.startswith(".deleting-"):  # left by a process stopped while deleting
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        marker = folder / "extractor.json"
+        try:
+            used = marker.stat().st_mtime
+        except FileNotFoundError:
+            continue  # not an extractor's folder (BatchNorm statistics, or one being deleted)
+        folders.append((used, folder, folder_bytes(folder)))
+    total = sum(size for _, _, size in folders)
+    deleted = []
+    for _, folder, size in sorted(folders, key=lambda item: item[0]):
+        if total <= limit_bytes:
+            break
+        if keep is not None and folder.resolve() == keep:
+            continue
+        trash = root / f".deleting-{uuid.uuid4().hex}"
+        try:
+            folder.rename(trash)
+        except FileNotFoundError:  # another process pruned it first
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+        total -= size
+        deleted.append(folder)
+    return deleted
 
 
 def with_backbone_statistics(extractor: FeatureExtractor, fitted: nn.Module,
