@@ -305,6 +305,10 @@ class EnsembleConfig:
     # what the share is estimated on: per_fold (each fold model's own test features through the stacker, the
     # estimates averaged) | averaged (the submitted test scores, means over the fold models; README, "Stacking")
     prior_features: Literal["per_fold", "averaged"] = "per_fold"
+    # how the test threshold is chosen on the out-of-fold scores at that share: smoothed (the best cut of the
+    # macro-F1 under kernel-smoothed class distributions) | plateau (the middle of the best run of the
+    # empirical, reweighted curve; the rule before this version). README, "Stacking"
+    threshold_rule: Literal["smoothed", "plateau"] = "smoothed"
 
     def __post_init__(self) -> None:
         if isinstance(self.prior, str):

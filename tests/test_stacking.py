@@ -191,12 +191,15 @@ def test_threshold_is_the_middle_of_the_best_plateau_not_its_edge():
     feature = np.r_[np.linspace(0.0, 0.4, 30), np.linspace(0.8, 1.0, 10)]  # gap (0.4, 0.8) separates
     oof = pd.DataFrame({"image_id": [f"i{i}" for i in range(40)], "label": labels, "fold": folds, "m": feature})
     test = pd.DataFrame({"image_id": ["t0", "t1", "t2"], "m": [0.55, 0.65, 0.9]})
-    result = stack(oof, test, EnsembleConfig(method="rank_blend", prior="train"))
+    result = stack(oof, test, EnsembleConfig(method="rank_blend", prior="train", threshold_rule="plateau"))
     assert result.stacker["weights"] == {"m": 1.0}
     assert result.threshold == pytest.approx(0.6)
     assert result.threshold == best_threshold(labels, result.oof["score"])[0]
     assert result.cv["oof_macro_f1"] == 1.0 and result.cv["fold_macro_f1"] == [1.0] * 4
     assert result.test["answer"].tolist() == [0, 1, 1]
+    # the default rule cuts in the same gap, and says so in the record
+    smoothed = stack(oof, test, EnsembleConfig(method="rank_blend", prior="train"))
+    assert 0.4 < smoothed.threshold < 0.8 and smoothed.prior["rule"] == "smoothed"
 
 
 def test_rank_blend_puts_its_weight_on_the_informative_model():

@@ -33,7 +33,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
 
-from competition.metrics import best_threshold
+from competition.metrics import THRESHOLD_RULES, threshold_by_rule
 
 PRIOR_MODES = ("train", "estimate")  # besides a fixed share in (0, 1)
 ESTIMATORS = ("em", "bbse")
@@ -58,6 +58,8 @@ class PriorDecision:
     # test scores with the estimates averaged (then `fold_estimates` holds each fold model's)
     estimated_from: str = "averaged"
     fold_estimates: dict[str, list[float]] = field(default_factory=dict)
+    # how the cut was chosen on the out-of-fold scores: smoothed (kernel-smoothed class distributions) | plateau
+    rule: str = "plateau"
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +76,7 @@ class PriorDecision:
                       else "on the averaged test scores")
             what = (f"an estimated share {self.test_share:.3f} by {self.method.upper()}, {source}"
                     f"{' (' + others + ')' if others else ''}; training share {self.train_share:.3f}")
-        text = (f"test defect share: threshold {self.threshold:.4g} tuned for {what}; "
+        text = (f"test defect share: threshold {self.threshold:.4g} ({self.rule}) tuned for {what}; "
                 f"train-share threshold {self.train_threshold:.4g}")
         return text + (f"; {self.note}" if self.note else "")
 
@@ -159,17 +161,11 @@ def estimate_test_share(labels, oof_scores, test_scores) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------ threshold
 
-def shift_weights(labels, test_share: float) -> np.ndarray:
-    """Per out-of-fold image: test share / training share for defects, the normal ratio for normals."""
-    labels = np.asarray(labels, int)
-    train_share = float(labels.mean())
-    return np.where(labels == 1, test_share / train_share, (1.0 - test_share) / (1.0 - train_share))
-
-
-def threshold_at_share(labels, scores, test_share: float) -> tuple[float, float]:
-    """(threshold, expected macro-F1): the plateau middle of the out-of-fold macro-F1 reweighted
-    to `test_share` defects."""
-    return best_threshold(labels, scores, sample_weight=shift_weights(labels, test_share))
+def threshold_at_share(labels, scores, test_share: float, rule: str = "smoothed") -> tuple[float, float]:
+    """(threshold, expected macro-F1) for `test_share` defects by `rule` (`metrics.threshold_by_rule`):
+    the best cut of the kernel-smoothed out-of-fold macro-F1 at that share, or the plateau middle of the
+    out-of-fold macro-F1 reweighted to it."""
+    return threshold_by_rule(labels, scores, rule, test_share)
 
 
 def parse_prior(prior: str | float) -> tuple[str, float | None]:
@@ -183,22 +179,25 @@ def parse_prior(prior: str | float) -> tuple[str, float | None]:
 
 
 def decide_threshold(labels, oof_scores, test_scores, prior: str | float = "estimate",
-                     method: str = "bbse", fold_test_scores=None) -> PriorDecision:
-    """The test threshold for `prior` (see `parse_prior`), with both share estimates for the record.
+                     method: str = "bbse", fold_test_scores=None, rule: str = "smoothed") -> PriorDecision:
+    """The test threshold for `prior` (see `parse_prior`) by `rule` (`metrics.THRESHOLD_RULES`), with both
+    share estimates for the record.
 
     `fold_test_scores`: the test images scored by each fold model alone (one array per fold model); the share
     is then estimated on each and the estimates averaged. A fold model's test scores are distributed like the
     out-of-fold scores the calibration is fitted on, whereas `test_scores`, means over the fold models, have
-    shorter tails: on them EM can collapse to a share of 0 (README, "Stacking"). `prior: train` returns
-    exactly `metrics.best_threshold` of the out-of-fold scores.
+    shorter tails: on them EM can collapse to a share of 0 (README, "Stacking"). `prior: train` with rule
+    `plateau` returns exactly `metrics.best_threshold` of the out-of-fold scores.
     """
     if method not in ESTIMATORS:
         raise ValueError(f"prior_method must be one of {', '.join(ESTIMATORS)}, got {method!r}")
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
     mode, fixed = parse_prior(prior)
     labels, oof_scores = np.asarray(labels, int), np.asarray(oof_scores, float)
     test_scores = np.asarray(test_scores, float)
     train_share = float(labels.mean()) if len(labels) else math.nan
-    train_threshold, train_f1 = best_threshold(labels, oof_scores)
+    train_threshold, train_f1 = threshold_by_rule(labels, oof_scores, rule)
     one_class = not 0 < labels.sum() < len(labels)
     estimates = {name: math.nan for name in ESTIMATORS}
     fold_estimates: dict[str, list[float]] = {}
@@ -224,10 +223,10 @@ def decide_threshold(labels, oof_scores, test_scores, prior: str | float = "esti
     used_method = method if mode == "estimate" else None
     if mode == "train" or note.endswith("is kept"):
         return PriorDecision(mode, used_method, train_share, train_share, train_threshold, train_threshold,
-                             train_f1, estimates, note, source, fold_estimates)
-    threshold, expected = threshold_at_share(labels, oof_scores, share)
+                             train_f1, estimates, note, source, fold_estimates, rule)
+    threshold, expected = threshold_at_share(labels, oof_scores, share, rule)
     return PriorDecision(mode, used_method, train_share, share, threshold, train_threshold, expected,
-                         estimates, note, source, fold_estimates)
+                         estimates, note, source, fold_estimates, rule)
 
 
 def _share(value: float) -> str:

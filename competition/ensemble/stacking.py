@@ -508,7 +508,8 @@ def stack(oof_features: pd.DataFrame, test_features: pd.DataFrame, ensemble: Ens
     fold_scores = None
     if fold_features and ensemble.prior_features == "per_fold":
         fold_scores = [stacker_scores(fitted, frame[names].to_numpy(float)) for frame in fold_features.values()]
-    decision = decide_threshold(y, oof_scores, test_scores, ensemble.prior, ensemble.prior_method, fold_scores)
+    decision = decide_threshold(y, oof_scores, test_scores, ensemble.prior, ensemble.prior_method, fold_scores,
+                                ensemble.threshold_rule)
     oof = oof_features.assign(score=oof_scores, **({"auto_score": auto_scores} if auto else {}))
     test = test_features.assign(score=test_scores, answer=(test_scores >= decision.threshold).astype(int))
     described = describe_stacker(fitted, names)
