@@ -116,17 +116,39 @@ def silverman_bandwidth(values) -> float:
     return 0.9 * spread * len(values) ** -0.2 if len(values) else 0.0
 
 
+def smoothed_survival(values, cuts, bandwidth: float, low: float, high: float) -> np.ndarray:
+    """P(score >= cut) for every cut in [low, high] under Gaussian kernels on `values`, reflected at `low`
+    and `high` (Schuster 1985) and normalised, so that it is 1 at `low` and 0 at `high` as on the data: an
+    unreflected kernel puts mass beyond the highest score, and a cut there would seem to call images."""
+    from scipy.special import ndtr
+
+    values = np.asarray(values, float)[None, :]
+
+    def mass_above(c: np.ndarray) -> np.ndarray:
+        c = c[:, None]
+        return (ndtr((values - c) / bandwidth)                  # the kernels themselves, above c
+                - ndtr((c + values - 2 * high) / bandwidth)      # their mirror images about `high`
+                + ndtr((high - 2 * low + values) / bandwidth)    # and about `low`, within [c, high]
+                - ndtr((c - 2 * low + values) / bandwidth)).mean(axis=1)
+
+    cuts = np.asarray(cuts, float)
+    # (cuts x values) in slices: bounded memory at any n
+    survival = np.concatenate([mass_above(cuts[i:i + 256]) for i in range(0, len(cuts), 256)])
+    return np.clip(survival / mass_above(np.array([low]))[0], 0.0, 1.0)
+
+
 def smoothed_threshold(labels, scores, share: float | None = None, points: int = 2001) -> tuple[float, float]:
     """(threshold, macro-F1): the cut that maximises macro-F1 under kernel-smoothed class distributions.
 
-    Each class's survival function is the mean of Gaussian kernels on its scores, at Silverman's bandwidth
+    Each class's survival function is the mean of Gaussian kernels on its scores at Silverman's bandwidth
     (the smooth non-parametric ROC of Zou, Hall and Shapiro, Statistics in Medicine 1997; Lloyd, JASA
-    1998); at a defect share `share` (default: the labels' own) the expected confusion matrix of every cut
-    of a grid of `points` over the scores' range gives its macro-F1, and the best cut is returned. With
-    about 30 defects the empirical curve of `best_threshold` is a staircase whose best run often sits in a
-    gap between two defects; the smoothed curve is the expected macro-F1 of the population they sample.
-    A class with fewer than two distinct scores has no bandwidth: the plateau rule of `best_threshold`
-    is used then (reweighted to `share`).
+    1998), reflected at the lowest and highest score (`smoothed_survival`). At a defect share `share`
+    (default: the labels' own) the expected confusion matrix of every cut of a grid of `points` over the
+    scores' range gives its macro-F1, and the best cut is returned. With about 30 defects the empirical
+    curve of `best_threshold` is a staircase whose best run often sits in a gap between two defects; the
+    smoothed curve is the expected macro-F1 of the population they sample. A class with fewer than two
+    distinct scores has no bandwidth: the plateau rule of `best_threshold` is used then (reweighted to
+    `share`).
     """
     labels = np.asarray(labels, int)
     scores = np.asarray(scores, float)
@@ -135,17 +157,10 @@ def smoothed_threshold(labels, scores, share: float | None = None, points: int =
     bandwidths = [silverman_bandwidth(positives), silverman_bandwidth(negatives)]
     if min(bandwidths) <= 0 or not 0.0 < share < 1.0:
         return threshold_by_rule(labels, scores, "plateau", share)
-    from scipy.special import ndtr
-
-    cuts = np.linspace(scores.min(), scores.max(), points)
-    rates = []
-    for values, bandwidth in zip((positives, negatives), bandwidths):
-        rate = np.empty(points)
-        for start in range(0, points, 256):  # (cuts x scores) in slices: bounded memory at any n
-            block = cuts[start:start + 256, None]
-            rate[start:start + 256] = ndtr((values[None, :] - block) / bandwidth).mean(axis=1)
-        rates.append(rate)
-    tpr, fpr = rates
+    low, high = float(scores.min()), float(scores.max())
+    cuts = np.linspace(low, high, points)
+    tpr, fpr = (smoothed_survival(values, cuts, bandwidth, low, high)
+                for values, bandwidth in zip((positives, negatives), bandwidths))
     tp, fn = share * tpr, share * (1.0 - tpr)
     fp, tn = (1.0 - share) * fpr, (1.0 - share) * (1.0 - fpr)
     f1 = (2 * tp / np.maximum(2 * tp + fp + fn, 1e-12) + 2 * tn / np.maximum(2 * tn + fn + fp, 1e-12)) / 2

@@ -26,7 +26,13 @@ from competition.ensemble.prior import (
 from competition.ensemble.stacking import fold_test_features, level2_features, stack
 from competition.folds import load_index, read_folds
 from competition.leaderboard import main as leaderboard_main
-from competition.metrics import best_threshold, macro_f1, silverman_bandwidth, smoothed_threshold
+from competition.metrics import (
+    best_threshold,
+    macro_f1,
+    silverman_bandwidth,
+    smoothed_survival,
+    smoothed_threshold,
+)
 
 TRAIN_SHARE = 0.05
 SEPARATION = 2.5  # defect scores ~ N(2.5, 1), normal ~ N(0, 1): AUROC about 0.96
@@ -132,6 +138,32 @@ def test_the_smoothed_cut_finds_the_population_optimum_on_a_large_sample():
     # at another share the same scores give that share's optimum
     target = cuts[np.argmax(gaussian_macro_f1(cuts, 2.0, 0.6))]
     assert smoothed_threshold(labels, scores, 0.6)[0] == pytest.approx(target, abs=0.05)
+
+
+def test_the_smoothed_survival_is_reflected_at_the_ends_of_the_scores():
+    """Like the data, the smoothed distribution calls everybody at the lowest score and nobody above the highest."""
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.0, 1.0, 50)
+    cuts = np.linspace(values.min(), values.max(), 101)
+    survival = smoothed_survival(values, cuts, 0.1, values.min(), values.max())
+    assert survival[0] == pytest.approx(1.0) and survival[-1] == pytest.approx(0.0, abs=1e-12)
+    assert np.all(np.diff(survival) <= 1e-12)
+    empirical = (values[None, :] >= cuts[:, None]).mean(axis=1)
+    assert np.abs(survival - empirical).max() < 0.1
+
+
+def test_defects_crowding_the_top_score_leave_the_cut_inside_the_range():
+    """Rank-like scores with a third of the defects within a hair of the top: unreflected kernels would put
+    half their mass above the highest score, so the best cut would sit on it and call almost nobody."""
+    rng = np.random.default_rng(0)
+    normals = np.linspace(0.0, 1.0, 400) ** 0.5 * 0.995
+    defects = np.r_[1.0 - rng.exponential(0.004, 12), rng.uniform(0.3, 1.0, 18)].clip(0.0, 1.0)
+    labels = np.r_[np.ones(30), np.zeros(400)].astype(int)
+    scores = np.r_[defects, normals]
+    for share in (0.01, 0.05):
+        threshold, _ = smoothed_threshold(labels, scores, share)
+        assert threshold < np.sort(scores)[-3]  # the top three scores are all called, at least
+        assert (scores >= threshold).sum() >= 10
 
 
 def test_the_smoothed_rule_falls_back_to_the_plateau_without_a_bandwidth():
