@@ -290,9 +290,9 @@ class ZooConfig:
 @dataclass
 class EnsembleConfig:
     models: list[str] = field(default_factory=list)  # empty = every finished run of the experiment
-    # auto: the best of best_single, mean, rank_blend, logistic by nested out-of-fold macro-F1 (logistic stays
-    # the default: it scored the best Private macro-F1 on small, bsdata_tiles and deeppcb; README)
-    method: Literal["auto", "best_single", "mean", "rank_blend", "logistic", "sklearn"] = "logistic"
+    # auto: the one of best_single, mean, rank_blend, logistic whose nested out-of-fold scores promise the best
+    # macro-F1 under threshold_rule (README, "Stacking")
+    method: Literal["auto", "best_single", "mean", "rank_blend", "logistic", "sklearn"] = "auto"
     # per fold model, against that model's own test scores (label-free): rank | zscore (median/MAD)
     normalise: Literal["rank", "zscore"] = "rank"
     estimator: str | None = None  # dotted sklearn class for method=sklearn

@@ -51,7 +51,7 @@ def test_the_report_shows_every_model_the_ensemble_and_its_mistakes_with_maps(ti
     path = report_main(cfg)
     assert path == Path(cfg.paths.submissions) / f"{cfg.experiment}_report" / "index.html"
     page = path.read_text()
-    for name in ("zoo-fake", cfg.model.name, ZOO_MODEL, "ensemble (logistic"):
+    for name in ("zoo-fake", cfg.model.name, ZOO_MODEL, "ensemble (auto -&gt; "):
         assert name in page
     assert "Public" in page and "Private" in page  # the tiny set has an answer key
     assert "http://" not in page and "https://" not in page and "<script" not in page
