@@ -145,9 +145,13 @@ def print_blend_view(stacker: dict[str, Any]) -> None:
     correlation of the models' out-of-fold scores: which models earn their place."""
     auto = stacker.get("auto")
     if auto:
-        scores = ", ".join(f"{name} {row['oof_macro_f1']:.4f}" for name, row in auto["candidates"].items())
+        # records before expected_macro_f1 existed chose by oof_macro_f1
+        scores = ", ".join(f"{name} {row.get('expected_macro_f1', row['oof_macro_f1']):.4f} "
+                           f"(best step {row['oof_macro_f1']:.4f})" for name, row in auto["candidates"].items())
         per_fold = ", ".join(f"{k}: {name}" for k, name in auto["chosen_per_fold"].items())
-        print(f"  auto chose {auto['chosen']} (nested OOF macro-F1: {scores}; per outer fold {per_fold})")
+        where = "per outer fold" if auto.get("nested_choice", True) else "too few folds to nest the choice; per fold"
+        print(f"  auto chose {auto['chosen']} (expected macro-F1 of the nested OOF scores: {scores}; "
+              f"{where} {per_fold})")
     weights = stacker.get("weights") or stacker.get("coefficients_on_standardised_features") or {}
     gains = stacker.get("marginal_gain") or {}
     if weights or gains:
