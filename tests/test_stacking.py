@@ -394,6 +394,19 @@ def test_auto_blends_two_complementary_models_beyond_either():
     assert min(result.stacker["marginal_gain"].values()) > 0  # each earns its place
 
 
+def test_auto_scores_of_a_fold_do_not_move_when_its_labels_change():
+    """The memoriser check extended to auto: fold k's honest score comes from a choice and a fit made on the
+    other folds only, so flipping fold k's labels leaves it bitwise the same."""
+    oof, test = _features()
+    base = stack(oof, test, EnsembleConfig(method="auto", prior="train")).oof["auto_score"].to_numpy()
+    folds = oof["fold"].to_numpy()
+    for k in (0, 2):
+        flipped = oof.assign(label=np.where(folds == k, 1 - oof["label"], oof["label"]))
+        scores = stack(flipped, test, EnsembleConfig(method="auto", prior="train")).oof["auto_score"].to_numpy()
+        np.testing.assert_array_equal(scores[folds == k], base[folds == k])
+        assert not np.allclose(scores[folds != k], base[folds != k])  # the other folds did see fold k's labels
+
+
 def test_auto_on_two_folds_chooses_once_and_says_its_cv_is_not_nested():
     """Two folds leave no inner folds to choose on: auto picks on both, as the submission does, and the record says
     so instead of failing."""
