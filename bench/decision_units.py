@@ -16,42 +16,22 @@ and `oracle`, the best cut on Private itself. Reads `answers.csv`: a bench scrip
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
+from restack import experiments_main, private_labels, stack_inputs
 from sklearn.base import clone
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from competition.config import load_config  # noqa: E402
-from competition.ensemble.gather import gather  # noqa: E402
-from competition.ensemble.stacking import (  # noqa: E402
-    build_stacker,
-    level2_features,
-    share_fold_features,
-    stack,
-    stacker_scores,
-)
-from competition.leaderboard import read_answers  # noqa: E402
-from competition.metrics import best_threshold, macro_f1  # noqa: E402
+from competition.ensemble.stacking import build_stacker, stack, stacker_scores
+from competition.metrics import best_threshold, macro_f1
 
 
-def rules(cfg, answers: pd.DataFrame) -> dict[str, float]:
-    gathered = gather(cfg)
-    oof, test = level2_features(gathered.models, cfg.ensemble.normalise, gathered.folds, gathered.test_ids)
-    fold_features = share_fold_features(gathered.models, cfg.ensemble, gathered.test_ids)
+def rules(cfg, answers) -> dict[str, float]:
+    gathered, oof, test, fold_features = stack_inputs(cfg)
     result = stack(oof, test, cfg.ensemble, cfg.seed, fold_features)
     method = result.stacker.get("auto", {}).get("chosen", cfg.ensemble.method)
     fitted = clone(build_stacker(cfg.ensemble, cfg.seed, method)).fit(
         oof[result.models].to_numpy(float), oof["label"].to_numpy(int))
     scored = result.test.set_index("image_id")
-    truth = answers.set_index("ImageId").loc[scored.index]
-    private = (truth["Usage"] == "Private").to_numpy()
-    y = truth["answer"].astype(int).to_numpy()[private]
+    private, y, true_share = private_labels(answers, scored.index)
     averaged = scored["score"].to_numpy(float)
     per_fold = np.stack([stacker_scores(fitted, frame.set_index("image_id").loc[scored.index, result.models]
                                         .to_numpy(float)) for frame in fold_features.values()])
@@ -62,7 +42,7 @@ def rules(cfg, answers: pd.DataFrame) -> dict[str, float]:
         "fold_share": averaged >= np.quantile(averaged, 1.0 - share),
         "fold_vote": (per_fold >= cut).mean(axis=0) >= 0.5,
     }
-    row = {"models": len(gathered.models), "true_share": float(truth["answer"].astype(int).mean()),
+    row = {"models": len(gathered.models), "true_share": true_share,
            "estimated_share": float(result.prior["test_share"]),
            "called_submitted": float(called["submitted"].mean()), "called_fold_share": share}
     row.update({f"private_{name}": macro_f1(y, calls[private]) for name, calls in called.items()})
@@ -70,25 +50,5 @@ def rules(cfg, answers: pd.DataFrame) -> dict[str, float]:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiments", nargs="+")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "real.yaml"))
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--work", required=True, help="paths.work of the runs (WORK/runs)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args()
-    answers = read_answers(Path(args.data) / "answers.csv")
-    rows = []
-    for experiment in args.experiments:
-        cfg = load_config(args.config, [f"paths.data={args.data}", f"paths.work={args.work}",
-                                        f"experiment={experiment}", *args.set])
-        rows.append({"experiment": experiment, **rules(cfg, answers)})
-    frame = pd.DataFrame(rows)
-    print(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    if len(frame) > 1:
-        print("mean Private:", " ".join(f"{c[8:]} {frame[c].mean():.3f}" for c in frame if c.startswith("private_")))
-
-
 if __name__ == "__main__":
-    main()
+    experiments_main(__doc__, rules)
