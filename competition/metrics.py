@@ -73,10 +73,17 @@ def macro_f1_curve(labels, scores, sample_weight=None) -> tuple[np.ndarray, np.n
     fp = pp - tp
     fn = n_pos - tp
     tn = (n - n_pos) - fp
+    return uniq, macro_f1_from_counts(tp, fp, fn, tn)
+
+
+def macro_f1_from_counts(tp, fp, fn, tn) -> np.ndarray:
+    """Macro-F1 from (possibly weighted or expected) confusion-matrix counts, elementwise; an F1 with nothing
+    to count is 0."""
+    tp, fp, fn, tn = (np.asarray(v, float) for v in (tp, fp, fn, tn))
     with np.errstate(divide="ignore", invalid="ignore"):
         f1_pos = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
         f1_neg = np.where(2 * tn + fn + fp > 0, 2 * tn / (2 * tn + fn + fp), 0.0)
-    return uniq, (f1_pos + f1_neg) / 2
+    return (f1_pos + f1_neg) / 2
 
 
 def best_threshold(labels, scores, tol: float = 1e-12, sample_weight=None) -> tuple[float, float]:
@@ -161,9 +168,7 @@ def smoothed_threshold(labels, scores, share: float | None = None, points: int =
     cuts = np.linspace(low, high, points)
     tpr, fpr = (smoothed_survival(values, cuts, bandwidth, low, high)
                 for values, bandwidth in zip((positives, negatives), bandwidths))
-    tp, fn = share * tpr, share * (1.0 - tpr)
-    fp, tn = (1.0 - share) * fpr, (1.0 - share) * (1.0 - fpr)
-    f1 = (2 * tp / np.maximum(2 * tp + fp + fn, 1e-12) + 2 * tn / np.maximum(2 * tn + fn + fp, 1e-12)) / 2
+    f1 = macro_f1_from_counts(share * tpr, (1.0 - share) * fpr, share * (1.0 - tpr), (1.0 - share) * (1.0 - fpr))
     best = int(np.argmax(f1))
     return float(cuts[best]), float(f1[best])
 
