@@ -105,7 +105,9 @@ def main() -> None:
     test = test.merge(answers.astype({"truth": int}), on="image_id", how="left", validate="one_to_one")
     if test["truth"].isna().any():
         raise SystemExit(f"{args.data / 'answers.csv'} lacks {int(test['truth'].isna().sum())} test images")
-    members = [c for c in oof.columns if c not in ("image_id", "label", "fold", "score")]
+    # the members' level-2 scores: columns both files hold (auto's `auto_score`, its honest out-of-fold score with the
+    # choice made inside each outer fold, has no test column)
+    members = [c for c in oof.columns if c in test.columns and c not in ("image_id", "label", "fold", "score")]
     private = test["Usage"] == "Private"
     print(f"submitted: Private macro-F1 {macro_f1(test.loc[private, 'truth'], test.loc[private, 'answer']):.3f}"
           f" ({int(test['answer'].sum())} of {len(test)} test images called defective;"

@@ -46,7 +46,9 @@ stage() {  # stage NAME COMMAND...: run, time (wall and CPU), remember
 TOTAL_START=$(date +%s)
 stage check-data "$PY" -m competition check-data --data "$DATA"
 stage folds "$PY" -m competition folds "${ARGS[@]}"
-if printf '%s\n' "$@" | grep -qx 'pseudo.enabled=true'; then  # a second round: pick its pseudo-labels first
+PSEUDO=$("$PY" -c "import sys; from competition.config import load_config
+print(load_config(sys.argv[1], sys.argv[2:]).pseudo.enabled)" "$CONFIG" "$@")
+if [ "$PSEUDO" = True ]; then  # a second round (its config or a key=value says so): pick its pseudo-labels first
   stage pseudo "$PY" -m competition pseudo "${ARGS[@]}"
 fi
 stage train "$PY" -m competition train --fold all "${ARGS[@]}"

@@ -390,6 +390,9 @@ class PseudoConfig:
     # averaged over its fold models, where it reaches mask_threshold x its maximum; false: shown whole, weak
     masks: bool = False
     mask_threshold: float = 0.5
+    # the zoo fits on them too; false: only the classifier does, and the zoo's folds are the source's (copied when
+    # finished with the same record, else fitted as the source fits them), so a second round costs the classifier
+    zoo: bool = True
 
     def __post_init__(self) -> None:
         for name in ("normal_share", "defect_share", "mask_threshold"):

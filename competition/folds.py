@@ -138,19 +138,20 @@ def test_fingerprint(index: pd.DataFrame) -> str:
     return images_fingerprint(index[index["split"] == "test"])
 
 
-def fold_inputs(cfg: Config) -> dict[str, str]:
+def fold_inputs(cfg: Config, pseudo: bool = True) -> dict[str, str]:
     """What a fold's results depend on besides the config: the dataset (training and test fingerprints that
-    `read_folds` has checked against the files) and the fold assignment itself (a digest of folds.csv). Kept in
-    every fold's record, so a fold made before the data or folds changed is refused, not reused."""
+    `read_folds` has checked against the files) and the fold assignment itself (a digest of folds.csv), and
+    with `pseudo` (a stage that trains on them) the pseudo-labels. Kept in every fold's record, so a fold made
+    before the data or folds changed is refused, not reused."""
     csv_path, meta_path = folds_paths(cfg)
     if not meta_path.exists() or not csv_path.exists():
         return {}
     meta = read_json(meta_path)
     inputs = {"train": meta.get("fingerprint", ""), "test": meta.get("test_fingerprint", ""),
               "folds_csv": file_digest(csv_path)}
-    pseudo = pseudo_labels_path(cfg.paths.work, cfg.experiment)
-    if cfg.pseudo.enabled and pseudo.exists():
-        inputs["pseudo_csv"] = file_digest(pseudo)
+    labels = pseudo_labels_path(cfg.paths.work, cfg.experiment)
+    if pseudo and cfg.pseudo.enabled and labels.exists():
+        inputs["pseudo_csv"] = file_digest(labels)
     return inputs
 
 
@@ -211,14 +212,14 @@ def read_folds(cfg: Config, index: pd.DataFrame | None = None) -> pd.DataFrame:
 PSEUDO_FOLD = -1  # the fold of pseudo-labelled test rows: never a validation fold, so in every fold's training set
 
 
-def training_folds(cfg: Config, index: pd.DataFrame) -> pd.DataFrame:
-    """What the classifier and the zoo train on: `read_folds`' table, plus with `pseudo.enabled` the
-    pseudo-labelled test images of pseudo.csv as rows of fold -1 (a pseudo defect has no mask unless
-    `pseudo.masks` drew one: a weak label). Fold k's validation rows are those of fold k, so a
-    pseudo-labelled image is never validated on and never gets an out-of-fold score; stacking and the
-    leaderboard read `read_folds`, without them."""
+def training_folds(cfg: Config, index: pd.DataFrame, pseudo: bool = True) -> pd.DataFrame:
+    """What the classifier and the zoo train on: `read_folds`' table, plus with `pseudo.enabled` (and
+    `pseudo`: the zoo passes `pseudo.zoo`) the pseudo-labelled test images of pseudo.csv as rows of fold -1
+    (a pseudo defect has no mask unless `pseudo.masks` drew one: a weak label). Fold k's validation rows are
+    those of fold k, so a pseudo-labelled image is never validated on and never gets an out-of-fold score;
+    stacking and the leaderboard read `read_folds`, without them."""
     folds = read_folds(cfg, index)
-    if not cfg.pseudo.enabled:
+    if not (cfg.pseudo.enabled and pseudo):
         return folds
     path = pseudo_labels_path(cfg.paths.work, cfg.experiment)
     if not path.exists():

@@ -31,7 +31,11 @@ NEUTRAL_KEYS: frozenset[str] = frozenset({
     "oversample.mode",  # online and cached make the same defect copies
     "zoo.num_workers",
     "zoo.cache",
+    "zoo.cache_max_gb",  # how much of the feature cache stays on disk: evicted features are extracted again
     "zoo.channels_last",
+    # which stages train on the pseudo-labels: a stage that does records them whole, one that does not
+    # records none of them, so the flag itself says nothing more about a fold's results
+    "pseudo.zoo",
 })
 
 # The second way out of a refusal for stages whose folder is named by the experiment.

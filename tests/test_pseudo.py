@@ -199,3 +199,37 @@ def test_masked_pseudo_defects_reach_the_training_folds_with_their_masks(second_
     assert (added.loc[defects["image_id"], "mask_path"] == defects["mask_path"].to_numpy()).all()
     assert read_json(pseudo_labels_path(cfg.paths.work, cfg.experiment).with_suffix(".json"))["n_defect_masks"] == \
         len(defects)
+
+
+
+def test_a_second_round_whose_zoo_ignores_the_pick_copies_the_first_rounds_folds(second_round, tiny_data, tmp_path):
+    from competition.zoo.runner import main as zoo_main
+    from competition.zoo.runner import zoo_record
+
+    first = quick_config(tiny_data, tmp_path, *TINY_MODEL, "experiment=round1")
+    zoo_main(first, model="padim-resnet18", fold="0", force=False)
+    source = run_dir(first.paths.work, "round1", "padim-resnet18", 0)
+
+    cfg = quick_config(tiny_data, tmp_path, *TINY_MODEL, *SECOND_ROUND, "pseudo.zoo=false")
+    pseudo_main(cfg)
+    labels = pd.read_csv(pseudo_labels_path(cfg.paths.work, cfg.experiment), dtype={"image_id": str})
+    assert (labels["label"] == 0).any()
+    assert zoo_record(cfg, "padim-resnet18") == zoo_record(first, "padim-resnet18")  # no pseudo in the record
+    assert len(training_folds(cfg, load_index(cfg), pseudo=False)) == len(read_folds(cfg))
+
+    zoo_main(cfg, model="padim-resnet18", fold="0", force=False)
+    copied = run_dir(cfg.paths.work, cfg.experiment, "padim-resnet18", 0)
+    for name in ("oof.csv", "test.csv", "fit_images.csv", "summary.json"):
+        assert (copied / name).read_bytes() == (source / name).read_bytes(), name
+    assert not copied.with_name("fold0.copying").exists()
+    # fold 1 has no finished source fold: it is fitted, on the training folds' images alone
+    zoo_main(cfg, model="padim-resnet18", fold="1", force=False)
+    fit = pd.read_csv(run_dir(cfg.paths.work, cfg.experiment, "padim-resnet18", 1) / "fit_images.csv",
+                      dtype={"image_id": str})
+    assert len(fit) and not set(labels["image_id"]) & set(fit["image_id"])
+    # a source fold fitted with another config is another fit: not copied
+    other = quick_config(tiny_data, tmp_path, *TINY_MODEL, "experiment=round3", "pseudo.enabled=true",
+                         "pseudo.source=round1", "pseudo.zoo=false", "zoo.image_size=48")
+    zoo_main(other, model="padim-resnet18", fold="0", force=False)
+    summary = read_json(run_dir(other.paths.work, "round3", "padim-resnet18", 0) / "summary.json")
+    assert summary["config"]["zoo"]["image_size"] == 48

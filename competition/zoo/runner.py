@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from competition.metrics import best_threshold, binary_metrics
 from competition.plots import plot_gallery, plot_score_histogram
 from competition.preprocess import fit_to_canvas
 from competition.runtime import configure_threads, seed_everything
-from competition.stage import RunFolder, json_form, results_config
+from competition.stage import RunFolder, config_differences, json_form, results_config
 from competition.zoo.api import AnomalyModel, ImageSet
 from competition.zoo.evaluation import evaluate_scores
 from competition.zoo.registry import build_from_config, config_params, get_entry, resolved_params
@@ -49,14 +50,40 @@ SUMMARY_FILE = "summary.json"
 RESULTS_KEYS = ("seed", "data", "folds", "zoo")
 
 
+def fits_pseudo_labels(cfg: Config) -> bool:
+    """Whether the zoo trains on the second round's pseudo-labels (`pseudo.zoo`), not only the classifier."""
+    return cfg.pseudo.enabled and cfg.pseudo.zoo
+
+
 def zoo_record(cfg: Config, name: str) -> dict[str, Any]:
     """The results-relevant config of model `name`'s folds, its `zoo.params` resolved (registry
     defaults plus the config's overrides), so `zoo.params.lr: 0.001 -> 0.01` names a change."""
-    record = results_config(cfg, RESULTS_KEYS + (("pseudo",) if cfg.pseudo.enabled else ()))
+    pseudo = fits_pseudo_labels(cfg)
+    record = results_config(cfg, RESULTS_KEYS + (("pseudo",) if pseudo else ()))
     record["zoo"].pop("models")
     record["zoo"]["params"] = dataclasses.asdict(resolved_params(name, config_params(cfg, name)))
-    record["inputs"] = fold_inputs(cfg)
+    record["inputs"] = fold_inputs(cfg, pseudo=pseudo)
     return json_form(record)
+
+
+def copy_source_fold(cfg: Config, name: str, fold: int, record: dict[str, Any], out: Path) -> bool:
+    """A second round whose zoo ignores the pseudo-labels (`pseudo.zoo: false`) fits exactly what the first
+    round fitted: copy the source experiment's finished fold when its record is this one, instead of fitting
+    it again (minutes per fold). False when there is nothing to copy; the caller fits."""
+    if not cfg.pseudo.enabled or cfg.pseudo.zoo:
+        return False
+    source = run_dir(cfg.paths.work, str(cfg.pseudo.source), name, fold)
+    done = run_folder(source).finished()
+    if done is None or config_differences(done.get("config", {}), record):
+        return False
+    partial = out.with_name(f"{out.name}.copying")  # renamed into place whole: a killed copy leaves no fold
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    shutil.rmtree(out, ignore_errors=True)  # an unfinished fit of this fold, if any
+    partial.rename(out)
+    log.info("%s fold %d: copied from experiment %r (pseudo.zoo is false: the same fit) -> %s",
+             name, fold, cfg.pseudo.source, out)
+    return True
 
 
 def run_folder(out: Path) -> RunFolder:
@@ -124,6 +151,8 @@ def run_fold(cfg: Config, name: str, fold: int, index: pd.DataFrame, folds: pd.D
     record = zoo_record(cfg, name)
     if run_folder(out).prepare(record, force) is not None:
         log.info("%s fold %d is finished (%s); --force refits it", name, fold, out)
+        return out
+    if not force and copy_source_fold(cfg, name, fold, record, out):
         return out
     seed_everything(cfg.seed + fold)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +246,7 @@ def main(cfg: Config, model: str | None, fold: str, force: bool) -> None:
     configure_threads(cfg.train.threads)
     folds_to_run = parse_fold_arg(fold, cfg.folds.n_splits)
     index = load_index(cfg)
-    folds = training_folds(cfg, index)
+    folds = training_folds(cfg, index, pseudo=fits_pseudo_labels(cfg))
     check_stage_inputs(cfg, index)
     jobs = [(name, k) for name in names for k in folds_to_run]
     for name, k in tqdm(jobs, desc="zoo", unit="fold", disable=len(jobs) < 2):
