@@ -70,7 +70,7 @@ def copy_source_fold(cfg: Config, name: str, fold: int, record: dict[str, Any], 
     """A second round whose zoo ignores the pseudo-labels (`pseudo.zoo: false`) fits exactly what the first
     round fitted: copy the source experiment's finished fold when its record is this one, instead of fitting
     it again (minutes per fold). False when there is nothing to copy; the caller fits."""
-    if not cfg.pseudo.enabled or cfg.pseudo.zoo:
+    if not cfg.pseudo.enabled or fits_pseudo_labels(cfg):
         return False
     source = run_dir(cfg.paths.work, str(cfg.pseudo.source), name, fold)
     done = run_folder(source).finished()
