@@ -48,7 +48,7 @@ def main() -> int:
     index = load_index(cfg)
     folds = read_folds(cfg, index)
     test_rows = index[index["split"] == "test"].reset_index(drop=True)
-    store = ImageStore(classifier_geometry(cfg))
+    store = ImageStore(classifier_geometry(cfg, scoring=True))  # the grid of model.tiles.predict_overlap, if set
     root = Path(cfg.paths.work)
     for model in sorted(p.name for p in (root / source).iterdir() if p.is_dir() and not p.name.startswith("_")):
         if model != cfg.model.name:  # the zoo folds: unchanged, copied beside the re-scored classifier

@@ -233,11 +233,18 @@ class TilesConfig:
     scale: float = 1.0  # the image is scaled by this before tiling; 1.0 = native pixels
     reduce: Literal["max", "topk_mean"] = "max"  # an image's score from its tiles' scores
     topk: int = 3  # tiles averaged by reduce: topk_mean
+    # The overlap of the tiles that score oof.csv, test.csv and new images; None: `overlap`. Training tiles and
+    # each epoch's validation keep `overlap`, so the checkpoint is chosen on the training grid (as with TTA) and
+    # only the finished fold's predictions pay for the denser grid: a defect cut by one tile's edge lies whole in
+    # a shifted tile.
+    predict_overlap: float | None = None
 
     def __post_init__(self) -> None:
-        if self.size < 1 or not 0.0 <= self.overlap < 1.0 or self.scale <= 0 or self.topk < 1:
-            raise ValueError(f"tiles need size >= 1, overlap in [0, 1), scale > 0 and topk >= 1; got size "
-                             f"{self.size}, overlap {self.overlap}, scale {self.scale}, topk {self.topk}")
+        overlaps = [self.overlap] + ([] if self.predict_overlap is None else [self.predict_overlap])
+        if self.size < 1 or not all(0.0 <= o < 1.0 for o in overlaps) or self.scale <= 0 or self.topk < 1:
+            raise ValueError(f"tiles need size >= 1, overlap and predict_overlap in [0, 1), scale > 0 and topk >= 1; "
+                             f"got size {self.size}, overlap {self.overlap}, predict_overlap {self.predict_overlap}, "
+                             f"scale {self.scale}, topk {self.topk}")
 
 
 @dataclass

@@ -159,7 +159,7 @@ class ClassifierFold:
             from competition.export import classifier_forward
 
             self.forward = classifier_forward(fold_dir, runtime)
-        self.geometry = classifier_geometry(self.cfg)
+        self.geometry = classifier_geometry(self.cfg, scoring=True)  # the grid that wrote test.csv
         self._store_class, self._predict_map = ImageStore, predict_map
         self.store = ImageStore(self.geometry)
 

@@ -21,9 +21,10 @@ from competition.classifier.data import (
     classifier_geometry,
     tile_defect_labels,
 )
-from competition.classifier.train import mask_loss, train_fold
+from competition.classifier.train import image_scores, load_fold_classifier, mask_loss, train_fold
 from competition.config import load_config
 from competition.folds import load_index, read_folds, write_folds
+from competition.metrics import auroc
 from competition.preprocess import canvas_box, fit_to_canvas, tile_boxes
 
 PLAIN = ["augment.mean=[0.0, 0.0, 0.0]", "augment.std=[1.0, 1.0, 1.0]"]  # tensors = pixels / 255
@@ -178,3 +179,39 @@ def test_a_tiled_or_letterboxed_fold_trains_and_writes_one_row_per_image(tiny_da
     assert list(test["image_id"]) == list(test_rows["image_id"])
     assert oof["score"].between(0, 1).all() and test["score"].between(0, 1).all()
     assert summary["epochs_run"] == 1
+
+
+@pytest.mark.slow
+def test_a_denser_scoring_grid_writes_the_predictions_and_leaves_validation_on_the_training_grid(tiny_data, tmp_path):
+    """`model.tiles.predict_overlap`: each epoch's validation (the checkpoint's choice) scores the training
+    grid; oof.csv and test.csv are best.pt's scores on the denser grid, which holds more tiles."""
+    cfg = quick_config(tiny_data, tmp_path, "model.name=test_efficientnet", "model.image_size=32",
+                       "train.batch_size=8", "train.epochs=1", "train.threads=1", "model.tiles.enabled=true",
+                       "model.tiles.size=24", "model.tiles.overlap=0.0", "model.tiles.predict_overlap=0.5")
+    write_folds(cfg)
+    index = load_index(cfg)
+    folds, test_rows = read_folds(cfg, index), index[index["split"] == "test"]
+    train_fold(cfg, 0, folds, test_rows, ImageStore(classifier_geometry(cfg)), torch.device("cpu"))
+    out = tmp_path / "runs" / cfg.experiment / cfg.model.name / "fold0"
+    model = load_fold_classifier(cfg, out, torch.device("cpu"))
+    training, dense = ImageStore(classifier_geometry(cfg)), ImageStore(classifier_geometry(cfg, scoring=True))
+    val = folds[folds["fold"] == 0]
+    val_paths, test_paths = val["path"].astype(str).tolist(), test_rows["path"].astype(str).tolist()
+    assert len(dense.boxes(test_paths[0])) > len(training.boxes(test_paths[0]))
+
+    def scores(paths, store):
+        return image_scores(model, paths, cfg, store, torch.device("cpu"))
+
+    test = pd.read_csv(out / "test.csv", dtype={"image_id": str})
+    oof = pd.read_csv(out / "oof.csv", dtype={"image_id": str}).set_index("image_id").loc[val["image_id"]]
+    np.testing.assert_allclose(test["score"], scores(test_paths, dense), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(oof["score"], scores(val_paths, dense), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(test["score"], scores(test_paths, training), rtol=1e-5, atol=1e-7)
+    history = pd.read_csv(out / "history.csv")
+    assert history["val_auroc"].iloc[-1] == pytest.approx(auroc(val["label"], scores(val_paths, training)))
+    assert history["val_auroc"].iloc[-1] != pytest.approx(auroc(val["label"], scores(val_paths, dense)))
+
+
+def test_predict_overlap_is_a_fraction_below_one():
+    with pytest.raises(ValueError, match="predict_overlap"):
+        _config("model.tiles.predict_overlap=1.0")

@@ -75,12 +75,28 @@ def build_eval_transform(augment: AugmentConfig) -> A.Compose:
 
 # ---------------------------------------------------------------- geometry
 
-def classifier_geometry(cfg: Config) -> Geometry:
-    """The classifier's input geometry from `model.image_size`, `model.resize` and `model.tiles`."""
+def classifier_geometry(cfg: Config, scoring: bool = False) -> Geometry:
+    """The classifier's input geometry from `model.image_size`, `model.resize` and `model.tiles`; with
+    `scoring`, the one that writes predictions (`model.tiles.predict_overlap`)."""
     model, tiles = cfg.model, cfg.model.tiles
+    overlap = tiles.predict_overlap if scoring and tiles.predict_overlap is not None else tiles.overlap
     return Geometry(image_size=model.image_size, resize=model.resize, tiles=tiles.enabled, tile_size=tiles.size,
-                    tile_overlap=tiles.overlap, tile_scale=tiles.scale, tile_reduce=tiles.reduce,
+                    tile_overlap=overlap, tile_scale=tiles.scale, tile_reduce=tiles.reduce,
                     tile_topk=tiles.topk)
+
+
+def scoring_store(store: ImageStore, cfg: Config) -> ImageStore:
+    """The store that scores predictions: `store` itself, or one on the scoring geometry's tile grid sharing
+    `store`'s decoded surfaces (the grid's overlap changes the boxes, not the surfaces)."""
+    geometry = classifier_geometry(cfg, scoring=True)
+    if geometry == store.geometry:
+        return store
+    if replace(geometry, tile_overlap=store.geometry.tile_overlap) != store.geometry:
+        raise ValueError(f"the scoring geometry {geometry} differs from the store's {store.geometry} in more "
+                         "than its tile overlap")
+    scoring = ImageStore(geometry, keep=store.keep)
+    scoring._images, scoring._masks = store._images, store._masks
+    return scoring
 
 
 def tile_defect_labels(mask: np.ndarray, boxes: np.ndarray, min_pixels: int = MIN_TILE_DEFECT_PX) -> np.ndarray:

@@ -32,6 +32,7 @@ from competition.classifier.data import (
     build_eval_transform,
     classifier_geometry,
     fold_rows,
+    scoring_store,
 )
 from competition.classifier.model import ClassifierOutput, DefectClassifier, WeightAveraged, build_classifier
 from competition.classifier.segdec import SegDecNet, segdec_losses
@@ -304,12 +305,14 @@ class FoldTrainer:
         cfg, history = self.cfg, result.history
         labels = self.val_rows["label"].astype(int).to_numpy()
         best = self.tracker.best_epoch
-        if tta_views(cfg.train.tta) == tta_views("none") and best in self.val_logits:
+        scoring = scoring_store(self.store, cfg)
+        if tta_views(cfg.train.tta) == tta_views("none") and scoring is self.store and best in self.val_logits:
             oof_logits = self.val_logits[best]  # the restored best weights scored these in validation already
-        else:  # with TTA, or the best epoch validated before a resume
-            oof_logits = predict_logits(self.model, self.eval_loader(self.val_rows), self.device, cfg, cfg.train.tta,
-                                        desc="oof")
-        test_scores = image_scores(self.model, self.test_rows["path"].astype(str).tolist(), cfg, self.store,
+        else:  # with TTA or a denser scoring grid, or the best epoch validated before a resume
+            oof_logits = predict_logits(self.model, eval_loader(self.val_rows["path"].astype(str).tolist(), cfg,
+                                                                scoring, self.device),
+                                        self.device, cfg, cfg.train.tta, desc="oof")
+        test_scores = image_scores(self.model, self.test_rows["path"].astype(str).tolist(), cfg, scoring,
                                    self.device, desc="test")
         oof = pd.DataFrame({"image_id": self.val_rows["image_id"].astype(str), "label": labels,
                             "score": expit(oof_logits)})
