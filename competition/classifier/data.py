@@ -94,9 +94,7 @@ def scoring_store(store: ImageStore, cfg: Config) -> ImageStore:
     if replace(geometry, tile_overlap=store.geometry.tile_overlap) != store.geometry:
         raise ValueError(f"the scoring geometry {geometry} differs from the store's {store.geometry} in more "
                          "than its tile overlap")
-    scoring = ImageStore(geometry, keep=store.keep)
-    scoring._images, scoring._masks = store._images, store._masks
-    return scoring
+    return store.with_tile_overlap(geometry.tile_overlap)
 
 
 def tile_defect_labels(mask: np.ndarray, boxes: np.ndarray, min_pixels: int = MIN_TILE_DEFECT_PX) -> np.ndarray:
@@ -183,6 +181,13 @@ class ImageStore:
     def boxes_of(self, surface: np.ndarray) -> np.ndarray:
         """Tile boxes of a surface this store made (`image`): those of `boxes` for its size."""
         return tile_boxes(surface.shape[0], surface.shape[1], replace(self.geometry, tile_scale=1.0))
+
+    def with_tile_overlap(self, overlap: float) -> ImageStore:
+        """This store on another tile grid: the same decoded surfaces and masks (shared, not copied), its own
+        boxes."""
+        other = ImageStore(replace(self.geometry, tile_overlap=overlap), keep=self.keep)
+        other._images, other._masks = self._images, self._masks
+        return other
 
     def preload(self, paths, desc: str = "decoding") -> None:
         """Decode `paths` now (before DataLoader workers fork, so they share the memory)."""
