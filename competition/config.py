@@ -253,6 +253,9 @@ class ZooConfig:
     backbone_weights: bool | str = False  # false or local weights (file or folder) for zoo backbones
     # without weights: healthy (live residual branches, BatchNorm statistics of the fit images) | timm
     backbone_init: Literal["healthy", "timm"] = "timm"
+    # where a healthy backbone estimates its BatchNorm statistics: fit (each fold's fit normals) | test (the
+    # unlabeled test images, one set for every fold, so the folds share one network and one feature cache)
+    batchnorm_images: Literal["fit", "test"] = "fit"
     image_size: int = 128  # side of the square model input (canvas)
     resize: Literal["square", "letterbox"] = "square"  # stretch to the square, or keep the aspect and pad
     tiles: TilesConfig = field(default_factory=TilesConfig)

@@ -2,6 +2,8 @@
 (`zoo.backbone_init: healthy`), against timm's zero-initialised branches (`timm`)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,42 @@ def test_a_backbone_first_built_while_scoring_can_be_calibrated_by_a_later_fit(t
     scores = loaded.score_samples(images)  # rebuilds the seed-0 backbone inside inference mode
     refit = build_model("padim-resnet18", _settings()).fit(images)
     np.testing.assert_allclose(refit.score_samples(images), scores, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["padim-resnet18", "dfm-resnet18", "dfkde-resnet18", "fre-resnet18",
+                                  "patchcore-resnet18"])
+def test_fit_takes_its_batchnorm_statistics_from_the_images_it_is_given_for_them(name):
+    """`fit(..., batchnorm_images=X)` estimates a healthy backbone's statistics on X, not on the fit images."""
+    from competition.zoo.registry import build_model
+
+    images, others = _images(5), _images(6, seed=1)
+    on_others = shared_extractor("resnet18", [1, 2, 3], _settings()).calibrate(others)
+    on_images = shared_extractor("resnet18", [1, 2, 3], _settings()).calibrate(images)
+    assert not torch.equal(on_others, on_images)
+    model = build_model(name, _settings()).fit(images, batchnorm_images=others)
+    assert torch.equal(model.model.backbone_statistics, on_others)
+    assert torch.equal(build_model(name, _settings()).fit(images).model.backbone_statistics, on_images)
+
+
+def test_runner_gives_every_fold_the_test_images_statistics_when_asked(tiny_cfg):
+    """zoo.batchnorm_images: test: every fold's healthy backbone is the one calibrated on the test images (so
+    the folds share one network); fit: each fold's own fit normals, different per fold."""
+    from competition.folds import load_index, read_folds
+    from competition.zoo.runner import fit_fold
+
+    index = load_index(tiny_cfg)
+    folds = read_folds(tiny_cfg, index)
+    test = ImageSet.from_frame(index[index["split"] == "test"])
+    tiny_cfg.zoo.backbone_init, tiny_cfg.zoo.image_size = "healthy", 32
+    on_test = shared_extractor("resnet18", [1, 2, 3], _settings(seed=tiny_cfg.seed)).calibrate(test)
+
+    def statistics(fold: int, which: str) -> tuple[torch.Tensor, str]:
+        tiny_cfg.zoo.batchnorm_images = which
+        model, facts = fit_fold(tiny_cfg, "padim-resnet18", fold, folds, Path(tiny_cfg.paths.work) / f"{which}{fold}",
+                                test)
+        return model.model.backbone_statistics, facts["batchnorm_images"]
+
+    (fit0, said0), (fit1, _) = statistics(0, "fit"), statistics(1, "fit")
+    assert said0 == "fit" and not torch.equal(fit0, fit1) and not torch.equal(fit0, on_test)
+    (test0, said), (test1, _) = statistics(0, "test"), statistics(1, "test")
+    assert said == "test" and torch.equal(test0, on_test) and torch.equal(test1, on_test)

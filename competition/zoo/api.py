@@ -528,6 +528,7 @@ class AnomalyModel:
             self.settings = dataclasses.replace(self.settings, backbone_weights=weights)
         self.model: nn.Module | None = None  # the pure torch module; its state_dict is the fitted model
         self.fitted_ = False
+        self._batchnorm_set: ImageSet | None = None  # fit's batchnorm_images, tiled like the fit images
         self.fit_info: dict[str, Any] = {}  # figures a model reports about its fit (sizes, timings)
         # an exported scoring module run by a graph runtime ((B, 3, S, S) in [0, 1] -> (scores, maps));
         # when set, predict runs it instead of `_predict` (`competition.export.zoo_with_runtime` sets it)
@@ -542,9 +543,11 @@ class AnomalyModel:
 
     # -- the public face
     def fit(self, images: ImageSet, validation: ValidationSet | None = None,
-            defects: DefectSet | None = None) -> AnomalyModel:
+            defects: DefectSet | None = None, batchnorm_images: ImageSet | None = None) -> AnomalyModel:
         """Fit on the normal `images`; `validation` to watch (trained models); `defects`, labelled real defects
-        to train on, only for a model that `uses_defects` (its `_fit` then takes them as a third argument)."""
+        to train on, only for a model that `uses_defects` (its `_fit` then takes them as a third argument);
+        `batchnorm_images`, where a healthy random backbone estimates its BatchNorm statistics instead of the fit
+        images (`zoo.batchnorm_images: test`: the unlabeled test images, the same for every fold)."""
         if len(images) == 0:
             raise ValueError(f"{self.family}: fit needs at least one normal image, got none")
         if defects is not None and not self.uses_defects:
@@ -555,12 +558,19 @@ class AnomalyModel:
             images = images.tiles(geometry)[0]
             validation = None if validation is None else validation.tiles(geometry)
             defects = None if defects is None else defects.tiles(geometry)
+            batchnorm_images = None if batchnorm_images is None else batchnorm_images.tiles(geometry)[0]
+        self._batchnorm_set = batchnorm_images if batchnorm_images is not None and len(batchnorm_images) else None
         if defects is None:
             self._fit(images, validation)
         else:
             self._fit(images, validation, defects)
         self.fitted_ = True
         return self
+
+    def batchnorm_images(self, fit_images: ImageSet) -> ImageSet:
+        """The images a healthy random backbone estimates its BatchNorm statistics on while fitting: `fit`'s
+        `batchnorm_images` when it got some, else the fit images themselves."""
+        return fit_images if self._batchnorm_set is None else self._batchnorm_set
 
     def predict(self, images: ImageSet, with_maps: bool = True) -> AnomalyPrediction:
         """Scores (and maps when asked) in one pass over the images."""

@@ -97,8 +97,11 @@ def _defect_masks(rows: pd.DataFrame) -> list[np.ndarray | None]:
     return [read_mask(p) if isinstance(p, str) and p else None for p in rows["mask_path"]]
 
 
-def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path) -> tuple[AnomalyModel, dict]:
+def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path,
+             test_images: ImageSet | None = None) -> tuple[AnomalyModel, dict]:
     """Fit `name` on the normals of every fold but `fold` (plus a training-fold validation set if it wants one).
+    With `zoo.batchnorm_images: test`, a healthy random backbone takes its BatchNorm statistics from
+    `test_images` (unlabeled, never an out-of-fold image) instead of the fit normals.
 
     A model that `uses_defects` also trains on the training folds' real defects with their masks: a
     `zoo.validation_share` of them (`validation.split_defects`, at least one of two or more) is held
@@ -122,15 +125,15 @@ def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path) 
         fit_images, validation = split_validation(fit_images, watched, share, seed, defect_masks=watched_masks,
                                                   kinds=cfg.zoo.painted_kinds)
     write_csv(pd.DataFrame({"image_id": fit_images.ids}), out / "fit_images.csv")
-    started = time.perf_counter()
-    if defects is None:
-        model.fit(fit_images, validation)
-    else:
+    if defects is not None:
         write_csv(pd.DataFrame({"image_id": defects.images.ids, "has_mask": [m is not None for m in defects.masks]}),
                   out / "fit_defects.csv")
-        model.fit(fit_images, validation, defects)
+    batchnorm_images = test_images if cfg.zoo.batchnorm_images == "test" and test_images is not None else None
+    started = time.perf_counter()
+    model.fit(fit_images, validation, defects, batchnorm_images=batchnorm_images)
     facts = {"fit_seconds": round(time.perf_counter() - started, 2), "n_fit": len(fit_images),
-             "n_validation": 0 if validation is None else len(validation)}
+             "n_validation": 0 if validation is None else len(validation),
+             "batchnorm_images": "fit" if batchnorm_images is None or not len(batchnorm_images) else "test"}
     if defects is not None:
         facts["n_fit_defects"] = len(defects)
     return model, facts
@@ -157,13 +160,13 @@ def run_fold(cfg: Config, name: str, fold: int, index: pd.DataFrame, folds: pd.D
     seed_everything(cfg.seed + fold)
     out.mkdir(parents=True, exist_ok=True)
     write_yaml(cfg.to_dict(), out / "config.yaml")
-    model, facts = fit_fold(cfg, name, fold, folds, out)
+    test_rows = index[index["split"] == "test"].reset_index(drop=True)
+    test_images = ImageSet.from_frame(test_rows)
+    model, facts = fit_fold(cfg, name, fold, folds, out, test_images)
 
     held_out = folds[folds["fold"] == fold].reset_index(drop=True)
-    test_rows = index[index["split"] == "test"].reset_index(drop=True)
     started = time.perf_counter()
     oof_scores = model.score_samples(ImageSet.from_frame(held_out))
-    test_images = ImageSet.from_frame(test_rows)
     test_scores = model.score_samples(test_images)
     score_seconds = time.perf_counter() - started
     n_scored = len(held_out) + len(test_rows)

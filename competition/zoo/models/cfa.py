@@ -186,7 +186,7 @@ class CFA(AnomalyModel):
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         p = self.params
         model = self.build_model()
-        extractor = with_backbone_statistics(self._extractor(), model, images)
+        extractor = with_backbone_statistics(self._extractor(), model, self.batchnorm_images(images))
         maps = [m.half() for m in extractor.select(extractor.extract_all(images, desc="cfa features"), p.layers)]
         channels = sum(m.shape[1] for m in maps)
         model.descriptor.initialise(channels, max(1, channels // int(p.gamma_d)),

@@ -96,7 +96,7 @@ class DFKDE(AnomalyModel):
     def _vectors(self, images: ImageSet, desc: str, model: DFKDEModel, fit: bool = False) -> torch.Tensor:
         layer = self.params.layer
         extractor = shared_extractor(self.params.backbone, [layer], self.settings)
-        with_backbone_statistics(extractor, model, images if fit else None)
+        with_backbone_statistics(extractor, model, self.batchnorm_images(images) if fit else None)
         out = None
         for idx, maps in extractor.extract(images, desc=desc):
             (m,) = extractor.select(maps, [layer])

@@ -124,7 +124,7 @@ class DFM(AnomalyModel):
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         model = self.build_model()
-        extractor = with_backbone_statistics(self._extractor(), model, images)
+        extractor = with_backbone_statistics(self._extractor(), model, self.batchnorm_images(images))
         p = self.params
         rows = pooled_rows(extractor, images, p.layer, p.pool, p.pool_stride, "dfm fit")
         model.mean, model.components, model.variances = fit_pca(rows, self.params.pca_level)

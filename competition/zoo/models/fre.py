@@ -121,7 +121,7 @@ class FRE(AnomalyModel):
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         p = self.params
         model = self.build_model()
-        extractor = with_backbone_statistics(self._extractor(), model, images)
+        extractor = with_backbone_statistics(self._extractor(), model, self.batchnorm_images(images))
         rows = pooled_rows(extractor, images, p.layer, p.pool, p.pool, "fre features").to(self.device)
         latent = min(int(p.latent_dim), rows.shape[1])
         model.autoencoder.initialise(rows.shape[1], latent, torch.Generator().manual_seed(self.settings.seed))

@@ -7,7 +7,7 @@ Sigma_ij) over the normal images, with Ledoit-Wolf shrinkage (the default here: 
 the small set, where a fold fits ~320 images against d = 100) or Sigma_ij + eps*I (eps = 0.01,
 the paper's). The map is the Mahalanobis distance at each position, upsampled and smoothed with a
 Gaussian of sigma 4; the image score is the map's maximum. Moments are accumulated batch by batch
-(float64), so fitting never holds every image's features at once.
+(float32 products of shifted features, float64 sums), so fitting never holds every image's features at once.
 """
 from __future__ import annotations
 
@@ -84,9 +84,11 @@ class PaDiMModel(nn.Module):
 
     def distances(self, embedding: torch.Tensor) -> torch.Tensor:
         _, d, h, w = embedding.shape  # the batch stays symbolic (-1) for traced graphs
-        delta = embedding.reshape(-1, d, h * w).permute(0, 2, 1) - self.mean[None]  # (B, P, d)
-        m2 = torch.einsum("bpd,pde,bpe->bp", delta, self.inv_cov, delta).clamp(min=0)
-        return m2.sqrt().reshape(-1, h, w)
+        # position-major and contiguous, so each position's quadratic form is one batched matmul: 3x faster on
+        # the CPU than the einsum over the (B, P, d) view it replaced
+        delta = (embedding.reshape(-1, d, h * w).permute(2, 0, 1) - self.mean[:, None]).contiguous()  # (P, B, d)
+        m2 = (torch.bmm(delta, self.inv_cov) * delta).sum(-1).clamp(min=0)  # (P, B)
+        return m2.sqrt().T.reshape(-1, h, w)
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         return self.distances(self.embed(maps))
@@ -119,28 +121,33 @@ class PaDiM(AnomalyModel):
         return shared_extractor(self.params.backbone, self.params.layers, self.settings)
 
     def _embeddings(self, model: PaDiMModel, extractor, images: ImageSet, desc: str):
+        """(B, P, d) float32 embeddings, position-major within each image."""
         for idx, maps in extractor.extract(images, desc=desc):
-            yield idx, model.embed(extractor.select(maps, self.params.layers)).double()
+            yield idx, model.embed(extractor.select(maps, self.params.layers)).flatten(2).transpose(1, 2)
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         p = self.params
         model = self.build_model()
-        extractor = with_backbone_statistics(self._extractor(), model, images)
+        extractor = with_backbone_statistics(self._extractor(), model, self.batchnorm_images(images))
         total = sum(c for c, i in zip(extractor.channels, extractor.layers) if i in p.layers)
         d = min(int(p.n_channels), total)
         generator = torch.Generator().manual_seed(self.settings.seed)
         model.channels = torch.sort(torch.randperm(total, generator=generator)[:d]).values
-        n, total_sum, outer = 0, None, None
+        # moments of the features shifted by the first batch's mean (so they are nearly centred and float32
+        # products lose nothing to cancellation), each batch's in float32 matmuls, summed in float64
+        n, shift, shifted_sum, outer = 0, None, None, None
         for _, emb in self._embeddings(model, extractor, images, "padim fit"):
-            x = emb.flatten(2)  # (B, d, P)
-            if total_sum is None:
-                total_sum = torch.zeros(x.shape[2], d, dtype=torch.float64)
-                outer = torch.zeros(x.shape[2], d, d, dtype=torch.float64)
-            total_sum += x.sum(0).T
-            outer += torch.einsum("bdp,bep->pde", x, x)
-            n += x.shape[0]
-        mean = total_sum / n
-        scatter = outer - n * mean[:, :, None] * mean[:, None, :]  # sum of centred outer products
+            if shift is None:
+                shift = emb.mean(0)  # (P, d)
+                shifted_sum = torch.zeros(shift.shape, dtype=torch.float64)
+                outer = torch.zeros(*shift.shape, d, dtype=torch.float64)
+            x = (emb - shift).transpose(0, 1).contiguous()  # (P, B, d)
+            shifted_sum += x.sum(1)
+            outer += torch.bmm(x.transpose(1, 2), x)
+            n += x.shape[1]
+        shifted_mean = shifted_sum / n
+        mean = shift.double() + shifted_mean
+        scatter = outer - n * shifted_mean[:, :, None] * shifted_mean[:, None, :]  # sum of centred outer products
         eye = torch.eye(d, dtype=torch.float64)
         if p.shrinkage == "epsilon":
             cov = scatter / max(n - 1, 1) + float(p.epsilon) * eye
@@ -149,7 +156,7 @@ class PaDiM(AnomalyModel):
             # Ledoit-Wolf needs sum ||x - mu||^4 per position: a second pass over the (cached) features
             fourth = torch.zeros(mean.shape[0], dtype=torch.float64)
             for _, emb in self._embeddings(model, extractor, images, "padim fit (Ledoit-Wolf pass)"):
-                centred = emb.flatten(2).permute(0, 2, 1) - mean[None]
+                centred = emb.double() - mean[None]
                 fourth += ((centred ** 2).sum(-1) ** 2).sum(0)
             emp = scatter / n
             shrink = ledoit_wolf_shrinkage(emp, fourth, n)

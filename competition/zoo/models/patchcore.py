@@ -149,7 +149,7 @@ class PatchCore(AnomalyModel):
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         model = self.build_model()
-        extractor = with_backbone_statistics(self._extractor(), model, images)
+        extractor = with_backbone_statistics(self._extractor(), model, self.batchnorm_images(images))
         bank = None  # (images, patches, dim): every normal patch in float16 (half the memory), filled in place
         for idx, maps in extractor.extract(images, desc="patchcore fit"):
             emb = model.embedding(extractor.select(maps, self.params.layers))
