@@ -528,7 +528,7 @@ class AnomalyModel:
             self.settings = dataclasses.replace(self.settings, backbone_weights=weights)
         self.model: nn.Module | None = None  # the pure torch module; its state_dict is the fitted model
         self.fitted_ = False
-        self._batchnorm_set: ImageSet | None = None  # fit's batchnorm_images, tiled like the fit images
+        self._batchnorm_set: ImageSet | None = None  # fit's batchnorm_images (tiled like the fit images), during fit
         self.fit_info: dict[str, Any] = {}  # figures a model reports about its fit (sizes, timings)
         # an exported scoring module run by a graph runtime ((B, 3, S, S) in [0, 1] -> (scores, maps));
         # when set, predict runs it instead of `_predict` (`competition.export.zoo_with_runtime` sets it)
@@ -560,10 +560,13 @@ class AnomalyModel:
             defects = None if defects is None else defects.tiles(geometry)
             batchnorm_images = None if batchnorm_images is None else batchnorm_images.tiles(geometry)[0]
         self._batchnorm_set = batchnorm_images if batchnorm_images is not None and len(batchnorm_images) else None
-        if defects is None:
-            self._fit(images, validation)
-        else:
-            self._fit(images, validation, defects)
+        try:
+            if defects is None:
+                self._fit(images, validation)
+            else:
+                self._fit(images, validation, defects)
+        finally:
+            self._batchnorm_set = None  # used while fitting only: a fitted model keeps the statistics, not the images
         self.fitted_ = True
         return self
 
