@@ -28,6 +28,7 @@ CASES = [
     ("patchcore-resnet18", {}, LOCAL, 0.75),
     ("padim-resnet18", {}, LOCAL, 0.75),
     ("padim-resnet18-eps", {}, LOCAL, 0.75),
+    ("padim-resnet18-layer1", {}, LOCAL, 0.75),
     ("dfm-resnet18", {}, GLOBAL, 0.75),
     ("dfkde-resnet18", {}, GLOBAL, 0.75),
     ("autoencoder-recon", AE, LOCAL, 0.75),
