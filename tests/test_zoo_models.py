@@ -10,6 +10,7 @@ from competition.data.textures import make_texture
 from competition.metrics import auroc
 from competition.zoo.api import AnomalyModel, ImageSet, NotFittedError, ZooSettings
 from competition.zoo.components.coreset import coreset_indices, greedy_coreset, greedy_coreset_naive
+from competition.zoo.components.neighbours import nearest_neighbours
 from competition.zoo.registry import build_model, load_model
 from tests.zoo_textures import brushed_metal, painted_test_sets
 
@@ -26,6 +27,7 @@ SHIFTED = "shifted"
 # judged on whole images shifted in brightness (1.0 on seeds 0-2), its maps on the painted defects below.
 CASES = [
     ("patchcore-resnet18", {}, LOCAL, 0.75),
+    ("patchcore-resnet18-layer1", {}, LOCAL, 0.75),
     ("padim-resnet18", {}, LOCAL, 0.75),
     ("padim-resnet18-eps", {}, LOCAL, 0.75),
     ("padim-resnet18-layer1", {}, LOCAL, 0.75),
@@ -182,6 +184,18 @@ def _clustered(n: int, d: int, seed: int) -> torch.Tensor:
     return centres[torch.randint(25, (n,), generator=g)] + torch.randn(n, d, generator=g) * scale
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_nearest_neighbours_equal_the_brute_force_search_across_chunks(k):
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(300, 16, generator=generator), torch.randn(500, 16, generator=generator)
+    dist, idx = nearest_neighbours(queries, bank, k=k, query_chunk=64, bank_chunk=128)
+    full = torch.cdist(queries, bank)
+    want_dist, want_idx = torch.topk(full, k, dim=1, largest=False)
+    assert torch.equal(idx, want_idx)
+    assert torch.allclose(dist, want_dist, atol=1e-4)
+
+
+
 @pytest.mark.parametrize("n,d,k,bound_dims", [(3000, 16, 300, 16), (4000, 48, 600, 8), (1500, 6, 1499, 16),
                                               (2500, 32, 250, 32)])
 def test_pruned_greedy_coreset_selects_exactly_what_the_naive_loop_selects(n, d, k, bound_dims):
@@ -214,6 +228,19 @@ def test_coreset_indices_cover_the_points():
     random_radius = torch.cdist(points, points[random_keep]).min(1).values.max()
     assert radius < random_radius  # greedy k-center covers the outliers that random sampling misses
     assert torch.equal(coreset_indices(points, 1.0), torch.arange(5000))
+
+
+def test_coreset_over_a_random_pool_keeps_the_share_of_all_points_and_is_seeded():
+    points = _clustered(5000, 40, seed=3)
+    keep = coreset_indices(points, 0.02, projection_dim=64, seed=0, pool=1000)
+    assert len(keep) == 100 and len(set(keep.tolist())) == 100 and int(keep.max()) < 5000
+    assert torch.equal(keep, coreset_indices(points, 0.02, projection_dim=64, seed=0, pool=1000))
+    assert not torch.equal(keep, coreset_indices(points, 0.02, projection_dim=64, seed=1, pool=1000))
+    radius = torch.cdist(points, points[keep]).min(1).values.max()
+    random_keep = torch.randperm(5000, generator=torch.Generator().manual_seed(0))[:100]
+    assert radius < torch.cdist(points, points[random_keep]).min(1).values.max()  # still a k-center cover
+    assert torch.equal(coreset_indices(points, 0.02, projection_dim=64, seed=0, pool=5000),
+                       coreset_indices(points, 0.02, projection_dim=64, seed=0))  # a pool of every point: the paper
 
 
 def test_dfm_keeps_an_8x8_grid_at_128_px(tmp_path):

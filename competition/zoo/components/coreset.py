@@ -273,12 +273,24 @@ class _FarthestPointTraversal:
 
 
 def coreset_indices(features: torch.Tensor, ratio: float, projection_dim: int = 128, seed: int = 0,
-                    progress: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """PatchCore's subsampling: greedy k-center on a random projection, `ratio` of the rows (at least 1)."""
+                    progress: bool = False, device: torch.device | str = "cpu", pool: int = 0) -> torch.Tensor:
+    """PatchCore's subsampling: greedy k-center on a random projection, `ratio` of the rows (at least 1).
+
+    `pool` > 0 runs the greedy search over a seeded random subset of that many rows (still selecting `ratio` of
+    all rows): each greedy step costs in proportion to the rows searched, and on a fine grid (layer1 of a 256-px
+    image, 4096 patches an image) neighbouring patches repeat each other, so a random pool keeps what the
+    coreset needs at a fraction of the cost. 0 searches every row, as the paper.
+    """
     n = features.shape[0]
     if ratio >= 1.0:
         return torch.arange(n)
     n_select = max(1, int(round(n * ratio)))
+    generator = torch.Generator().manual_seed(seed)
+    rows = None
+    if 0 < pool < n:
+        rows = torch.sort(torch.randperm(n, generator=generator)[:max(pool, n_select)]).values
+        features = features[rows]
     projected = principal_axes(random_projection(features, projection_dim, seed))
-    start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
-    return greedy_coreset(projected.to(device), n_select, start=start, progress=progress)
+    start = int(torch.randint(features.shape[0], (1,), generator=generator))
+    chosen = greedy_coreset(projected.to(device), n_select, start=start, progress=progress)
+    return chosen if rows is None else rows[chosen.cpu()]

@@ -5,13 +5,16 @@ import torch
 
 
 def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None,
-                       k: int = 1, query_chunk: int | None = 2048,
-                       bank_chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+                       k: int = 1, query_chunk: int | None = 1024,
+                       bank_chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest rows of `bank` for each query: (distances (Q, k), indices (Q, k)).
 
     `bank_sq` (the rows' squared norms) can be passed when the bank is searched many times.
     `query_chunk` None takes every query at once, as a traced graph must: a loop over query chunks
     would be unrolled for the example's number of queries.
+    With a short feature (PatchCore's layer1: 64 channels) the matmul is cheap and the distance block's passes
+    (add, clamp, minimum) are bound by memory: blocks of 1024 x 1024 stay in cache. Against 2048 x 16384 blocks and
+    topk(1), 4096 queries against 5161 rows of 64: 14 -> 36 images/s on 2 threads (bench/neighbours_speed.py).
     """
     if bank_sq is None:
         bank_sq = (bank * bank).sum(1)
@@ -23,8 +26,12 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch
         best_d = best_i = None
         for bs in range(0, bank.shape[0], bank_chunk):
             b = bank[bs:bs + bank_chunk]
-            d2 = (q_sq - 2.0 * (q @ b.T) + bank_sq[bs:bs + bank_chunk][None]).clamp_(min=0)
-            d, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False)
+            # ||q||^2 - 2 q.b + ||b||^2 in one fused matmul-add, then in place: the search is matmul-bound
+            d2 = torch.addmm(bank_sq[bs:bs + bank_chunk][None], q, b.T, alpha=-2.0).add_(q_sq).clamp_(min=0)
+            if k == 1:  # a row minimum is about twice as fast as topk(1)
+                d, i = d2.min(dim=1, keepdim=True)
+            else:
+                d, i = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False)
             i = i + bs
             if best_d is None:
                 best_d, best_i = d, i
