@@ -195,7 +195,6 @@ def test_nearest_neighbours_equal_the_brute_force_search_across_chunks(k):
     assert torch.allclose(dist, want_dist, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("n,d,k,bound_dims", [(3000, 16, 300, 16), (4000, 48, 600, 8), (1500, 6, 1499, 16),
                                               (2500, 32, 250, 32)])
 def test_pruned_greedy_coreset_selects_exactly_what_the_naive_loop_selects(n, d, k, bound_dims):
