@@ -196,13 +196,15 @@ def test_runner_gives_every_fold_the_test_images_statistics_when_asked(tiny_cfg)
     """zoo.batchnorm_images: test: every fold's healthy backbone is the one calibrated on the test images (so
     the folds share one network); fit: each fold's own fit normals, different per fold."""
     from competition.folds import load_index, read_folds
+    from competition.zoo.registry import run_shared_layers
     from competition.zoo.runner import fit_fold
 
     index = load_index(tiny_cfg)
     folds = read_folds(tiny_cfg, index)
     test = ImageSet.from_frame(index[index["split"] == "test"])
     tiny_cfg.zoo.backbone_init, tiny_cfg.zoo.image_size = "healthy", 32
-    on_test = shared_extractor("resnet18", [1, 2, 3], _settings(seed=tiny_cfg.seed)).calibrate(test)
+    run = run_shared_layers(tiny_cfg, [*tiny_cfg.zoo.models, "padim-resnet18"])  # the network the runner builds
+    on_test = shared_extractor("resnet18", [1, 2, 3], _settings(seed=tiny_cfg.seed, shared_layers=run)).calibrate(test)
 
     def statistics(fold: int, which: str) -> tuple[torch.Tensor, str]:
         tiny_cfg.zoo.batchnorm_images = which
@@ -214,3 +216,36 @@ def test_runner_gives_every_fold_the_test_images_statistics_when_asked(tiny_cfg)
     assert said0 == "fit" and not torch.equal(fit0, fit1) and not torch.equal(fit0, on_test)
     (test0, said), (test1, _) = statistics(0, "test"), statistics(1, "test")
     assert said == "test" and torch.equal(test0, on_test) and torch.equal(test1, on_test)
+
+
+def test_run_widens_each_network_to_its_readers_layers_only():
+    """`zoo.models` of configs/real.yaml: PaDiM layer1 and FRE layer3 read draw 0's network, so it computes
+    layers 1 and 3; the draws @1 and @2 are read at layer1 alone, so their networks stop there."""
+    from competition.config import load_config
+    from competition.zoo.api import DRAW_SEED_STRIDE
+    from competition.zoo.registry import build_from_config, run_shared_layers
+
+    cfg = load_config(str(Path(__file__).parents[1] / "configs" / "real.yaml"), ["zoo.backbone_init=healthy"])
+    assert run_shared_layers(cfg, list(cfg.zoo.models)) == {
+        f"resnet18@{cfg.seed}": [1, 3], f"resnet18@{cfg.seed + DRAW_SEED_STRIDE}": [1],
+        f"resnet18@{cfg.seed + 2 * DRAW_SEED_STRIDE}": [1]}
+    draw = build_from_config("padim-resnet18-layer1@1", cfg)
+    assert draw._extractor().layers == (1,)
+    assert build_from_config("padim-resnet18-layer1", cfg)._extractor().layers == (1, 3)
+    # a model outside zoo.models still gets its own layers, and a model built outside a run the superset
+    assert build_from_config("patchcore-resnet18", cfg)._extractor().layers == (1, 2, 3)
+    assert shared_extractor("resnet18", [1], _settings()).layers == (1, 2, 3, 4)
+
+
+def test_a_network_stopped_at_layer1_gives_the_widened_network_s_features():
+    """Widening only shares a cache entry: a healthy random resnet18 computed to layer1 alone has bitwise the
+    layer1 features and BatchNorm statistics (of those layers) of the same network computed to layer4."""
+    images = _images(6)
+    wide = shared_extractor("resnet18", [1], _settings())
+    wide_stats = wide.calibrate(images)
+    wide_maps = wide.select(wide.extract_all(images), [1])[0]
+    narrow = shared_extractor("resnet18", [1], _settings(shared_layers={"resnet18@0": [1]}))
+    assert narrow.layers == (1,) and narrow.key != wide.key
+    narrow_stats = narrow.calibrate(images)
+    assert torch.equal(narrow_stats, wide_stats[:narrow_stats.numel()])
+    assert torch.equal(narrow.extract_all(images)[0], wide_maps)

@@ -76,6 +76,11 @@ class ZooSettings:
     channels_last: bool = True  # NHWC tensors, on CUDA and CPU
     progress: bool = True  # tqdm bars
     run_dir: str | None = None  # where a trained model keeps best.pt / last.pt; None = nowhere
+    # the layers the run's zoo reads from each backbone network, "backbone@seed" -> layers (`run_shared_layers`):
+    # a shared extractor computes and caches their union, so the models over one network share one cache
+    # entry and a network read at layer1 alone stops there; empty (a model built outside a run):
+    # features.SHARED_LAYERS
+    shared_layers: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg, run_dir: str | Path | None = None, device: str | None = None) -> ZooSettings:
@@ -109,6 +114,7 @@ class ZooSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in saved.items() if k in known}
         values["mean"], values["std"] = tuple(values.get("mean", IMAGENET_MEAN)), tuple(values.get("std", IMAGENET_STD))
+        values["shared_layers"] = {k: [int(i) for i in v] for k, v in (values.get("shared_layers") or {}).items()}
         return cls(**values)
 
     @property
@@ -533,6 +539,12 @@ class AnomalyModel:
         # an exported scoring module run by a graph runtime ((B, 3, S, S) in [0, 1] -> (scores, maps));
         # when set, predict runs it instead of `_predict` (`competition.export.zoo_with_runtime` sets it)
         self.scoring_graph: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @classmethod
+    def extractor_layers(cls, params: Any) -> tuple[int, ...]:
+        """The layers of `params.backbone` this model reads through `features.shared_extractor` (none by
+        default): the run's zoo widens each network's extraction to the union of its readers' layers."""
+        return ()
 
     def get_params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)

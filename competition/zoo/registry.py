@@ -7,6 +7,7 @@ hyperparameters with `zoo.params: {NAME: {key: value}}`, checked against the mod
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import pkgutil
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from competition.artifacts import load_checkpoint
-from competition.zoo.api import AnomalyModel, BackboneParams, ZooSettings, build_params
+from competition.zoo.api import DRAW_SEED_STRIDE, AnomalyModel, BackboneParams, ZooSettings, build_params
 
 MODELS_PACKAGE = "competition.zoo.models"
 
@@ -149,9 +150,26 @@ def build_model(name: str, settings: ZooSettings, overrides: dict[str, Any] | No
     return entry.model_class(settings, **{**entry.params, **(overrides or {})})
 
 
+def run_shared_layers(cfg, names: list[str]) -> dict[str, list[int]]:
+    """"backbone@seed" -> the layers that the models `names` (with their `zoo.params`) read from that random
+    network through the shared extractor (`AnomalyModel.extractor_layers`), for `ZooSettings.shared_layers`.
+    Keyed by the network's seed, which a draw shifts; a model with its own weights widens the random
+    network of its name and seed too, which costs time, never a feature."""
+    wanted: dict[str, set[int]] = {}
+    for name in dict.fromkeys(names):
+        params = resolved_params(name, config_params(cfg, name))
+        layers = get_entry(name).model_class.extractor_layers(params)
+        if layers:
+            seed = int(cfg.seed) + DRAW_SEED_STRIDE * params.draw
+            wanted.setdefault(f"{params.backbone}@{seed}", set()).update(int(i) for i in layers)
+    return {key: sorted(layers) for key, layers in sorted(wanted.items())}
+
+
 def build_from_config(name: str, cfg, run_dir=None) -> AnomalyModel:
-    """`build_model` with settings and `zoo.params[name]` taken from the config."""
-    settings = ZooSettings.from_config(cfg, run_dir=run_dir)
+    """`build_model` with settings and `zoo.params[name]` taken from the config; its shared feature extractor
+    computes the layers that every model of `zoo.models` reads from its network (`run_shared_layers`)."""
+    settings = dataclasses.replace(ZooSettings.from_config(cfg, run_dir=run_dir),
+                                   shared_layers=run_shared_layers(cfg, [*cfg.zoo.models, name]))
     return build_model(name, settings, config_params(cfg, name))
 
 

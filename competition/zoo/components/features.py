@@ -15,11 +15,12 @@ Cache. `extract(images)` stores each image's feature maps as float16 in
   so a renamed copy hits and an edited file misses.
 Every model over the same backbone and image size therefore extracts each image once across
 models and folds. The key includes the layer tuple, so models build their extractor with
-`shared_extractor(backbone, layers, settings)`: for the backbones in `SHARED_LAYERS` it extracts
-that common superset (resnet18: layer1..layer4, ~240 KB per 128-px image in float16) and each
-model picks its own layers from it (`extractor.select(maps, layers)`); PatchCore, PaDiM, DFM and
-DFKDE over resnet18 thus share one cache. Features are always rounded through float16, cached or
-not, so results never depend on the cache.
+`shared_extractor(backbone, layers, settings)`: it extracts the union of the layers that the run's
+models read from that network (`settings.shared_layers`, filled by `registry.build_from_config` from
+`zoo.models`; outside a run the superset in `SHARED_LAYERS`, resnet18: layer1..layer4, ~240 KB per
+128-px image in float16) and each model picks its own layers from it (`extractor.select(maps, layers)`);
+PatchCore, PaDiM, DFM and DFKDE over one resnet18 thus share one cache. Features are always rounded
+through float16, cached or not, so results never depend on the cache.
 
 Size limit (`settings.cache_max_gb`). Each extraction that wrote features then deletes the least
 recently used `<backbone>-<key>` folders (use = `extractor.json`'s mtime, touched by every
@@ -546,9 +547,16 @@ class BackboneScorer(nn.Module):
 
 
 def shared_extractor(backbone: str, layers: Sequence[int], settings: ZooSettings) -> FeatureExtractor:
-    """The extractor for `layers` of `backbone`, widened to `SHARED_LAYERS[backbone]` when the backbone is listed.
+    """The extractor for `layers` of `backbone`, widened to the layers the run's other models read from the
+    same network (`settings.shared_layers["backbone@seed"]`) or, for a model built outside a run, to
+    `SHARED_LAYERS[backbone]` when the backbone is listed.
 
+    Widening never changes a layer's features (the layers before it are the same modules with the same
+    seeded weights and statistics); it only lets models share a cache entry. A network the run reads at
+    layer1 alone stops after layer1: 2.4x fewer operations than layer1-4 for resnet18.
     Pick the model's maps from its output with `extractor.select(maps, layers)`.
     """
-    wanted = sorted(set(int(i) for i in layers) | set(SHARED_LAYERS.get(backbone, ())))
+    run = settings.shared_layers.get(f"{backbone}@{settings.seed}") if settings.shared_layers else None
+    wider = run if run is not None else SHARED_LAYERS.get(backbone, ())
+    wanted = sorted(set(int(i) for i in layers) | set(int(i) for i in wider))
     return FeatureExtractor(backbone, wanted, settings)

@@ -156,12 +156,16 @@ class CFA(AnomalyModel):
     params_class = CFAParams
     params: CFAParams
 
+    @classmethod
+    def extractor_layers(cls, params: CFAParams) -> tuple[int, ...]:
+        return tuple(params.layers)
+
     def build_model(self) -> CFAModel:
         p = self.params
         return CFAModel(p.num_nearest, p.num_hard_negatives, p.radius, p.alpha, p.nu)
 
     def _extractor(self) -> FeatureExtractor:
-        return shared_extractor(self.params.backbone, self.params.layers, self.settings)
+        return shared_extractor(self.params.backbone, self.extractor_layers(self.params), self.settings)
 
     def _head(self) -> SmoothedMaps:
         return SmoothedMaps(self.model, self.settings.image_size, float(self.params.blur_sigma))

@@ -90,12 +90,16 @@ class DFKDE(AnomalyModel):
     export_unsupported = ("not yet written as one scoring module: its scoring pools every image's vector "
                           "first, then runs the KDE over the whole set")
 
+    @classmethod
+    def extractor_layers(cls, params: DFKDEParams) -> tuple[int, ...]:
+        return (params.layer,)
+
     def build_model(self) -> DFKDEModel:
         return DFKDEModel()
 
     def _vectors(self, images: ImageSet, desc: str, model: DFKDEModel, fit: bool = False) -> torch.Tensor:
         layer = self.params.layer
-        extractor = shared_extractor(self.params.backbone, [layer], self.settings)
+        extractor = shared_extractor(self.params.backbone, self.extractor_layers(self.params), self.settings)
         with_backbone_statistics(extractor, model, self.batchnorm_images(images) if fit else None)
         out = None
         for idx, maps in extractor.extract(images, desc=desc):

@@ -112,11 +112,15 @@ class DFM(AnomalyModel):
     params_class = DFMParams
     params: DFMParams
 
+    @classmethod
+    def extractor_layers(cls, params: DFMParams) -> tuple[int, ...]:
+        return (params.layer,)
+
     def build_model(self) -> DFMModel:
         return DFMModel(self.params.score_type)
 
     def _extractor(self):
-        return shared_extractor(self.params.backbone, [self.params.layer], self.settings)
+        return shared_extractor(self.params.backbone, self.extractor_layers(self.params), self.settings)
 
     def _head(self) -> SmoothedMaps:
         pooled = PooledFeatures(self.model, self.params.pool, self.params.pool_stride)

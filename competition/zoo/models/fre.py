@@ -105,11 +105,15 @@ class FRE(AnomalyModel):
     params_class = FREParams
     params: FREParams
 
+    @classmethod
+    def extractor_layers(cls, params: FREParams) -> tuple[int, ...]:
+        return (params.layer,)
+
     def build_model(self) -> FREModel:
         return FREModel()
 
     def _extractor(self) -> FeatureExtractor:
-        return shared_extractor(self.params.backbone, [self.params.layer], self.settings)
+        return shared_extractor(self.params.backbone, self.extractor_layers(self.params), self.settings)
 
     def _head(self) -> SmoothedMaps:
         return SmoothedMaps(self._pooling(self.model), self.settings.image_size, float(self.params.blur_sigma))

@@ -120,11 +120,15 @@ class PaDiM(AnomalyModel):
     params_class = PaDiMParams
     params: PaDiMParams
 
+    @classmethod
+    def extractor_layers(cls, params: PaDiMParams) -> tuple[int, ...]:
+        return tuple(params.layers)
+
     def build_model(self) -> PaDiMModel:
         return PaDiMModel()
 
     def _extractor(self):
-        return shared_extractor(self.params.backbone, self.params.layers, self.settings)
+        return shared_extractor(self.params.backbone, self.extractor_layers(self.params), self.settings)
 
     def _embeddings(self, model: PaDiMModel, extractor, images: ImageSet, desc: str):
         """(B, P, d) float32 embeddings, position-major within each image."""

@@ -151,12 +151,16 @@ class PatchCore(AnomalyModel):
     params_class = PatchCoreParams
     params: PatchCoreParams
 
+    @classmethod
+    def extractor_layers(cls, params: PatchCoreParams) -> tuple[int, ...]:
+        return tuple(params.layers)
+
     def build_model(self) -> PatchCoreModel:
         p = self.params
         return PatchCoreModel(p.embed_dim, int(p.num_neighbours), p.search)
 
     def _extractor(self) -> FeatureExtractor:
-        return shared_extractor(self.params.backbone, self.params.layers, self.settings)
+        return shared_extractor(self.params.backbone, self.extractor_layers(self.params), self.settings)
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None) -> None:
         model = self.build_model()
