@@ -114,7 +114,6 @@ class ZooSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in saved.items() if k in known}
         values["mean"], values["std"] = tuple(values.get("mean", IMAGENET_MEAN)), tuple(values.get("std", IMAGENET_STD))
-        values["shared_layers"] = {k: [int(i) for i in v] for k, v in (values.get("shared_layers") or {}).items()}
         return cls(**values)
 
     @property
