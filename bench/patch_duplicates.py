@@ -1,53 +1,57 @@
-"""How many of PatchCore's layer1 patches are distinct: would a search over distinct patches be cheaper?
+"""How many of PatchCore's memory-bank patches are distinct: would a search over distinct patches be cheaper?
 
     python bench/patch_duplicates.py ../shared/datasets/deeppcb
-    python bench/patch_duplicates.py ../shared/datasets/bsdata_tiles --images 60 --size 256
+    python bench/patch_duplicates.py ../shared/datasets/bsdata_tiles --images 60 --set zoo.image_size=320
 
-Builds `patchcore-resnet18-layer1`'s features the way `configs/real.yaml` does (a healthy random resnet18, its
-BatchNorm statistics estimated on the same images, layer1 averaged over 3x3, stored in float16 like the fit's bank)
-on the first `--images` training normals, squashed to `--size` pixels, and prints the share of distinct patch rows.
-A share near 1 means deduplicating the bank or the queries saves nothing.
+Builds the patch rows that `patchcore-resnet18-layer1` puts in its bank, through the package itself: the config's
+zoo settings (`configs/real.yaml` by default: 256 px, a healthy random resnet18 whose BatchNorm statistics come from
+the test images), the zoo's image loader, shared extractor and PatchCore's 3x3 patch embedding, in float16 as the
+fit keeps them. It reads the first `--images` training normals and prints the share of distinct rows: near 1,
+deduplicating the bank or the queries saves nothing. The feature cache is off, so nothing is written.
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from competition.zoo.components.features import create_backbone, recalibrate_batchnorm
+from competition.config import load_config
+from competition.folds import labeled_train, load_index
+from competition.zoo.api import ImageSet
+from competition.zoo.components.features import with_backbone_statistics
+from competition.zoo.registry import build_from_config
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def load(files: list[Path], size: int) -> torch.Tensor:
-    arrays = [np.array(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)) for f in files]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+MODEL = "patchcore-resnet18-layer1"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path, help="a competition-layout dataset")
+    parser.add_argument("data", help="a competition-layout dataset")
+    parser.add_argument("--config", default="configs/real.yaml")
     parser.add_argument("--images", type=int, default=60)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    files = sorted((args.data / "train" / "normal_images").iterdir())[:args.images]
-    images = load(files, args.size)
-    network = create_backbone("resnet18", (1,), False, args.seed, init="healthy")
-    recalibrate_batchnorm(network, images.split(16))
+    cfg = load_config(args.config, [f"paths.data={args.data}", "zoo.cache=false", *args.set])
+    index = load_index(cfg)
+    train = labeled_train(index)
+    normals = ImageSet.from_frame(train[train["label"] == 0].head(args.images))
+    test = ImageSet.from_frame(index[index["split"] == "test"])
+
+    patchcore = build_from_config(MODEL, cfg)
+    model = patchcore.build_model()
+    statistics_images = test if cfg.zoo.batchnorm_images == "test" else normals
+    extractor = with_backbone_statistics(patchcore._extractor(), model, statistics_images)
+    rows = []
     with torch.no_grad():
-        features = torch.cat([F.avg_pool2d(network(batch)[0], 3, 1, 1) for batch in images.split(16)])
-    rows = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).half()
-    distinct = torch.unique(rows, dim=0).shape[0]
-    print(f"{args.data.name}: {len(files)} images at {args.size} px, {rows.shape[0]} layer1 patches, "
-          f"{distinct} distinct ({distinct / rows.shape[0]:.3f})")
+        for _, maps in extractor.extract(normals, desc="patches"):
+            emb = model.embedding(extractor.select(maps, patchcore.params.layers))
+            rows.append(emb.permute(0, 2, 3, 1).flatten(0, 2).half())
+    patches = torch.cat(rows)
+    distinct = torch.unique(patches, dim=0).shape[0]
+    print(f"{MODEL} on {len(normals)} normals of {args.data} at {cfg.zoo.image_size} px: {patches.shape[0]} patches, "
+          f"{distinct} distinct ({distinct / patches.shape[0]:.3f})")
 
 
 if __name__ == "__main__":
