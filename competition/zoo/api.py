@@ -398,7 +398,7 @@ class NoParams:
 
 @dataclass
 class BackboneParams:
-    """The two hyperparameters of every model over a timm backbone; a model's params dataclass extends it."""
+    """The hyperparameters of every model over a timm backbone; a model's params dataclass extends it."""
 
     backbone: str = "resnet18"
     # None: zoo.backbone_weights; "ssl": the experiment's pretraining output (make pretrain),
@@ -408,6 +408,9 @@ class BackboneParams:
     # subset, an initialisation) with zoo seed + k * DRAW_SEED_STRIDE, so entries that differ only in `draw` are
     # independent random feature extractors on the same folds (members to average); 0 keeps the zoo seed
     draw: int = 0
+    # 0: `draw` is the draw. N > 0: each fold ranks the random draws 0..N-1 on its training images and `draw` k is
+    # the (k+1)-th best of them (`competition.zoo.draws`): NAME, NAME@1, NAME@2 stand on the three best networks
+    screen_draws: int = 0
 
 
 def _coerce(value: Any, tp: Any) -> Any:

@@ -150,27 +150,37 @@ def build_model(name: str, settings: ZooSettings, overrides: dict[str, Any] | No
     return entry.model_class(settings, **{**entry.params, **(overrides or {})})
 
 
-def run_shared_layers(cfg, names: list[str]) -> dict[str, list[int]]:
+def _network_layers(name: str, overrides: dict[str, Any], seed: int) -> tuple[str, set[int]] | None:
+    """("backbone@seed", the layers model `name` with `overrides` reads from that random network), or None."""
+    params = resolved_params(name, overrides)
+    layers = get_entry(name).model_class.extractor_layers(params)
+    if not layers:
+        return None
+    return f"{params.backbone}@{seed + DRAW_SEED_STRIDE * params.draw}", {int(i) for i in layers}
+
+
+def run_shared_layers(cfg, names: list[str], extra: tuple[str, dict[str, Any]] | None = None) -> dict[str, list[int]]:
     """"backbone@seed" -> the layers that the models `names` (with their `zoo.params`) read from that random
     network through the shared extractor (`AnomalyModel.extractor_layers`), for `ZooSettings.shared_layers`.
     Keyed by the network's seed, which a draw shifts; a model with its own weights widens the random
-    network of its name and seed too, which costs time, never a feature."""
+    network of its name and seed too, which costs time, never a feature. `extra`: one more (name, overrides)."""
     wanted: dict[str, set[int]] = {}
-    for name in dict.fromkeys(names):
-        params = resolved_params(name, config_params(cfg, name))
-        layers = get_entry(name).model_class.extractor_layers(params)
-        if layers:
-            seed = int(cfg.seed) + DRAW_SEED_STRIDE * params.draw
-            wanted.setdefault(f"{params.backbone}@{seed}", set()).update(int(i) for i in layers)
+    pairs = [(name, config_params(cfg, name)) for name in dict.fromkeys(names)] + ([extra] if extra else [])
+    for name, overrides in pairs:
+        found = _network_layers(name, overrides, int(cfg.seed))
+        if found:
+            wanted.setdefault(found[0], set()).update(found[1])
     return {key: sorted(layers) for key, layers in sorted(wanted.items())}
 
 
-def build_from_config(name: str, cfg, run_dir=None) -> AnomalyModel:
+def build_from_config(name: str, cfg, run_dir=None, draw: int | None = None) -> AnomalyModel:
     """`build_model` with settings and `zoo.params[name]` taken from the config; its shared feature extractor
-    computes the layers that every model of `zoo.models` reads from its network (`run_shared_layers`)."""
+    computes the layers that every model of `zoo.models` reads from its network (`run_shared_layers`).
+    `draw` overrides the entry's random draw (a screened draw, `competition.zoo.draws`)."""
+    overrides = config_params(cfg, name) if draw is None else {**config_params(cfg, name), "draw": int(draw)}
     settings = dataclasses.replace(ZooSettings.from_config(cfg, run_dir=run_dir),
-                                   shared_layers=run_shared_layers(cfg, [*cfg.zoo.models, name]))
-    return build_model(name, settings, config_params(cfg, name))
+                                   shared_layers=run_shared_layers(cfg, list(cfg.zoo.models), (name, overrides)))
+    return build_model(name, settings, overrides)
 
 
 def load_model(path: str | Path, settings: ZooSettings | None = None) -> AnomalyModel:

@@ -37,9 +37,10 @@ from competition.preprocess import fit_to_canvas
 from competition.runtime import configure_threads, seed_everything
 from competition.stage import RunFolder, config_differences, json_form, results_config
 from competition.zoo.api import AnomalyModel, ImageSet
+from competition.zoo.draws import screened_draw
 from competition.zoo.evaluation import evaluate_scores
 from competition.zoo.registry import build_from_config, config_params, get_entry, resolved_params
-from competition.zoo.validation import painted_copies, split_defects, split_validation
+from competition.zoo.validation import defect_masks, painted_copies, split_defects, split_validation
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,17 @@ def zoo_record(cfg: Config, name: str) -> dict[str, Any]:
     record = results_config(cfg, RESULTS_KEYS + (("pseudo",) if pseudo else ()))
     record["zoo"].pop("models")
     record["zoo"]["params"] = dataclasses.asdict(resolved_params(name, config_params(cfg, name)))
+    if not record["zoo"]["params"].get("screen_draws", 1):
+        del record["zoo"]["params"]["screen_draws"]  # off: folds fitted before the key existed stay valid
     record["inputs"] = fold_inputs(cfg, pseudo=pseudo)
     return json_form(record)
+
+
+def screen_record(cfg: Config, name: str) -> dict[str, Any]:
+    """What a fold's draw screen depends on: the model's record, less the draw (the rank NAME@K takes)."""
+    record = zoo_record(cfg, name)
+    record["zoo"]["params"].pop("draw", None)
+    return record
 
 
 def copy_source_fold(cfg: Config, name: str, fold: int, record: dict[str, Any], out: Path) -> bool:
@@ -91,12 +101,6 @@ def run_folder(out: Path) -> RunFolder:
     return RunFolder(marker=out / SUMMARY_FILE, outputs=(out,), redo="refit this fold")
 
 
-def _defect_masks(rows: pd.DataFrame) -> list[np.ndarray | None]:
-    from competition.data.images import read_mask
-
-    return [read_mask(p) if isinstance(p, str) and p else None for p in rows["mask_path"]]
-
-
 def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path,
              test_images: ImageSet | None = None) -> tuple[AnomalyModel, dict]:
     """Fit `name` on the normals of every fold but `fold` (plus a training-fold validation set if it wants one).
@@ -108,8 +112,10 @@ def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path,
     back as its validation set's real defects, the rest is trained on (`fit_defects.csv`), so no
     defect is both. Fold `fold`'s images never enter the fit.
     """
-    model = build_from_config(name, cfg, run_dir=out)
     train_rows = folds[folds["fold"] != fold]
+    batchnorm_images = test_images if cfg.zoo.batchnorm_images == "test" and test_images is not None else None
+    screened = screened_draw(cfg, name, fold, train_rows, batchnorm_images, screen_record(cfg, name))
+    model = build_from_config(name, cfg, run_dir=out, draw=None if screened is None else screened["draw"])
     normal_rows = train_rows[train_rows["label"] == 0]
     defect_rows = train_rows[train_rows["label"] == 1]
     fit_images = ImageSet.from_frame(normal_rows)
@@ -117,7 +123,7 @@ def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path,
     seed = cfg.seed + 1000 * fold
     validation = defects = None
     if model.uses_validation or model.uses_defects:
-        watched, watched_masks = ImageSet.from_frame(defect_rows), _defect_masks(defect_rows)
+        watched, watched_masks = ImageSet.from_frame(defect_rows), defect_masks(defect_rows)
     if model.uses_defects:
         defects, held = split_defects(watched, watched_masks, share if model.uses_validation else 0.0, seed + 1)
         watched, watched_masks = held.images, held.masks
@@ -128,7 +134,8 @@ def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path,
     if defects is not None:
         write_csv(pd.DataFrame({"image_id": defects.images.ids, "has_mask": [m is not None for m in defects.masks]}),
                   out / "fit_defects.csv")
-    batchnorm_images = test_images if cfg.zoo.batchnorm_images == "test" and test_images is not None else None
+    if screened is not None:
+        write_json(screened, out / "draw_screen.json")
     started = time.perf_counter()
     model.fit(fit_images, validation, defects, batchnorm_images=batchnorm_images)
     facts = {"fit_seconds": round(time.perf_counter() - started, 2), "n_fit": len(fit_images),
@@ -136,6 +143,9 @@ def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path,
              "batchnorm_images": "fit" if batchnorm_images is None or not len(batchnorm_images) else "test"}
     if defects is not None:
         facts["n_fit_defects"] = len(defects)
+    if screened is not None:
+        facts["screened_draw"] = {"draw": screened["draw"], "rank": screened["rank"],
+                                  "auroc": screened["screen"]["candidates"][screened["rank"]]["auroc"]}
     return model, facts
 
 

@@ -32,6 +32,13 @@ def painted_copies(images: ImageSet, indices, seed: int, prefix: str = "painted"
     return ImageSet(painted, ids), masks
 
 
+def defect_masks(rows) -> list[np.ndarray | None]:
+    """The masks of index/folds rows (`mask_path`; None where a defect has none)."""
+    from competition.data.images import read_mask
+
+    return [read_mask(p) if isinstance(p, str) and p else None for p in rows["mask_path"]]
+
+
 def split_validation(normals: ImageSet, defects: ImageSet | None, share: float, seed: int,
                      defect_masks: list[np.ndarray | None] | None = None,
                      kinds: list[str] | None = None) -> tuple[ImageSet, ValidationSet]:
