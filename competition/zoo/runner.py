@@ -115,7 +115,8 @@ def fit_fold(cfg: Config, name: str, fold: int, folds: pd.DataFrame, out: Path,
     train_rows = folds[folds["fold"] != fold]
     batchnorm_images = test_images if cfg.zoo.batchnorm_images == "test" and test_images is not None else None
     screened = screened_draw(cfg, name, fold, train_rows, batchnorm_images, screen_record(cfg, name))
-    model = build_from_config(name, cfg, run_dir=out, draw=None if screened is None else screened["draw"])
+    model = (build_from_config(name, cfg, run_dir=out) if screened is None
+             else build_from_config(name, cfg, run_dir=out, draw=screened["draw"]))
     normal_rows = train_rows[train_rows["label"] == 0]
     defect_rows = train_rows[train_rows["label"] == 1]
     fit_images = ImageSet.from_frame(normal_rows)
