@@ -4,11 +4,11 @@
         --set seed=1 --draws 0 1 2 3 4 5 6 7
 
 For each fold and each draw `K` of `padim-resnet18-layer1@K` (`--model`; another random resnet18 per draw), PaDiM is
-fitted on 80% of the training folds' normals (`--inner-share`); the "inner" AUROC ranks the other 20% against the
-training folds' real defects (none of them held out, so choosing a draw by it is honest). The same fitted model then
-scores the fold's held-out images and the test images, whose AUROCs (`answers.csv` beside `test/`) say whether the
-inner AUROC would have chosen well. Prints one row per fold and draw, then per fold the draws the inner AUROC ranks
-first.
+fitted and judged as the zoo's `screen_draws` does it (`competition.zoo.draws.judging_split`): on half of the training
+folds' normals (`--inner-share`), the "inner" AUROC ranking the other half against the training folds' real defects
+(none of them held out, so choosing a draw by it is honest). The same fitted model then scores the fold's held-out
+images and the test images, whose AUROCs (`answers.csv` beside `test/`) say whether the inner AUROC would have chosen
+well. Prints one row per fold and draw, then per fold the draws the inner AUROC ranks first.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from competition.config import load_config
 from competition.folds import load_index, training_folds
 from competition.zoo.api import ImageSet
+from competition.zoo.draws import JUDGED_SHARE, judging_split
 from competition.zoo.registry import build_from_config
 
 MODEL = "padim-resnet18-layer1"
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL, help="a zoo entry with a random backbone (default: %(default)s)")
     parser.add_argument("--draws", type=int, nargs="+", default=list(range(8)))
     parser.add_argument("--folds", type=int, nargs="+", default=None)
-    parser.add_argument("--inner-share", type=float, default=0.2)
+    parser.add_argument("--inner-share", type=float, default=JUDGED_SHARE,
+                        help="share of the training normals judged, not fitted (default: the zoo's, %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="CSV of the rows (default: WORK/draw_screen.csv)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -56,17 +58,13 @@ def main() -> None:
     for fold in args.folds if args.folds is not None else range(cfg.folds.n_splits):
         train = folds[folds["fold"] != fold]
         held = folds[folds["fold"] == fold]
-        normals = train[train["label"] == 0].sample(frac=1.0, random_state=cfg.seed + fold)
-        n_inner = int(round(args.inner_share * len(normals)))
-        fit_rows, inner_normals = normals.iloc[n_inner:], normals.iloc[:n_inner]
-        inner = pd.concat([inner_normals, train[train["label"] == 1]])
+        fit, inner, inner_labels, _ = judging_split(cfg, train, fold, args.inner_share)
         for draw in args.draws:
             name = args.model if draw == 0 else f"{args.model}@{draw}"
             model = build_from_config(name, cfg)
-            model.fit(ImageSet.from_frame(fit_rows), None, None,
-                      batchnorm_images=test_images if cfg.zoo.batchnorm_images == "test" else None)
+            model.fit(fit, batchnorm_images=test_images if cfg.zoo.batchnorm_images == "test" else None)
             row = {"fold": fold, "draw": draw,
-                   "inner": roc_auc_score(inner["label"], model.score_samples(ImageSet.from_frame(inner))),
+                   "inner": roc_auc_score(inner_labels, model.score_samples(inner)),
                    "held_out": roc_auc_score(held["label"], model.score_samples(ImageSet.from_frame(held))),
                    "test": roc_auc_score(test_labels, model.score_samples(test_images))}
             rows.append(row)

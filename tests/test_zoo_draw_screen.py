@@ -59,7 +59,7 @@ def test_the_screen_reads_only_training_fold_images(tiny_cfg, min_real_defects):
     cfg = _config(tiny_cfg, "split", f"zoo.min_real_defects={min_real_defects}")
     folds = read_folds(cfg, load_index(cfg))
     train_rows, held = folds[folds["fold"] != 1], folds[folds["fold"] == 1]
-    fit, judged, labels, positives = draws._judging_split(cfg, train_rows, 1)
+    fit, judged, labels, positives = draws.judging_split(cfg, train_rows, 1)
     judged_ids = {i.split(":", 1)[-1] for i in judged.ids}  # painted copies are named painted:<image id>
     assert set(fit.ids) <= set(train_rows.loc[train_rows["label"] == 0, "image_id"])
     assert judged_ids <= set(train_rows["image_id"]) and not (set(fit.ids) | judged_ids) & set(held["image_id"])

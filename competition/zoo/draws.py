@@ -30,11 +30,12 @@ from competition.config import Config
 from competition.stage import config_differences
 from competition.zoo.api import BackboneParams, ImageSet
 from competition.zoo.registry import build_from_config, config_params, get_entry, resolved_params, split_draw
-from competition.zoo.validation import defect_masks, split_validation
+from competition.zoo.validation import defect_masks, held_out_indices, split_validation
 
 log = logging.getLogger(__name__)
 
 SCREEN_FOLDER = "_draw_screen"  # the stack and the leaderboard skip folders that start with "_"
+JUDGED_SHARE = 0.5  # of the training normals: judged, not fitted
 
 
 def screen_path(cfg: Config, name: str, fold: int) -> Path:
@@ -59,20 +60,20 @@ def screen_size(cfg: Config, name: str) -> int:
     return params.screen_draws
 
 
-def _judging_split(cfg: Config, train_rows: pd.DataFrame, fold: int) -> tuple[ImageSet, ImageSet, np.ndarray, str]:
-    """(normals to fit each candidate on, images to judge it on, their labels, what the positives are)."""
+def judging_split(cfg: Config, train_rows: pd.DataFrame, fold: int,
+                  share: float = JUDGED_SHARE) -> tuple[ImageSet, ImageSet, np.ndarray, str]:
+    """(normals to fit each candidate on, images to judge it on, their labels, what the positives are): `share`
+    of the training normals and every real defect of the training folds are judged."""
     normals = ImageSet.from_frame(train_rows[train_rows["label"] == 0])
     defect_rows = train_rows[train_rows["label"] == 1]
     defects = ImageSet.from_frame(defect_rows)
     seed = cfg.seed + 1000 * fold + 17
     if len(defects) >= cfg.zoo.min_real_defects:
-        order = np.random.default_rng(seed).permutation(len(normals))
-        half = len(normals) // 2
-        judged = normals.subset(sorted(order[:half].tolist()))
+        held, kept = held_out_indices(len(normals), share, seed)
+        judged = normals.subset(held)
         labels = np.r_[np.zeros(len(judged), int), np.ones(len(defects), int)]
-        return (normals.subset(sorted(order[half:].tolist())), judged + defects, labels,
-                f"{len(defects)} real defects")
-    fit, validation = split_validation(normals, defects, 0.5, seed, defect_masks=defect_masks(defect_rows),
+        return normals.subset(kept), judged + defects, labels, f"{len(defects)} real defects"
+    fit, validation = split_validation(normals, defects, share, seed, defect_masks=defect_masks(defect_rows),
                                        kinds=cfg.zoo.painted_kinds)
     painted = sum(kind == "painted" for kind in validation.kinds)
     return fit, validation.images, validation.labels, f"{len(defects)} real and {painted} painted defects"
@@ -82,7 +83,7 @@ def screen_fold(cfg: Config, name: str, fold: int, train_rows: pd.DataFrame,
                 batchnorm_images: ImageSet | None) -> dict[str, Any]:
     """Fit every candidate draw of `name` on half the training normals; their AUROCs on the rest, best first."""
     n = screen_size(cfg, name)
-    fit, judged, labels, positives = _judging_split(cfg, train_rows, fold)
+    fit, judged, labels, positives = judging_split(cfg, train_rows, fold)
     started = time.perf_counter()
     candidates = []
     for draw in tqdm(range(n), desc=f"{split_draw(name)[0]} fold {fold}: screening draws", unit="draw"):

@@ -39,6 +39,14 @@ def defect_masks(rows) -> list[np.ndarray | None]:
     return [read_mask(p) if isinstance(p, str) and p else None for p in rows["mask_path"]]
 
 
+def held_out_indices(n: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(held, kept) positions of `n` items: `share` of them held out (rounded, at least one of two or more, never
+    all, none when `share` is 0), drawn by `seed`; both in input order."""
+    n_held = min(max(1, int(round(share * n))), n - 1) if n > 1 and share > 0 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
+
+
 def split_validation(normals: ImageSet, defects: ImageSet | None, share: float, seed: int,
                      defect_masks: list[np.ndarray | None] | None = None,
                      kinds: list[str] | None = None) -> tuple[ImageSet, ValidationSet]:
@@ -48,10 +56,7 @@ def split_validation(normals: ImageSet, defects: ImageSet | None, share: float, 
     draw from `kinds` (None: the painters' own mix). transplant moves those of the real defects
     that have a mask; nsa cuts patches from the other held-out normals (all normals if one is held).
     """
-    n = len(normals)
-    n_held = min(max(1, int(round(share * n))), n - 1) if n > 1 else 0
-    order = np.random.default_rng(seed).permutation(n)
-    held, kept = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
+    held, kept = held_out_indices(len(normals), share, seed)
     held_set = normals.subset(held)
     bank = pool = None
     if kinds is not None and "transplant" in kinds:
@@ -83,10 +88,7 @@ def split_defects(defects: ImageSet, masks: list[np.ndarray | None] | None, shar
     by `seed`; a single defect is trained on (the validation then has painted defects only). Both parts
     keep the input order and their masks (None where unknown).
     """
-    n = len(defects)
-    masks = list(masks) if masks is not None else [None] * n
-    n_held = min(max(1, int(round(share * n))), n - 1) if n > 1 and share > 0 else 0
-    order = np.random.default_rng(seed).permutation(n)
-    held, kept = sorted(order[:n_held].tolist()), sorted(order[n_held:].tolist())
+    masks = list(masks) if masks is not None else [None] * len(defects)
+    held, kept = held_out_indices(len(defects), share, seed)
     return (DefectSet(defects.subset(kept), [masks[i] for i in kept]),
             DefectSet(defects.subset(held), [masks[i] for i in held]))
