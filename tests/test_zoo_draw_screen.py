@@ -85,6 +85,7 @@ def test_a_kept_screen_made_under_another_config_is_made_again(tiny_cfg):
     (f"{NAME}@2: {{screen_draws: 2}}", "ranked 3, among 2"),
     (f"{NAME}: {{screen_draws: 3, backbone_weights: /nowhere.safetensors}}", "loads weights"),
     ("supersimplenet-supervised: {screen_draws: 3}", "trains on defects"),
+    ("padim-resnet18-layer1-probe: {screen_draws: 3}", "trains on defects"),
 ])
 def test_a_screen_that_cannot_be_made_says_why(tiny_cfg, params, message):
     cfg = _config(tiny_cfg, "bad", f"zoo.params={{{params}}}")

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from competition.artifacts import read_json, write_json
 from competition.config import Config
 from competition.stage import config_differences
-from competition.zoo.api import BackboneParams, ImageSet
-from competition.zoo.registry import build_from_config, config_params, get_entry, resolved_params, split_draw
+from competition.zoo.api import BackboneParams, ImageSet, ZooSettings
+from competition.zoo.registry import build_from_config, build_model, config_params, resolved_params, split_draw
 from competition.zoo.validation import defect_masks, held_out_indices, split_validation
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def screen_size(cfg: Config, name: str) -> int:
         raise ValueError(f"zoo.params.{split_draw(name)[0]}.screen_draws: {name} asks for the draw ranked "
                          f"{params.draw + 1}, among {params.screen_draws} screened candidates; screen at least "
                          f"{params.draw + 1}")
-    if get_entry(name).model_class.uses_defects:
+    if build_model(name, ZooSettings(progress=False), config_params(cfg, name)).uses_defects:
         raise ValueError(f"zoo.params.{split_draw(name)[0]}: screen_draws ranks networks under models fitted on "
                          f"normals alone, and {name} trains on defects; set screen_draws: 0")
     if params.backbone_weights is not None:

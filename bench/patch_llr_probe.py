@@ -1,0 +1,236 @@
+"""Probe: do the training folds' masked real defects sharpen PaDiM's patch scores on a random network's features?
+
+PaDiM scores a patch by its Mahalanobis distance to the normals' Gaussian at that position; it never sees a defect.
+This probe, per fold, adds what the ~24 training-fold defects and their masks say about the same layer1 features:
+- `llr`: the log-likelihood ratio of a patch under one position-free Gaussian of the masked defect patches
+  (Ledoit-Wolf) against PaDiM's Gaussian at its position;
+- `probe`: a class-balanced logistic regression on the patch feature and its PaDiM distance, defect patches against
+  normal patches (of the normals and of the defect images outside their dilated masks).
+Maps are smoothed (sigma 1 cell, 4 px at 256) and the image score is their maximum, as PaDiM's. Prints held-out
+and test AUROC per fold and for the fold-averaged test scores (each fold's scores standardised on its held-out
+normals), PaDiM's beside them, and rank blends with PaDiM.
+
+    python bench/patch_llr_probe.py ../shared/datasets/bsdata_tiles runs/bench-real/bsdata_tiles-real-seed1/runs \
+        --set seed=1
+
+Reads `answers.csv` beside `test/` (a bench script; the pipeline never does).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import binary_dilation
+from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from competition.config import load_config
+from competition.folds import load_index
+from competition.preprocess import Geometry, fit_mask_to_canvas
+from competition.zoo.api import ImageSet
+from competition.zoo.components.features import with_backbone_statistics
+from competition.zoo.models.padim import ledoit_wolf_shrinkage
+from competition.zoo.registry import build_from_config
+from competition.zoo.validation import defect_masks
+
+MODEL = "padim-resnet18-layer1"
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = int(3 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    m = maps[:, None]
+    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    return m[:, 0]
+
+
+def lw_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) -> mean, Ledoit-Wolf covariance (float64)."""
+    x = x.double()
+    mu = x.mean(0)
+    c = x - mu
+    emp = c.T @ c / len(x)
+    fourth = ((c ** 2).sum(-1) ** 2).sum()
+    s = ledoit_wolf_shrinkage(emp[None], fourth[None], len(x))[0]
+    m = torch.diagonal(emp).mean()
+    return mu, (1 - s) * emp + s * m * torch.eye(len(mu), dtype=torch.float64)
+
+
+def position_gaussians(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, P, d) -> per position mean (P, d), inverse covariance (P, d, d), log-determinant (P,)."""
+    x = feats.double()
+    n = x.shape[0]
+    mu = x.mean(0)
+    c = (x - mu).transpose(0, 1)  # (P, N, d)
+    emp = torch.bmm(c.transpose(1, 2), c) / n
+    fourth = ((c ** 2).sum(-1) ** 2).sum(1)
+    s = ledoit_wolf_shrinkage(emp, fourth, n)
+    m = torch.diagonal(emp, dim1=-2, dim2=-1).mean(-1)
+    cov = (1 - s)[:, None, None] * emp + (s * m)[:, None, None] * torch.eye(x.shape[-1], dtype=torch.float64)
+    return mu.float(), torch.linalg.inv(cov).float(), torch.logdet(cov).float()
+
+
+def mahalanobis2(feats: torch.Tensor, mu: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """(B, P, d) against per-position (P, d), (P, d, d) -> (B, P) squared distances."""
+    delta = (feats - mu[None]).transpose(0, 1)  # (P, B, d)
+    return (torch.bmm(delta, inv) * delta).sum(-1).T
+
+
+def zscore(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    return (scores - reference.mean()) / (reference.std() + 1e-12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("work", help="a run's paths.work: its folds.csv and feature cache are used")
+    parser.add_argument("--config", default="configs/real.yaml")
+    parser.add_argument("--folds", type=int, nargs="*", default=None)
+    parser.add_argument("--dilate", type=int, default=1, help="cells of margin around masks excluded from negatives")
+    parser.add_argument("--C", type=float, default=0.1)
+    parser.add_argument("--no-distance", action="store_true", help="the probe without PaDiM's distance")
+    parser.add_argument("--weak", type=int, default=0,
+                        help="ignore the masks: each defect's N cells of largest PaDiM distance are its positives")
+    parser.add_argument("--context", action="store_true", help="add each cell's 3x3 mean to its feature")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, [f"paths.data={args.data}", f"paths.work={args.work}", *args.set])
+    index = load_index(cfg)
+    folds = pd.read_csv(Path(args.work) / "folds.csv")
+    train = index[index["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id")
+    test = index[index["split"] == "test"].reset_index(drop=True)
+    answers = pd.read_csv(Path(args.data) / "answers.csv").set_index("ImageId")
+    y_test = answers.loc[[Path(i).stem if i not in answers.index else i for i in test["image_id"]], "answer"]
+    y_test = y_test.to_numpy()
+
+    padim = build_from_config(MODEL, cfg)
+    model = padim.build_model()
+    test_set = ImageSet.from_frame(test)
+    stats = test_set if cfg.zoo.batchnorm_images == "test" else ImageSet.from_frame(train[train.label == 0])
+    extractor = with_backbone_statistics(padim._extractor(), model, stats)
+
+    def features(images: ImageSet) -> torch.Tensor:
+        out = [None] * len(images)
+        with torch.no_grad():
+            for idx, maps in extractor.extract(images, desc="features"):
+                f = extractor.select(maps, [1])[0].float()
+                for j, i in enumerate(idx):
+                    out[int(i)] = f[j]
+        return torch.stack(out)  # (N, d, h, w)
+
+    train_feats = features(ImageSet.from_frame(train))
+    test_feats = features(test_set)
+    if args.context:
+        train_feats = torch.cat([train_feats, F.avg_pool2d(train_feats, 3, 1, 1, count_include_pad=False)], 1)
+        test_feats = torch.cat([test_feats, F.avg_pool2d(test_feats, 3, 1, 1, count_include_pad=False)], 1)
+    _, d, h, w = train_feats.shape
+    flat = lambda f: f.flatten(2).transpose(1, 2).contiguous()  # noqa: E731  (N, P, d)
+    train_flat, test_flat = flat(train_feats), flat(test_feats)
+    geometry = Geometry(image_size=cfg.zoo.image_size, resize=cfg.zoo.resize)
+    masks = defect_masks(train)
+    cell_masks = []
+    for m in masks:
+        if m is None:
+            cell_masks.append(None)
+            continue
+        canvas, _ = fit_mask_to_canvas((np.asarray(m) > 0).astype(np.uint8), geometry)
+        t = torch.from_numpy(canvas.astype(np.float32))[None, None]
+        cell_masks.append(F.adaptive_max_pool2d(t, (h, w))[0, 0].numpy() > 0)
+
+    labels = train["label"].to_numpy().astype(int)
+    rows = []
+    test_z = {k: [] for k in ("padim", "llr", "probe")}
+    for k in sorted(folds["fold"].unique()) if args.folds is None else args.folds:
+        fit = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 0))
+        held = np.flatnonzero((train["fold"] == k).to_numpy())
+        defects = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 1))
+        mu, inv, logdet = position_gaussians(train_flat[fit])
+        if args.weak:
+            for i in defects:
+                m2 = mahalanobis2(train_flat[i][None], mu, inv)[0]
+                cells = np.zeros(h * w, bool)
+                cells[m2.topk(args.weak).indices.numpy()] = True
+                cell_masks[i] = cells.reshape(h, w)
+        pos, neg = [], []
+        for i in defects:
+            if cell_masks[i] is None:
+                continue
+            inside = cell_masks[i].reshape(-1)
+            margin = binary_dilation(cell_masks[i], iterations=args.dilate).reshape(-1)
+            pos.append(train_flat[i][inside])
+            neg.append(train_flat[i][~margin][::8])
+        normal_patches = train_flat[fit][:, ::16].reshape(-1, d)
+        pos = torch.cat(pos)
+        d_mu, d_cov = lw_cov(pos)
+        d_inv, d_logdet = torch.linalg.inv(d_cov).float(), torch.logdet(d_cov).float()
+
+        def maps(feats: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = {"padim": [], "llr": [], "probe": [], "m2": []}
+            for b in range(0, len(feats), 32):
+                x = feats[b:b + 32]
+                m2 = mahalanobis2(x, mu, inv)
+                dd = ((x - d_mu.float()) @ d_inv * (x - d_mu.float())).sum(-1)
+                llr = 0.5 * (m2 + logdet[None]) - 0.5 * (dd + d_logdet)
+                out["padim"].append(m2.clamp(min=0).sqrt())
+                out["llr"].append(llr)
+                out["m2"].append(m2)
+            return {key: torch.cat(v) for key, v in out.items() if v}
+
+        train_maps = maps(train_flat)
+        # the probe's training patches: defect cells, normal cells of the fit normals and of the defect images
+        neg_all = torch.cat([normal_patches, torch.cat(neg)])
+        m2_pos = torch.cat([train_maps["m2"][i][cell_masks[i].reshape(-1)] for i in defects
+                            if cell_masks[i] is not None])
+        m2_norm = train_maps["m2"][fit][:, ::16].reshape(-1)
+        m2_neg = torch.cat([m2_norm] + [train_maps["m2"][i][~binary_dilation(cell_masks[i], iterations=args.dilate)
+                                                             .reshape(-1)][::8] for i in defects
+                                         if cell_masks[i] is not None])
+        xs = torch.cat([torch.cat([pos, m2_pos.sqrt()[:, None]], 1), torch.cat([neg_all, m2_neg.sqrt()[:, None]], 1)])
+        if args.no_distance:
+            xs[:, -1] = 0
+        ys = np.r_[np.ones(len(pos)), np.zeros(len(neg_all))]
+        mean_x, std_x = xs.mean(0), xs.std(0) + 1e-6
+        clf = LogisticRegression(C=args.C, class_weight="balanced", max_iter=2000)
+        clf.fit(((xs - mean_x) / std_x).numpy(), ys)
+        coef = torch.from_numpy(clf.coef_[0]).float()
+        bias = float(clf.intercept_[0])
+
+        def image_scores(feats: torch.Tensor, m: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+            x = torch.cat([feats, m["padim"][..., None] * (0 if args.no_distance else 1)], -1)
+            m["probe"] = ((x - mean_x) / std_x) @ coef + bias
+            return {key: gaussian_blur(m[key].reshape(-1, h, w), 1.0).amax((1, 2)).numpy()
+                    for key in ("padim", "llr", "probe")}
+
+        held_scores = image_scores(train_flat[held], {key: v[held] for key, v in train_maps.items()})
+        test_scores = image_scores(test_flat, maps(test_flat))
+        y_held = labels[held]
+        row = {"fold": k, "pos_patches": len(pos), "neg_patches": len(neg_all)}
+        for key in ("padim", "llr", "probe"):
+            row[f"{key}_held"] = roc_auc_score(y_held, held_scores[key])
+            row[f"{key}_test"] = roc_auc_score(y_test, test_scores[key])
+            test_z[key].append(zscore(test_scores[key], held_scores[key][y_held == 0]))
+        for key in ("llr", "probe"):
+            blend = rankdata(test_scores["padim"]) + rankdata(test_scores[key])
+            row[f"padim+{key}_test"] = roc_auc_score(y_test, blend)
+        rows.append(row)
+        print(pd.DataFrame([row]).round(3).to_string(index=False), flush=True)
+    print(pd.DataFrame(rows).round(3).to_string(index=False))
+    mean = {key: np.mean(v, 0) for key, v in test_z.items()}
+    print("fold-averaged test AUROC: " + ", ".join(f"{key} {roc_auc_score(y_test, v):.3f}" for key, v in mean.items()))
+    for key in ("llr", "probe"):
+        blend = rankdata(mean["padim"]) + rankdata(mean[key])
+        print(f"rank blend padim+{key}: {roc_auc_score(y_test, blend):.3f}")
+
+
+if __name__ == "__main__":
+    main()
