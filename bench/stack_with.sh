@@ -19,11 +19,14 @@ cmp -s "$WORK/runs/folds.csv" "$(dirname "$(dirname "${MODELS[0]}")")/folds.csv"
   || { echo "the added models were fitted on another folds.csv"; exit 1; }
 
 mkdir -p "$WORK/runs/$TO"
+# a model folder without its fitted models (model.pt): the stack reads the scores, and deeppcb's fold models
+# take a gigabyte a copy
+copy_scores() { tar -C "$(dirname "$1")" --exclude=model.pt -cf - "$(basename "$1")" | tar -C "$WORK/runs/$TO" -xf -; }
 for model in "$WORK/runs/$FROM"/*/; do
   case "$(basename "$model")" in _*) continue;; esac
-  cp -r "$model" "$WORK/runs/$TO/"
+  copy_scores "${model%/}"
 done
-for model in "${MODELS[@]}"; do cp -r "$model" "$WORK/runs/$TO/"; done
+for model in "${MODELS[@]}"; do copy_scores "${model%/}"; done
 ARGS=(--config "$CONFIG" --set "paths.data=$DATA" --set "paths.work=$WORK/runs"
       --set "paths.submissions=$WORK/submissions" --set "experiment=$TO")
 for kv in "$@"; do ARGS+=(--set "$kv"); done
