@@ -219,8 +219,9 @@ def test_runner_gives_every_fold_the_test_images_statistics_when_asked(tiny_cfg)
 
 
 def test_run_widens_each_network_to_its_readers_layers_only():
-    """`zoo.models` of configs/real.yaml: PaDiM layer1 and FRE layer3 read draw 0's network, so it computes
-    layers 1 and 3; the draws @1 and @2 are read at layer1 alone, so their networks stop there."""
+    """`zoo.models` of configs/real.yaml: PaDiM layer1, its defect probe and FRE layer3 read draw 0's network, so it
+    computes layers 1 and 3 (one cache entry for the three); the draws @1 and @2 are read at layer1 alone, so their
+    networks stop there."""
     from competition.config import load_config
     from competition.zoo.api import DRAW_SEED_STRIDE
     from competition.zoo.registry import build_from_config, run_shared_layers
@@ -232,6 +233,7 @@ def test_run_widens_each_network_to_its_readers_layers_only():
     draw = build_from_config("padim-resnet18-layer1@1", cfg)
     assert draw._extractor().layers == (1,)
     assert build_from_config("padim-resnet18-layer1", cfg)._extractor().layers == (1, 3)
+    assert build_from_config("padim-resnet18-layer1-probe", cfg)._extractor().layers == (1, 3)
     # a model outside zoo.models still gets its own layers, and a model built outside a run the superset
     assert build_from_config("patchcore-resnet18", cfg)._extractor().layers == (1, 2, 3)
     assert shared_extractor("resnet18", [1], _settings()).layers == (1, 2, 3, 4)
