@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import binary_dilation
 from scipy.stats import rankdata
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -100,6 +101,13 @@ def main() -> None:
     parser.add_argument("--weak", type=int, default=0,
                         help="ignore the masks: each defect's N cells of largest PaDiM distance are its positives")
     parser.add_argument("--context", action="store_true", help="add each cell's 3x3 mean to its feature")
+    parser.add_argument("--draws", type=int, nargs="+", default=[0],
+                        help="random networks whose layer1 features are concatenated (PaDiM and the probe see all)")
+    parser.add_argument("--per-draw", action="store_true",
+                        help="with several --draws: the probe gets each draw's own PaDiM distance (64-d Gaussians), "
+                             "not the distance over the concatenation")
+    parser.add_argument("--classifier", choices=["logistic", "hgb"], default="logistic",
+                        help="the probe: logistic regression, or sklearn's histogram gradient boosting")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -113,20 +121,23 @@ def main() -> None:
     y_test = answers.loc[[Path(i).stem if i not in answers.index else i for i in test["image_id"]], "answer"]
     y_test = y_test.to_numpy()
 
-    padim = build_from_config(MODEL, cfg)
-    model = padim.build_model()
     test_set = ImageSet.from_frame(test)
     stats = test_set if cfg.zoo.batchnorm_images == "test" else ImageSet.from_frame(train[train.label == 0])
-    extractor = with_backbone_statistics(padim._extractor(), model, stats)
 
     def features(images: ImageSet) -> torch.Tensor:
-        out = [None] * len(images)
-        with torch.no_grad():
-            for idx, maps in extractor.extract(images, desc="features"):
-                f = extractor.select(maps, [1])[0].float()
-                for j, i in enumerate(idx):
-                    out[int(i)] = f[j]
-        return torch.stack(out)  # (N, d, h, w)
+        """(N, d, h, w): layer1 of every asked draw, concatenated."""
+        per_draw = []
+        for k in args.draws:
+            padim = build_from_config(MODEL if k == 0 else f"{MODEL}@{k}", cfg)
+            extractor = with_backbone_statistics(padim._extractor(), padim.build_model(), stats)
+            out = [None] * len(images)
+            with torch.no_grad():
+                for idx, maps in extractor.extract(images, desc=f"features (draw {k})"):
+                    f = extractor.select(maps, [1])[0].float()
+                    for j, i in enumerate(idx):
+                        out[int(i)] = f[j]
+            per_draw.append(torch.stack(out))
+        return torch.cat(per_draw, 1)
 
     train_feats = features(ImageSet.from_frame(train))
     test_feats = features(test_set)
@@ -150,7 +161,8 @@ def main() -> None:
     labels = train["label"].to_numpy().astype(int)
     rows = []
     test_z = {k: [] for k in ("padim", "llr", "probe")}
-    for k in sorted(folds["fold"].unique()) if args.folds is None else args.folds:
+
+    def fold_row(k: int) -> dict:
         fit = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 0))
         held = np.flatnonzero((train["fold"] == k).to_numpy())
         defects = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 1))
@@ -173,9 +185,12 @@ def main() -> None:
         pos = torch.cat(pos)
         d_mu, d_cov = lw_cov(pos)
         d_inv, d_logdet = torch.linalg.inv(d_cov).float(), torch.logdet(d_cov).float()
+        width = d // len(args.draws)
+        per_draw = [position_gaussians(train_flat[fit][..., j * width:(j + 1) * width])[:2]
+                    for j in range(len(args.draws))] if args.per_draw else []
 
         def maps(feats: torch.Tensor) -> dict[str, torch.Tensor]:
-            out = {"padim": [], "llr": [], "probe": [], "m2": []}
+            out = {"padim": [], "llr": [], "probe": [], "m2": [], "dist": []}
             for b in range(0, len(feats), 32):
                 x = feats[b:b + 32]
                 m2 = mahalanobis2(x, mu, inv)
@@ -184,30 +199,35 @@ def main() -> None:
                 out["padim"].append(m2.clamp(min=0).sqrt())
                 out["llr"].append(llr)
                 out["m2"].append(m2)
+                out["dist"].append(torch.stack([mahalanobis2(x[..., j * width:(j + 1) * width], g_mu, g_inv)
+                                                .clamp(min=0).sqrt() for j, (g_mu, g_inv) in enumerate(per_draw)],
+                                               -1) if per_draw else m2.clamp(min=0).sqrt()[..., None])
             return {key: torch.cat(v) for key, v in out.items() if v}
 
         train_maps = maps(train_flat)
         # the probe's training patches: defect cells, normal cells of the fit normals and of the defect images
         neg_all = torch.cat([normal_patches, torch.cat(neg)])
-        m2_pos = torch.cat([train_maps["m2"][i][cell_masks[i].reshape(-1)] for i in defects
-                            if cell_masks[i] is not None])
-        m2_norm = train_maps["m2"][fit][:, ::16].reshape(-1)
-        m2_neg = torch.cat([m2_norm] + [train_maps["m2"][i][~binary_dilation(cell_masks[i], iterations=args.dilate)
-                                                             .reshape(-1)][::8] for i in defects
-                                         if cell_masks[i] is not None])
-        xs = torch.cat([torch.cat([pos, m2_pos.sqrt()[:, None]], 1), torch.cat([neg_all, m2_neg.sqrt()[:, None]], 1)])
+        dist = train_maps["dist"]
+        dist_pos = torch.cat([dist[i][cell_masks[i].reshape(-1)] for i in defects if cell_masks[i] is not None])
+        dist_neg = torch.cat([dist[fit][:, ::16].reshape(-1, dist.shape[-1])]
+                             + [dist[i][~binary_dilation(cell_masks[i], iterations=args.dilate).reshape(-1)][::8]
+                                for i in defects if cell_masks[i] is not None])
+        xs = torch.cat([torch.cat([pos, dist_pos], 1), torch.cat([neg_all, dist_neg], 1)])
         if args.no_distance:
-            xs[:, -1] = 0
+            xs[:, d:] = 0
         ys = np.r_[np.ones(len(pos)), np.zeros(len(neg_all))]
         mean_x, std_x = xs.mean(0), xs.std(0) + 1e-6
-        clf = LogisticRegression(C=args.C, class_weight="balanced", max_iter=2000)
+        if args.classifier == "hgb":
+            clf = HistGradientBoostingClassifier(max_iter=200, max_leaf_nodes=15, class_weight="balanced",
+                                                 random_state=0)
+        else:
+            clf = LogisticRegression(C=args.C, class_weight="balanced", max_iter=2000)
         clf.fit(((xs - mean_x) / std_x).numpy(), ys)
-        coef = torch.from_numpy(clf.coef_[0]).float()
-        bias = float(clf.intercept_[0])
 
         def image_scores(feats: torch.Tensor, m: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-            x = torch.cat([feats, m["padim"][..., None] * (0 if args.no_distance else 1)], -1)
-            m["probe"] = ((x - mean_x) / std_x) @ coef + bias
+            x = torch.cat([feats, m["dist"] * (0 if args.no_distance else 1)], -1)
+            z = ((x - mean_x) / std_x).reshape(-1, x.shape[-1]).numpy()
+            m["probe"] = torch.from_numpy(clf.decision_function(z)).float().reshape(x.shape[:-1])
             return {key: gaussian_blur(m[key].reshape(-1, h, w), 1.0).amax((1, 2)).numpy()
                     for key in ("padim", "llr", "probe")}
 
@@ -222,8 +242,11 @@ def main() -> None:
         for key in ("llr", "probe"):
             blend = rankdata(test_scores["padim"]) + rankdata(test_scores[key])
             row[f"padim+{key}_test"] = roc_auc_score(y_test, blend)
-        rows.append(row)
-        print(pd.DataFrame([row]).round(3).to_string(index=False), flush=True)
+        return row
+
+    for k in sorted(folds["fold"].unique()) if args.folds is None else args.folds:
+        rows.append(fold_row(k))
+        print(pd.DataFrame([rows[-1]]).round(3).to_string(index=False), flush=True)
     print(pd.DataFrame(rows).round(3).to_string(index=False))
     mean = {key: np.mean(v, 0) for key, v in test_z.items()}
     print("fold-averaged test AUROC: " + ", ".join(f"{key} {roc_auc_score(y_test, v):.3f}" for key, v in mean.items()))
