@@ -6,7 +6,7 @@ This probe, per fold, adds what the ~24 training-fold defects and their masks sa
   (Ledoit-Wolf) against PaDiM's Gaussian at its position;
 - `probe`: a class-balanced logistic regression on the patch feature and its PaDiM distance, defect patches against
   normal patches (of the normals and of the defect images outside their dilated masks).
-Maps are smoothed (sigma 1 cell, 4 px at 256) and the image score is their maximum, as PaDiM's. Prints held-out
+Maps are upsampled to the canvas and smoothed, and the image score is their maximum, as PaDiM's. Prints held-out
 and test AUROC per fold and for the fold-averaged test scores (each fold's scores standardised on its held-out
 normals), PaDiM's beside them, and rank blends with PaDiM.
 
@@ -32,25 +32,15 @@ from sklearn.metrics import roc_auc_score
 
 from competition.config import load_config
 from competition.folds import load_index
-from competition.preprocess import Geometry, fit_mask_to_canvas
+from competition.preprocess import Geometry
 from competition.zoo.api import ImageSet
 from competition.zoo.components.features import with_backbone_statistics
-from competition.zoo.models.padim import ledoit_wolf_shrinkage
+from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
+from competition.zoo.models.padim import ledoit_wolf_shrinkage, mask_cells
 from competition.zoo.registry import build_from_config
 from competition.zoo.validation import defect_masks
 
 MODEL = "padim-resnet18-layer1"
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = int(3 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    m = maps[:, None]
-    m = F.conv2d(F.pad(m, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    m = F.conv2d(F.pad(m, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-    return m[:, 0]
 
 
 def lw_cov(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,16 +137,14 @@ def main() -> None:
     _, d, h, w = train_feats.shape
     flat = lambda f: f.flatten(2).transpose(1, 2).contiguous()  # noqa: E731  (N, P, d)
     train_flat, test_flat = flat(train_feats), flat(test_feats)
-    geometry = Geometry(image_size=cfg.zoo.image_size, resize=cfg.zoo.resize)
-    masks = defect_masks(train)
-    cell_masks = []
-    for m in masks:
-        if m is None:
-            cell_masks.append(None)
-            continue
-        canvas, _ = fit_mask_to_canvas((np.asarray(m) > 0).astype(np.uint8), geometry)
-        t = torch.from_numpy(canvas.astype(np.float32))[None, None]
-        cell_masks.append(F.adaptive_max_pool2d(t, (h, w))[0, 0].numpy() > 0)
+    cell_masks = [None if m is None else mask_cells(m, Geometry(image_size=cfg.zoo.image_size, resize=cfg.zoo.resize),
+                                                    (h, w)).numpy() for m in defect_masks(train)]
+    sigma = float(build_from_config(MODEL, cfg).params.blur_sigma)
+
+    def smoothed_maxima(coarse: torch.Tensor) -> np.ndarray:
+        """(N, h, w) -> (N,): upsampled to the canvas, blurred and maxed, as PaDiM's head (SmoothedMaps)."""
+        return torch.cat([gaussian_blur_maps(upsample_maps(c, cfg.zoo.image_size), sigma).amax((1, 2))
+                          for c in coarse.split(64)]).numpy()
 
     labels = train["label"].to_numpy().astype(int)
     rows = []
@@ -228,8 +216,7 @@ def main() -> None:
             x = torch.cat([feats, m["dist"] * (0 if args.no_distance else 1)], -1)
             z = ((x - mean_x) / std_x).reshape(-1, x.shape[-1]).numpy()
             m["probe"] = torch.from_numpy(clf.decision_function(z)).float().reshape(x.shape[:-1])
-            return {key: gaussian_blur(m[key].reshape(-1, h, w), 1.0).amax((1, 2)).numpy()
-                    for key in ("padim", "llr", "probe")}
+            return {key: smoothed_maxima(m[key].reshape(-1, h, w)) for key in ("padim", "llr", "probe")}
 
         held_scores = image_scores(train_flat[held], {key: v[held] for key, v in train_maps.items()})
         test_scores = image_scores(test_flat, maps(test_flat))
