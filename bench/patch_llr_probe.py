@@ -154,10 +154,14 @@ def main() -> None:
         fit = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 0))
         held = np.flatnonzero((train["fold"] == k).to_numpy())
         defects = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 1))
-        mu, inv, logdet = position_gaussians(train_flat[fit])
+        width = d // len(args.draws)
+        # PaDiM and llr over draw 0's features alone with --per-draw (the probe gets each draw's distance); over
+        # the concatenation otherwise
+        lead = width if args.per_draw else d
+        mu, inv, logdet = position_gaussians(train_flat[fit][..., :lead])
         if args.weak:
             for i in defects:
-                m2 = mahalanobis2(train_flat[i][None], mu, inv)[0]
+                m2 = mahalanobis2(train_flat[i][None][..., :lead], mu, inv)[0]
                 cells = np.zeros(h * w, bool)
                 cells[m2.topk(args.weak).indices.numpy()] = True
                 cell_masks[i] = cells.reshape(h, w)
@@ -171,9 +175,8 @@ def main() -> None:
             neg.append(train_flat[i][~margin][::8])
         normal_patches = train_flat[fit][:, ::16].reshape(-1, d)
         pos = torch.cat(pos)
-        d_mu, d_cov = lw_cov(pos)
+        d_mu, d_cov = lw_cov(pos[:, :lead])
         d_inv, d_logdet = torch.linalg.inv(d_cov).float(), torch.logdet(d_cov).float()
-        width = d // len(args.draws)
         per_draw = [position_gaussians(train_flat[fit][..., j * width:(j + 1) * width])[:2]
                     for j in range(len(args.draws))] if args.per_draw else []
 
@@ -181,8 +184,8 @@ def main() -> None:
             out = {"padim": [], "llr": [], "probe": [], "m2": [], "dist": []}
             for b in range(0, len(feats), 32):
                 x = feats[b:b + 32]
-                m2 = mahalanobis2(x, mu, inv)
-                dd = ((x - d_mu.float()) @ d_inv * (x - d_mu.float())).sum(-1)
+                m2 = mahalanobis2(x[..., :lead], mu, inv)
+                dd = ((x[..., :lead] - d_mu.float()) @ d_inv * (x[..., :lead] - d_mu.float())).sum(-1)
                 llr = 0.5 * (m2 + logdet[None]) - 0.5 * (dd + d_logdet)
                 out["padim"].append(m2.clamp(min=0).sqrt())
                 out["llr"].append(llr)

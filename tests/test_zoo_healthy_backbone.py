@@ -234,6 +234,12 @@ def test_run_widens_each_network_to_its_readers_layers_only():
     assert draw._extractor().layers == (1,)
     assert build_from_config("padim-resnet18-layer1", cfg)._extractor().layers == (1, 3)
     assert build_from_config("padim-resnet18-layer1-probe", cfg)._extractor().layers == (1, 3)
+    # the probe over three networks reads layer1 of draws 0, 1 and 2: the networks of PaDiM, @1 and @2
+    seeds = [cfg.seed + k * DRAW_SEED_STRIDE for k in range(3)]
+    assert run_shared_layers(cfg, ["padim-resnet18-layer1-probe3"]) == {f"resnet18@{s}": [1] for s in seeds}
+    probe3 = build_from_config("padim-resnet18-layer1-probe3", cfg)
+    assert [probe3._extractor(k).settings.seed for k in range(3)] == seeds
+    assert probe3._extractor(2).layers == (1,)
     # a model outside zoo.models still gets its own layers, and a model built outside a run the superset
     assert build_from_config("patchcore-resnet18", cfg)._extractor().layers == (1, 2, 3)
     assert shared_extractor("resnet18", [1], _settings()).layers == (1, 2, 3, 4)

@@ -217,6 +217,34 @@ def test_padim_probe_trains_on_defects_without_masks(textures):
     assert auroc(labels, probe.score_samples(test)) >= 0.85
 
 
+def test_padim_probe_over_three_networks_reads_the_next_draws_and_reloads(textures, tmp_path):
+    """`padim-resnet18-layer1-probe3`: the probe sees three random networks side by side, each with the PaDiM
+    Gaussians its own draw's entry fits (draws 0, 1, 2: the networks of padim-resnet18-layer1, @1 and @2, so a run
+    reads their cached features); a reload and the one-module scoring (three backbones) score the same."""
+    from competition.zoo.registry import load_model
+
+    fit, defects, test, labels = textures
+    probe3 = build_model("padim-resnet18-layer1-probe3", _settings()).fit(fit, None, defects)
+    assert probe3.fit_info["probe_networks"] == 3 and len(probe3.model.probe_weight) == 3 * (64 + 1)
+    for k, padim in enumerate([probe3.model, *probe3.model.draws]):
+        alone = build_model(f"padim-resnet18-layer1@{k}" if k else "padim-resnet18-layer1", _settings()).fit(fit)
+        torch.testing.assert_close(padim.mean, alone.model.mean)
+        torch.testing.assert_close(padim.backbone_statistics, alone.model.backbone_statistics)
+    prediction = probe3.predict(test)
+    assert auroc(labels, prediction.scores) >= 0.9
+    reloaded = load_model(probe3.save(tmp_path / "probe3.pt"))
+    np.testing.assert_allclose(reloaded.score_samples(test), prediction.scores, rtol=1e-5, atol=1e-6)
+    module = probe3.scoring_module()
+    assert len(module.backbones) == 3
+    scores, _ = probe3.predict_with(module, test, with_maps=True)
+    np.testing.assert_allclose(scores, prediction.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_padim_probe_draws_need_the_probe():
+    with pytest.raises(ValueError, match="set defect_probe"):
+        build_model("padim-resnet18-layer1", _settings(), {"probe_draws": 2})
+
+
 def test_padim_probe_needs_labelled_defects(textures):
     fit, _, _, _ = textures
     with pytest.raises(ValueError, match="defect_probe trains on labelled defects"):

@@ -548,6 +548,12 @@ class AnomalyModel:
         default): the run's zoo widens each network's extraction to the union of its readers' layers."""
         return ()
 
+    @classmethod
+    def extractor_draws(cls, params: Any) -> int:
+        """How many random networks of `params.backbone` the model reads through the shared extractor, its own
+        draw and the next ones (draw + 1, ...): one unless a model reads several side by side."""
+        return 1
+
     def get_params(self) -> dict[str, Any]:
         return dataclasses.asdict(self.params)
 

@@ -150,13 +150,16 @@ def build_model(name: str, settings: ZooSettings, overrides: dict[str, Any] | No
     return entry.model_class(settings, **{**entry.params, **(overrides or {})})
 
 
-def _network_layers(name: str, overrides: dict[str, Any], seed: int) -> tuple[str, set[int]] | None:
-    """("backbone@seed", the layers model `name` with `overrides` reads from that random network), or None."""
+def _network_layers(name: str, overrides: dict[str, Any], seed: int) -> list[tuple[str, set[int]]]:
+    """("backbone@seed", the layers model `name` with `overrides` reads from that random network) for each
+    network it reads (none for a model without the shared extractor)."""
     params = resolved_params(name, overrides)
-    layers = get_entry(name).model_class.extractor_layers(params)
+    model_class = get_entry(name).model_class
+    layers = model_class.extractor_layers(params)
     if not layers:
-        return None
-    return f"{params.backbone}@{seed + DRAW_SEED_STRIDE * params.draw}", {int(i) for i in layers}
+        return []
+    return [(f"{params.backbone}@{seed + DRAW_SEED_STRIDE * (params.draw + k)}", {int(i) for i in layers})
+            for k in range(model_class.extractor_draws(params))]
 
 
 def run_shared_layers(cfg, names: list[str], extra: tuple[str, dict[str, Any]] | None = None) -> dict[str, list[int]]:
@@ -167,9 +170,8 @@ def run_shared_layers(cfg, names: list[str], extra: tuple[str, dict[str, Any]] |
     wanted: dict[str, set[int]] = {}
     pairs = [(name, config_params(cfg, name)) for name in dict.fromkeys(names)] + ([extra] if extra else [])
     for name, overrides in pairs:
-        found = _network_layers(name, overrides, int(cfg.seed))
-        if found:
-            wanted.setdefault(found[0], set()).update(found[1])
+        for network, layers in _network_layers(name, overrides, int(cfg.seed)):
+            wanted.setdefault(network, set()).update(layers)
     return {key: sorted(layers) for key, layers in sorted(wanted.items())}
 
 

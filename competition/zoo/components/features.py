@@ -530,20 +530,57 @@ class HalfRounding(nn.Module):
 class BackboneScorer(nn.Module):
     """A feature model's whole scoring as one module: [0, 1] images -> normalised -> the extractor's backbone
     (a private copy, its BatchNorm statistics in place) -> the maps of `layers`, rounded through float16 as
-    `extract` gives them -> `head` (the module the model's eager scoring calls on extracted maps)."""
+    `extract` gives them -> `head` (the module the model's eager scoring calls on extracted maps).
+    An `ExtractorGroup` gives one backbone per network, their maps in the group's order."""
 
-    def __init__(self, extractor: FeatureExtractor, layers: Sequence[int], head: nn.Module):
+    def __init__(self, extractor: FeatureExtractor | ExtractorGroup, layers: Sequence[int], head: nn.Module):
         super().__init__()
-        extractor._use_statistics()
-        self.normalise = ImageNormalise(extractor.settings.mean, extractor.settings.std)
-        self.backbone = freeze(copy.deepcopy(extractor.model).float())
-        self.positions = [extractor.layers.index(int(i)) for i in layers]
+        extractors = extractor.extractors if isinstance(extractor, ExtractorGroup) else [extractor]
+        for member in extractors:
+            member._use_statistics()
+        self.normalise = ImageNormalise(extractors[0].settings.mean, extractors[0].settings.std)
+        self.backbones = nn.ModuleList(freeze(copy.deepcopy(member.model).float()) for member in extractors)
+        self.positions = [[member.layers.index(int(i)) for i in layers] for member in extractors]
         self.half_rounding = HalfRounding()
         self.head = head
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.backbone(self.normalise(images))
-        return self.head([self.half_rounding(maps[i]) for i in self.positions])
+        x = self.normalise(images)
+        maps = []
+        for backbone, positions in zip(self.backbones, self.positions):
+            out = backbone(x)
+            maps += [self.half_rounding(out[i]) for i in positions]
+        return self.head(maps)
+
+
+class ExtractorGroup:
+    """Several networks' extractors read side by side (a model over several random draws of a backbone):
+    `extract` yields batches in image order whose maps are each network's layers in turn, every network
+    reading its own cache. `select` picks `layers` from each network's share of such a batch."""
+
+    def __init__(self, extractors: Sequence[FeatureExtractor]):
+        self.extractors = list(extractors)
+        self.settings = self.extractors[0].settings
+
+    def extract(self, images: ImageSet, indices: Sequence[int] | None = None,
+                desc: str = "features") -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+        wanted = list(range(len(images))) if indices is None else [int(i) for i in indices]
+        step = 8 * self.settings.batch_size  # aligned chunks: each network's maps of a chunk held at once
+        with tqdm(total=len(wanted), desc=f"{desc} ({len(self.extractors)} networks)", unit="img",
+                  disable=not self.settings.progress, leave=False) as bar:
+            for start in range(0, len(wanted), step):
+                chunk = wanted[start:start + step]
+                maps = [m for k, member in enumerate(self.extractors)
+                        for m in member.extract_all(images, chunk, f"{desc}, network {k}")]
+                bar.update(len(chunk))
+                yield chunk, maps
+
+    def select(self, maps: list[torch.Tensor], layers: Sequence[int]) -> list[torch.Tensor]:
+        out, start = [], 0
+        for member in self.extractors:
+            out += member.select(maps[start:start + len(member.layers)], layers)
+            start += len(member.layers)
+        return out
 
 
 def shared_extractor(backbone: str, layers: Sequence[int], settings: ZooSettings) -> FeatureExtractor:
