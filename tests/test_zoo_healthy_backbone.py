@@ -220,16 +220,15 @@ def test_runner_gives_every_fold_the_test_images_statistics_when_asked(tiny_cfg)
 
 def test_run_widens_each_network_to_its_readers_layers_only():
     """`zoo.models` of configs/real.yaml: PaDiM layer1, its defect probe and FRE layer3 read draw 0's network, so it
-    computes layers 1 and 3 (one cache entry for the three); the draws @1 and @2 are read at layer1 alone, so their
-    networks stop there."""
+    computes layers 1 and 3 (one cache entry for the three); the draws @1 and @2 and the probe's further networks
+    (draws 1-4) are read at layer1 alone, so those networks stop there."""
     from competition.config import load_config
     from competition.zoo.api import DRAW_SEED_STRIDE
     from competition.zoo.registry import build_from_config, run_shared_layers
 
     cfg = load_config(str(Path(__file__).parents[1] / "configs" / "real.yaml"), ["zoo.backbone_init=healthy"])
     assert run_shared_layers(cfg, list(cfg.zoo.models)) == {
-        f"resnet18@{cfg.seed}": [1, 3], f"resnet18@{cfg.seed + DRAW_SEED_STRIDE}": [1],
-        f"resnet18@{cfg.seed + 2 * DRAW_SEED_STRIDE}": [1]}
+        f"resnet18@{cfg.seed}": [1, 3], **{f"resnet18@{cfg.seed + k * DRAW_SEED_STRIDE}": [1] for k in range(1, 5)}}
     draw = build_from_config("padim-resnet18-layer1@1", cfg)
     assert draw._extractor().layers == (1,)
     assert build_from_config("padim-resnet18-layer1", cfg)._extractor().layers == (1, 3)
