@@ -224,42 +224,36 @@ class PaDiM(AnomalyModel):
         settings = dataclasses.replace(self.settings, seed=self.settings.seed + DRAW_SEED_STRIDE * network)
         return shared_extractor(self.params.backbone, self.extractor_layers(self.params), settings)
 
-    def _probe_extractors(self, model: PaDiMModel, fit_images: ImageSet | None = None) -> ExtractorGroup:
-        """Every network the probe reads, with its BatchNorm statistics (estimated on `fit_images` when
-        given and kept in its PaDiM of `model.draws`)."""
+    def _networks(self, model: PaDiMModel, fit_images: ImageSet | None = None) -> ExtractorGroup:
+        """Every network `model` reads (this entry's, then the probe's further ones), each with its BatchNorm
+        statistics: estimated on `fit_images` when given and kept in its PaDiM (`model` or `model.draws`)."""
         networks = [model, *model.draws]
         return ExtractorGroup([with_backbone_statistics(self._extractor(k), padim, fit_images)
                                for k, padim in enumerate(networks)])
 
-    def _embedded(self, model: PaDiMModel, extractor, images: ImageSet, desc: str):
-        """(indices, (B, d, h, w) embeddings) batches of `images`."""
-        for idx, maps in extractor.extract(images, desc=desc):
-            yield idx, model.embed(extractor.select(maps, self.params.layers))
-
     def _embeddings(self, model: PaDiMModel, extractor, images: ImageSet, desc: str):
         """(B, P, d) float32 embeddings, position-major within each image."""
-        for idx, emb in self._embedded(model, extractor, images, desc):
-            yield idx, emb.flatten(2).transpose(1, 2)
+        for idx, maps in extractor.extract(images, desc=desc):
+            yield idx, model.embed(extractor.select(maps, self.params.layers)).flatten(2).transpose(1, 2)
 
     def _fit(self, images: ImageSet, validation: ValidationSet | None, defects: DefectSet | None = None) -> None:
         p = self.params
         model = self.build_model()
-        extractor = with_backbone_statistics(self._extractor(), model, self.batchnorm_images(images))
-        self.fit_info = self._fit_gaussians(model, extractor, images, self.settings.seed)
+        networks = self._networks(model, self.batchnorm_images(images))
+        infos = [self._fit_gaussians(padim, extractor, images)
+                 for padim, extractor in zip([model, *model.draws], networks.extractors)]
+        self.fit_info = infos[0]
         if p.defect_probe:
-            for k, padim in enumerate(model.draws, start=1):  # the further networks the probe reads
-                further = with_backbone_statistics(self._extractor(k), padim, self.batchnorm_images(images))
-                self._fit_gaussians(padim, further, images, self.settings.seed + DRAW_SEED_STRIDE * k)
-            self._fit_probe(model, self._probe_extractors(model), images, defects)
+            self._fit_probe(model, networks, images, defects)
         self.model = model.to(self.device)
 
-    def _fit_gaussians(self, model: PaDiMModel, extractor, images: ImageSet, seed: int) -> dict:
-        """PaDiM's fit of `model` on `images` through `extractor`: channel subset and per-position Gaussians.
-        Returns the fit's figures."""
+    def _fit_gaussians(self, model: PaDiMModel, extractor, images: ImageSet) -> dict:
+        """PaDiM's fit of `model` on `images` through `extractor`: channel subset (seeded by the network's
+        seed) and per-position Gaussians. Returns the fit's figures."""
         p = self.params
         total = sum(c for c, i in zip(extractor.channels, extractor.layers) if i in p.layers)
         d = min(int(p.n_channels), total)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(extractor.settings.seed)
         model.channels = torch.sort(torch.randperm(total, generator=generator)[:d]).values
         # moments of the features shifted by the first batch's mean (so they are nearly centred and float32
         # products lose nothing to cancellation), each batch's in float32 matmuls, summed in float64
@@ -355,7 +349,7 @@ class PaDiM(AnomalyModel):
         """The fitted model's extractor, its BatchNorm statistics restored: this network's, or the group of the
         networks a probe over several draws reads."""
         if len(self.model.draws):
-            return self._probe_extractors(self.model)
+            return self._networks(self.model)
         return with_backbone_statistics(self._extractor(), self.model)
 
     @torch.inference_mode()
