@@ -319,8 +319,14 @@ class EnsembleConfig:
     # macro-F1 under kernel-smoothed class distributions) | plateau (the middle of the best run of the
     # empirical, reweighted curve; the rule before this version). README, "Stacking"
     threshold_rule: Literal["smoothed", "plateau"] = "smoothed"
+    # auto keeps a simpler candidate unless a blend beats its nested out-of-fold expected macro-F1 by more than this
+    # (0: ties only). About 30 defects make differences under 0.01 noise (README, "Stacking")
+    auto_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
+        if isinstance(self.auto_tolerance, bool) or not 0.0 <= self.auto_tolerance < 1.0:
+            raise ValueError(f"auto_tolerance must be a macro-F1 margin in [0, 1), e.g. 0.01, "
+                             f"got {self.auto_tolerance!r}")
         if isinstance(self.prior, str):
             prior_ok = self.prior in ("train", "estimate")
         else:

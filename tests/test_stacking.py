@@ -394,6 +394,24 @@ def test_auto_blends_two_complementary_models_beyond_either():
     assert min(result.stacker["marginal_gain"].values()) > 0  # each earns its place
 
 
+def test_auto_keeps_the_best_member_when_a_blend_wins_by_less_than_auto_tolerance():
+    """`ensemble.auto_tolerance` reaches the choice: a blend's margin over the best member, just under the
+    tolerance, submits the member alone; the outer folds' choices honour it too; the record names it."""
+    folds = make_folds()
+    models = [make_model("left", folds, TEST_LABELS, 1.3, 10), make_model("right", folds, TEST_LABELS, 1.3, 20)]
+    oof, test = level2_features(models, "rank", folds)
+    table = stack(oof, test, EnsembleConfig(method="auto", prior="train", auto_tolerance=0.0)).stacker["auto"]
+    margin = max(row["expected_macro_f1"] for row in table["candidates"].values()) \
+        - table["candidates"]["best_single"]["expected_macro_f1"]
+    assert table["chosen"] != "best_single" and margin > 0
+    kept = stack(oof, test, EnsembleConfig(method="auto", prior="train", auto_tolerance=margin + 1e-6)).stacker
+    assert kept["auto"]["chosen"] == "best_single" and kept["auto"]["tolerance"] == pytest.approx(margin + 1e-6)
+    every_fold = stack(oof, test, EnsembleConfig(method="auto", prior="train", auto_tolerance=0.99)).stacker["auto"]
+    assert set(every_fold["chosen_per_fold"].values()) == {"best_single"}  # the outer folds' choices honour it too
+    with pytest.raises(ValueError, match="auto_tolerance"):
+        EnsembleConfig(auto_tolerance=-0.01)
+
+
 def test_auto_scores_of_a_fold_do_not_move_when_its_labels_change():
     """The memoriser check extended to auto: fold k's honest score comes from a choice and a fit made on the
     other folds only, so flipping fold k's labels leaves it bitwise the same."""
