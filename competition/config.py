@@ -166,7 +166,8 @@ POSITIVE_KINDS = PAINTED_KINDS + ("transplant", "nsa")
 class PositivesConfig:
     """Synthetic positives: the training fold's own normals with a defect painted in."""
     ratio: float = 0.25  # painted positives per training normal per epoch (0 disables)
-    kinds: list[str] = field(default_factory=lambda: list(PAINTED_KINDS))  # drawn uniformly; any of POSITIVE_KINDS
+    # drawn uniformly; any of POSITIVE_KINDS. transplant first: it won on small and bsdata_tiles (default.yaml)
+    kinds: list[str] = field(default_factory=lambda: ["transplant", *PAINTED_KINDS])
     severity: list[float] = field(default_factory=lambda: [0.0, 1.0])  # range, 0 obvious .. 1 subtle
     curriculum: bool = True  # widen the severity range from obvious to subtle over the epochs
     texture_source: Literal["dataset", "synthetic"] = "dataset"  # perlin: another training normal, or a texture
