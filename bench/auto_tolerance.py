@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-from sklearn.metrics import f1_score
-
 from competition.config import load_config
 from competition.ensemble.gather import gather
 from competition.ensemble.stacking import level2_features, share_fold_features, stack
+from competition.leaderboard import read_answers, score_by_usage
 
 
 def main() -> None:
@@ -31,15 +29,14 @@ def main() -> None:
         gathered = gather(cfg)
         oof, test = level2_features(gathered.models, cfg.ensemble.normalise, gathered.folds, gathered.test_ids)
         fold_features = share_fold_features(gathered.models, cfg.ensemble, gathered.test_ids)
-        answers = pd.read_csv(Path(data) / "answers.csv").set_index("ImageId")
-        private = answers[answers["Usage"] == "Private"]
+        answers = read_answers(Path(data) / "answers.csv")
         cells = []
         for tolerance in args.tolerances:
             cfg.ensemble.auto_tolerance = tolerance
             result = stack(oof, test, cfg.ensemble, cfg.seed, fold_features)
-            answer = result.test.set_index("image_id").loc[private.index, "answer"]
-            cells.append(f"{tolerance:g}: {result.stacker['auto']['chosen']} "
-                         f"{f1_score(private['answer'], answer, average='macro'):.3f}")
+            submission = result.test.rename(columns={"image_id": "ImageId"})[["ImageId", "answer"]]
+            private = score_by_usage(submission, answers)["Private"]
+            cells.append(f"{tolerance:g}: {result.stacker['auto']['chosen']} {private:.3f}")
         print(f"{Path(data).name} {experiment} seed {seed}: " + " | ".join(cells), flush=True)
 
 

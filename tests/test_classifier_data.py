@@ -63,7 +63,7 @@ def test_no_copy_of_a_validation_image_ever_enters_training(tiny_cfg, monkeypatc
 def test_painted_positives_come_from_training_normals_pixel_for_pixel(tiny_cfg):
     # the painters only: a transplant is Poisson-blended over a margin around its mask (tests/test_transplant.py)
     cfg = _cfg(tiny_cfg, "positives.ratio=1.0", "augment.train=[]", *PLAIN,
-               "positives.kinds=[scratch, crack, hole, stain, cut, missing_pattern, cutpaste, cutpaste_scar, perlin]")
+               f"positives.kinds=[{', '.join(PAINTED_KINDS)}]")
     train_rows, val_rows = fold_rows(read_folds(cfg), 1)
     store = ImageStore(cfg.model.image_size)
     dataset = TrainDataset(train_rows, cfg, store, with_masks=True)
