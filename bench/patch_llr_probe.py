@@ -79,6 +79,27 @@ def zscore(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (scores - reference.mean()) / (reference.std() + 1e-12)
 
 
+def reflect_padding() -> None:
+    """Every zoo backbone built from now on pads its convolutions by reflection, under its own cache key."""
+    from competition.zoo.components import features as feats
+
+    create, init = feats.create_backbone, feats.FeatureExtractor.__init__
+
+    def create_reflecting(*a, **k):
+        model = create(*a, **k)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and max(m.padding) > 0:
+                m.padding_mode = "reflect"
+        return model
+
+    def init_reflecting(self, *a, **k):
+        init(self, *a, **k)
+        self.description["padding"] = "reflect"
+        self._set_key()
+
+    feats.create_backbone, feats.FeatureExtractor.__init__ = create_reflecting, init_reflecting
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
@@ -98,10 +119,22 @@ def main() -> None:
                              "not the distance over the concatenation")
     parser.add_argument("--classifier", choices=["logistic", "hgb"], default="logistic",
                         help="the probe: logistic regression, or sklearn's histogram gradient boosting")
+    parser.add_argument("--self-train", type=int, default=0,
+                        help="rounds of self-training: the probe refits with its own confident test calls")
+    parser.add_argument("--pseudo-defects", type=float, default=0.1,
+                        help="self-training: the top share of test images taken as defects")
+    parser.add_argument("--pseudo-normals", type=float, default=0.2,
+                        help="self-training: the bottom share of test images taken as normals")
+    parser.add_argument("--pseudo-cells", type=int, default=16,
+                        help="self-training: a pseudo-defect's cells of largest probe logit taken as its positives")
+    parser.add_argument("--reflect", action="store_true",
+                        help="the backbones' convolutions pad by reflection instead of zeros (border specks)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.reflect:
+        reflect_padding()
     cfg = load_config(args.config, [f"paths.data={args.data}", f"paths.work={args.work}", *args.set])
     index = load_index(cfg)
     folds = pd.read_csv(Path(args.work) / "folds.csv")
@@ -222,9 +255,30 @@ def main() -> None:
             return {key: smoothed_maxima(m[key].reshape(-1, h, w)) for key in ("padim", "llr", "probe")}
 
         held_scores = image_scores(train_flat[held], {key: v[held] for key, v in train_maps.items()})
-        test_scores = image_scores(test_flat, maps(test_flat))
+        test_maps = maps(test_flat)
+        test_scores = image_scores(test_flat, test_maps)
+        row_extra = {}
+        for r in range(args.self_train):
+            # self-training: the test images the probe ranks highest give their strongest cells as defects, the
+            # lowest ranked give random cells as normals; the probe refits on both beside its training cells
+            order = np.argsort(test_scores["probe"])
+            n_def = int(round(args.pseudo_defects * len(order)))
+            n_nor = int(round(args.pseudo_normals * len(order)))
+            picked_d, picked_n = order[len(order) - n_def:], order[:n_nor]
+            row_extra[f"st{r}_def_right"] = float(y_test[picked_d].mean()) if n_def else float("nan")
+            row_extra[f"st{r}_nor_right"] = float(1 - y_test[picked_n].mean()) if n_nor else float("nan")
+            logits = test_maps["probe"]
+            x_test = torch.cat([test_flat, test_maps["dist"] * (0 if args.no_distance else 1)], -1)
+            extra_pos = torch.cat([x_test[i][logits[i].topk(args.pseudo_cells).indices] for i in picked_d]) \
+                if n_def else x_test[:0, 0]
+            extra_neg = x_test[picked_n][:, ::16].reshape(-1, x_test.shape[-1]) if n_nor else x_test[:0, 0]
+            xs_r = torch.cat([xs[:len(pos)], extra_pos, xs[len(pos):], extra_neg])
+            ys_r = np.r_[np.ones(len(pos) + len(extra_pos)), np.zeros(len(neg_all) + len(extra_neg))]
+            clf.fit(((xs_r - mean_x) / std_x).numpy(), ys_r)
+            held_scores = image_scores(train_flat[held], {key: v[held] for key, v in train_maps.items()})
+            test_scores = image_scores(test_flat, test_maps)
         y_held = labels[held]
-        row = {"fold": k, "pos_patches": len(pos), "neg_patches": len(neg_all)}
+        row = {"fold": k, "pos_patches": len(pos), "neg_patches": len(neg_all), **row_extra}
         for key in ("padim", "llr", "probe"):
             row[f"{key}_held"] = roc_auc_score(y_held, held_scores[key])
             row[f"{key}_test"] = roc_auc_score(y_test, test_scores[key])

@@ -254,6 +254,9 @@ class ZooConfig:
     backbone_weights: bool | str = False  # false or local weights (file or folder) for zoo backbones
     # without weights: healthy (live residual branches, BatchNorm statistics of the fit images) | timm
     backbone_init: Literal["healthy", "timm"] = "timm"
+    # how the backbones' convolutions pad the image border: zeros (as trained) | reflect (a random network then
+    # sees a border speck against mirrored texture, not against a dark frame)
+    backbone_padding: Literal["zeros", "reflect"] = "zeros"
     # where a healthy backbone estimates its BatchNorm statistics: fit (each fold's fit normals) | test (the
     # unlabeled test images, one set for every fold, so the folds share one network and one feature cache)
     batchnorm_images: Literal["fit", "test"] = "fit"

@@ -22,9 +22,9 @@ def textures(n: int, seed: int) -> list[np.ndarray]:
     return [make_texture("brushed_metal", (SIZE, SIZE), rng) for _ in range(n)]
 
 
-def fitted(name: str, **params) -> object:
+def fitted(name: str, padding: str = "zeros", **params) -> object:
     # batch 2 over 3 test images: the graph sees batches of 2 and 1, so its batch axis must be dynamic
-    settings = ZooSettings(image_size=SIZE, batch_size=2, progress=False)
+    settings = ZooSettings(image_size=SIZE, batch_size=2, progress=False, backbone_padding=padding)
     return build_model(name, settings, params).fit(ImageSet(textures(6, 0)))
 
 
@@ -45,9 +45,10 @@ def test_classifier_graph_matches_eager_logits(tmp_path):
         assert torch.allclose(logits, eager, atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("fmt, runtime", [("onnx", "onnxruntime"), ("openvino", "openvino")])
-def test_patchcore_graph_matches_eager_scores_and_maps(fmt, runtime, tmp_path):
-    model = fitted("patchcore-resnet18", coreset_ratio=0.5)
+@pytest.mark.parametrize("fmt, runtime, padding", [("onnx", "onnxruntime", "zeros"), ("openvino", "openvino", "zeros"),
+                                                   ("onnx", "onnxruntime", "reflect")])
+def test_patchcore_graph_matches_eager_scores_and_maps(fmt, runtime, padding, tmp_path):
+    model = fitted("patchcore-resnet18", padding, coreset_ratio=0.5)
     test = ImageSet(textures(3, 1))
     eager = model.predict(test)
     module_scores, module_maps = model.predict_with(model.scoring_module(), test, True)

@@ -256,3 +256,19 @@ def test_a_network_stopped_at_layer1_gives_the_widened_network_s_features():
     narrow_stats = narrow.calibrate(images)
     assert torch.equal(narrow_stats, wide_stats[:narrow_stats.numel()])
     assert torch.equal(narrow.extract_all(images)[0], wide_maps)
+
+
+def test_reflect_padding_removes_the_zero_frame_and_keys_the_cache_apart():
+    """zoo.backbone_padding: a flat grey image gives flat features with reflection (every cell sees grey), while
+    zero padding makes the border cells differ from the interior; reflect is its own cache key, zeros the former."""
+    grey = np.full((1, 32, 32, 3), 128, np.uint8)
+    spread = {}
+    for padding in ("zeros", "reflect"):
+        extractor = FeatureExtractor("resnet18", [1], _settings(backbone_padding=padding))
+        extractor.calibrate(_images(4))
+        layer1 = extractor.extract_all(ImageSet(list(grey)))[0][0].float()  # (C, h, w)
+        spread[padding] = float((layer1 - layer1[:, 3:5, 3:5].mean((1, 2), keepdim=True)).abs().amax())
+        assert ("padding" in extractor.description) == (padding == "reflect")
+    assert spread["reflect"] < 1e-3 < spread["zeros"]
+    with pytest.raises(ValueError, match="backbone_padding"):
+        create_backbone("resnet18", (1,), False, seed=0, padding="circular-ish")

@@ -65,6 +65,7 @@ class ZooSettings:
     backbone_weights: bool | str = False  # false or local weights (file or folder) for backbones
     # random-init backbones: healthy (live residual branches, BatchNorm statistics of the fit images) | timm
     backbone_init: str = "timm"
+    backbone_padding: str = "zeros"  # convolution padding of the backbones: zeros | reflect
     work_dir: str | None = None  # <paths.work>: backbone_weights "ssl" reads <work_dir>/pretrain/<backbone>.safetensors
     cache_dir: str | None = None  # on-disk feature cache root; None disables it
     cache_max_gb: float = 4.0  # the cache's size limit: least recently used backbone folders go; 0 = none
@@ -94,6 +95,7 @@ class ZooSettings:
             tile_scale=cfg.zoo.tiles.scale, tile_reduce=cfg.zoo.tiles.reduce, tile_topk=cfg.zoo.tiles.topk,
             device=device or str(select_device(cfg.device)), seed=cfg.seed,
             backbone_weights=cfg.zoo.backbone_weights, backbone_init=cfg.zoo.backbone_init,
+            backbone_padding=cfg.zoo.backbone_padding,
             work_dir=str(cfg.paths.work), cache_dir=cache, cache_max_gb=cfg.zoo.cache_max_gb,
             mean=tuple(cfg.zoo.mean), std=tuple(cfg.zoo.std), num_workers=cfg.zoo.num_workers,
             amp=cfg.zoo.amp, cpu_amp=cfg.zoo.cpu_amp, channels_last=cfg.zoo.channels_last,

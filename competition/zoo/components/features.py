@@ -72,6 +72,7 @@ SHARED_LAYERS: dict[str, tuple[int, ...]] = {
     "wide_resnet50_2": (1, 2, 3),
 }
 BACKBONE_INITS = ("healthy", "timm")
+BACKBONE_PADDINGS = ("zeros", "reflect")
 # BatchNorm statistics estimated in train mode depend on how images are batched: a fixed batch, so that
 # zoo.batch_size (a speed setting) never changes the features.
 CALIBRATION_BATCH_SIZE = 32
@@ -79,7 +80,7 @@ _BACKBONES: dict[tuple, nn.Module] = {}
 
 
 def create_backbone(name: str, layers: Sequence[int], weights: bool | str, seed: int,
-                    frozen: bool = True, init: str = "timm") -> nn.Module:
+                    frozen: bool = True, init: str = "timm", padding: str = "zeros") -> nn.Module:
     """timm `features_only` backbone returning the maps of `layers`, with local weights or a seeded init.
 
     init "healthy" applies to a frozen backbone without weights: residual branches built live
@@ -93,6 +94,8 @@ def create_backbone(name: str, layers: Sequence[int], weights: bool | str, seed:
 
     if init not in BACKBONE_INITS:
         raise ValueError(f"zoo.backbone_init must be one of {', '.join(BACKBONE_INITS)}, got {init!r}")
+    if padding not in BACKBONE_PADDINGS:
+        raise ValueError(f"zoo.backbone_padding must be one of {', '.join(BACKBONE_PADDINGS)}, got {padding!r}")
     healthy = init == "healthy" and frozen and resolve_weights_path(weights, name, "zoo.backbone_weights") is None
     options = {"zero_init_last": False} if healthy else {}
     with torch.random.fork_rng(devices=[]):
@@ -109,8 +112,22 @@ def create_backbone(name: str, layers: Sequence[int], weights: bool | str, seed:
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"zoo backbone {name!r} with layers {list(layers)}: {exc}") from exc
     load_local_weights(model, weights, name, "zoo.backbone_weights")
+    set_conv_padding(model, padding)
     model.needs_calibration = healthy and any(isinstance(m, _BatchNorm) for m in model.modules())
     return freeze(model) if frozen else model
+
+
+def set_conv_padding(model: nn.Module, padding: str) -> None:
+    """Every padded convolution of `model` pads with `padding` ("zeros" or "reflect"); the weights are untouched.
+
+    Why reflect: zero padding frames the image in black, so the features of a border cell differ from the
+    interior's for every image, and a random network's border cells carry that frame more than the image. With
+    reflection a border cell sees mirrored texture: on bsdata_tiles, whose missed defects are specks on the tile
+    edges, the defect probe's test AUROC rose 0.950 -> 0.956 and 0.937 -> 0.944 on its two fold sets (README,
+    "Reflect padding")."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and any(int(p) > 0 for p in module.padding):
+            module.padding_mode = padding
 
 
 # ---------------------------------------------------------------- BatchNorm statistics of random backbones
@@ -211,14 +228,15 @@ class FeatureExtractor:
         self.settings = settings
         self.device = settings.torch_device
         init = settings.backbone_init
-        memo = (backbone, self.layers, str(settings.backbone_weights), settings.seed, str(self.device), init)
+        padding = settings.backbone_padding
+        memo = (backbone, self.layers, str(settings.backbone_weights), settings.seed, str(self.device), init, padding)
         model = _BACKBONES.get(memo)
         if model is None:
             # built as normal tensors even under a scorer's inference mode: a later fit that reuses the
             # memoised backbone re-estimates its BatchNorm statistics in place
             with torch.inference_mode(False):
                 model = create_backbone(backbone, self.layers, settings.backbone_weights, settings.seed,
-                                        init=init).to(self.device)
+                                        init=init, padding=padding).to(self.device)
             _BACKBONES.clear()  # keep one backbone alive at a time; they are cheap to rebuild
             _BACKBONES[memo] = model
         self.model = model
@@ -234,6 +252,8 @@ class FeatureExtractor:
             "mean": [round(float(v), 6) for v in settings.mean], "std": [round(float(v), 6) for v in settings.std],
             "dtype": "float16",
         }
+        if padding != "zeros":  # other features than the zero-padded network's (zeros keeps earlier caches' keys)
+            self.description["padding"] = padding
         if not settings.geometry.is_square:  # letterbox canvases and tiles are other inputs than square resizes
             self.description["geometry"] = settings.geometry.describe()
         if self.device.type == "cpu" and cpu_bf16(settings.cpu_amp):  # other bits than float32 features

@@ -166,7 +166,8 @@ class CFlow(TrainedAnomalyModel):
     def build_model(self) -> nn.Module:
         p = self.params
         backbone = create_backbone(p.backbone, p.layers, self.settings.backbone_weights, self.settings.seed,
-                                   init=self.settings.backbone_init)
+                                   init=self.settings.backbone_init,
+                                   padding=self.settings.backbone_padding)
         return CFlowModel(FrozenFeatures(backbone), condition_vector=p.condition_vector,
                           coupling_blocks=p.coupling_blocks, clamp_alpha=p.clamp_alpha,
                           permute_soft=p.permute_soft, seed=self.settings.seed)

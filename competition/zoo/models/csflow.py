@@ -140,7 +140,8 @@ class CSFlow(TrainedAnomalyModel):
     def build_model(self) -> nn.Module:
         p = self.params
         backbone = create_backbone(p.backbone, (p.layer,), self.settings.backbone_weights, self.settings.seed,
-                                   init=self.settings.backbone_init)
+                                   init=self.settings.backbone_init,
+                                   padding=self.settings.backbone_padding)
         return CSFlowModel(FrozenFeatures(backbone), n_scales=p.n_scales, coupling_blocks=p.coupling_blocks,
                            kernel_sizes=p.kernel_sizes, hidden_channels=p.hidden_channels, clamp=p.clamp,
                            seed=self.settings.seed)

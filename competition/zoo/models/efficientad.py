@@ -375,7 +375,8 @@ class EfficientAD(TrainedAnomalyModel):
         device, settings, p = self.device, self.settings, self.params
         weights = settings.backbone_weights
         backbone = create_backbone(p.distill_backbone, tuple(int(i) for i in p.distill_layers), weights,
-                                   settings.seed, init=settings.backbone_init).to(device)
+                                   settings.seed, init=settings.backbone_init,
+                                   padding=settings.backbone_padding).to(device)
         calibrate_backbones(backbone, normals, settings)  # a healthy random backbone: statistics of the normals
         target_net = DistillationTarget(backbone, int(p.out_channels), mean=settings.mean, std=settings.std).to(device)
         images = torch.cat([unit_tensor(normals), unit_tensor(self.penalty_pool())])

@@ -109,7 +109,8 @@ class FastFlow(TrainedAnomalyModel):
     def build_model(self) -> nn.Module:
         p = self.params
         backbone = create_backbone(p.backbone, p.layers, self.settings.backbone_weights, self.settings.seed,
-                                   init=self.settings.backbone_init)
+                                   init=self.settings.backbone_init,
+                                   padding=self.settings.backbone_padding)
         return FastFlowModel(FrozenFeatures(backbone), flow_steps=p.flow_steps, hidden_ratio=p.hidden_ratio,
                              conv3x3_only=p.conv3x3_only, clamp=p.clamp, seed=self.settings.seed)
 

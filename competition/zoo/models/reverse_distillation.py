@@ -196,7 +196,8 @@ def reverse_distillation_parts(model: TrainedAnomalyModel) -> tuple[nn.Module, n
     UniNet's student frame."""
     p, settings = model.params, model.settings
     encoder = create_backbone(p.backbone, (1, 2, 3), settings.backbone_weights, settings.seed,
-                              init=settings.backbone_init)
+                              init=settings.backbone_init,
+                              padding=settings.backbone_padding)
     channels = list(encoder.feature_info.channels())
     expansion = channels[0] // 64
     if expansion not in (1, 4) or channels != [channels[0], 2 * channels[0], 4 * channels[0]]:

@@ -100,8 +100,10 @@ class STFPM(TrainedAnomalyModel):
         p = self.params
         layers = tuple(int(i) for i in p.layers)
         teacher = create_backbone(p.backbone, layers, self.settings.backbone_weights, self.settings.seed,
-                                  init=self.settings.backbone_init)
-        student = create_backbone(p.backbone, layers, False, self.settings.seed + 1, frozen=False)
+                                  init=self.settings.backbone_init,
+                                  padding=self.settings.backbone_padding)
+        student = create_backbone(p.backbone, layers, False, self.settings.seed + 1, frozen=False,
+                                  padding=self.settings.backbone_padding)
         student.train()
         return STFPMModel(teacher, student, p.map_combination, self.settings.mean, self.settings.std)
 

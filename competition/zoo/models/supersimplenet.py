@@ -262,7 +262,8 @@ class SuperSimpleNet(TrainedAnomalyModel):
         p = self.params
         layers = tuple(int(i) for i in p.layers)
         backbone = create_backbone(p.backbone, layers, self.settings.backbone_weights, self.settings.seed,
-                                   frozen=not p.train_backbone, init=self.settings.backbone_init)
+                                   frozen=not p.train_backbone, init=self.settings.backbone_init,
+                                   padding=self.settings.backbone_padding)
         channels = sum(backbone.feature_info.channels())
         # supervised: the class head's gradient reaches the seg head (the reference's stop_grad False)
         model = SuperSimpleNetModel(backbone, channels, int(p.seg_hidden), int(p.cls_channels), int(p.cls_kernel),

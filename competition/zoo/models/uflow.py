@@ -185,7 +185,8 @@ class UFlow(TrainedAnomalyModel):
     def build_model(self) -> nn.Module:
         p = self.params
         backbone = create_backbone(p.backbone, p.layers, self.settings.backbone_weights, self.settings.seed,
-                                   init=self.settings.backbone_init)
+                                   init=self.settings.backbone_init,
+                                   padding=self.settings.backbone_padding)
         return UFlowModel(FrozenFeatures(backbone), flow_steps=p.flow_steps, clamp=p.clamp,
                           subnet_ratio=p.subnet_ratio, permute_soft=p.permute_soft, seed=self.settings.seed)
 
