@@ -272,3 +272,5 @@ def test_reflect_padding_removes_the_zero_frame_and_keys_the_cache_apart():
     assert spread["reflect"] < 1e-3 < spread["zeros"]
     with pytest.raises(ValueError, match="backbone_padding"):
         create_backbone("resnet18", (1,), False, seed=0, padding="circular-ish")
+    with pytest.raises(ValueError, match="image_size above 32"):  # layer4 of a 32-px canvas is 1x1: nothing to mirror
+        FeatureExtractor("resnet18", [1, 4], _settings(backbone_padding="reflect"))

@@ -245,6 +245,10 @@ class FeatureExtractor:
         self.statistics = torch.zeros(0)
         self.channels = list(model.feature_info.channels())
         self.reductions = list(model.feature_info.reduction())
+        if padding == "reflect" and settings.image_size <= max(self.reductions):
+            raise ValueError(f"zoo.backbone_padding: reflect mirrors every map across its border, and {backbone}'s "
+                             f"layer{self.layers[-1]} is 1x1 at zoo.image_size {settings.image_size}: set "
+                             f"zoo.image_size above {max(self.reductions)} or zoo.backbone_padding: zeros")
         self.description = {
             "backbone": backbone, "layers": list(self.layers),
             "weights": weights_identity(settings.backbone_weights, backbone, settings.seed),
