@@ -79,27 +79,6 @@ def zscore(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (scores - reference.mean()) / (reference.std() + 1e-12)
 
 
-def reflect_padding() -> None:
-    """Every zoo backbone built from now on pads its convolutions by reflection, under its own cache key."""
-    from competition.zoo.components import features as feats
-
-    create, init = feats.create_backbone, feats.FeatureExtractor.__init__
-
-    def create_reflecting(*a, **k):
-        model = create(*a, **k)
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d) and max(m.padding) > 0:
-                m.padding_mode = "reflect"
-        return model
-
-    def init_reflecting(self, *a, **k):
-        init(self, *a, **k)
-        self.description["padding"] = "reflect"
-        self._set_key()
-
-    feats.create_backbone, feats.FeatureExtractor.__init__ = create_reflecting, init_reflecting
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
@@ -127,14 +106,10 @@ def main() -> None:
                         help="self-training: the bottom share of test images taken as normals")
     parser.add_argument("--pseudo-cells", type=int, default=16,
                         help="self-training: a pseudo-defect's cells of largest probe logit taken as its positives")
-    parser.add_argument("--reflect", action="store_true",
-                        help="the backbones' convolutions pad by reflection instead of zeros (border specks)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.reflect:
-        reflect_padding()
     cfg = load_config(args.config, [f"paths.data={args.data}", f"paths.work={args.work}", *args.set])
     index = load_index(cfg)
     folds = pd.read_csv(Path(args.work) / "folds.csv")
