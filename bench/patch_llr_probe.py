@@ -106,6 +106,13 @@ def main() -> None:
                         help="self-training: the bottom share of test images taken as normals")
     parser.add_argument("--pseudo-cells", type=int, default=16,
                         help="self-training: a pseudo-defect's cells of largest probe logit taken as its positives")
+    parser.add_argument("--image-weight", type=float, nargs="?", const=1.0, default=0.0, metavar="POWER",
+                        help="a defect image's mask cells weigh n**-POWER each (n its cell count): 1 (the flag "
+                             "alone) gives every image the same total, small defects counting as much as large ones")
+    parser.add_argument("--hard-negatives", type=int, default=0,
+                        help="rounds of hard-negative mining: each fit normal's --hard-cells cells of largest probe "
+                             "logit join the negatives and the probe refits")
+    parser.add_argument("--hard-cells", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -173,13 +180,14 @@ def main() -> None:
                 cells = np.zeros(h * w, bool)
                 cells[m2.topk(args.weak).indices.numpy()] = True
                 cell_masks[i] = cells.reshape(h, w)
-        pos, neg = [], []
+        pos, neg, pos_weight = [], [], []
         for i in defects:
             if cell_masks[i] is None:
                 continue
             inside = cell_masks[i].reshape(-1)
             margin = binary_dilation(cell_masks[i], iterations=args.dilate).reshape(-1)
             pos.append(train_flat[i][inside])
+            pos_weight.append(np.full(int(inside.sum()), max(int(inside.sum()), 1) ** -args.image_weight))
             neg.append(train_flat[i][~margin][::8])
         normal_patches = train_flat[fit][:, ::16].reshape(-1, d)
         pos = torch.cat(pos)
@@ -221,7 +229,22 @@ def main() -> None:
                                                  random_state=0)
         else:
             clf = LogisticRegression(C=args.C, class_weight="balanced", max_iter=2000)
-        clf.fit(((xs - mean_x) / std_x).numpy(), ys)
+        weights = np.ones(len(ys))
+        if args.image_weight:
+            w_pos = np.concatenate(pos_weight)
+            weights[:len(pos)] = w_pos * len(pos) / w_pos.sum()
+        clf.fit(((xs - mean_x) / std_x).numpy(), ys, sample_weight=weights)
+        x_fit = torch.cat([train_flat[fit], train_maps["dist"][fit] * (0 if args.no_distance else 1)], -1)
+        for _ in range(args.hard_negatives):
+            # the normals' strongest cells decide their image scores: they join the negatives
+            z_fit = ((x_fit - mean_x) / std_x).reshape(-1, x_fit.shape[-1]).numpy()
+            logit_fit = torch.from_numpy(clf.decision_function(z_fit)).float().reshape(x_fit.shape[:-1])
+            top = logit_fit.topk(args.hard_cells, dim=1).indices
+            hard = torch.gather(x_fit, 1, top[..., None].expand(-1, -1, x_fit.shape[-1])).reshape(-1, x_fit.shape[-1])
+            xs = torch.cat([xs, hard])
+            ys = np.r_[ys, np.zeros(len(hard))]
+            weights = np.r_[weights, np.ones(len(hard))]
+            clf.fit(((xs - mean_x) / std_x).numpy(), ys, sample_weight=weights)
 
         def image_scores(feats: torch.Tensor, m: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             x = torch.cat([feats, m["dist"] * (0 if args.no_distance else 1)], -1)

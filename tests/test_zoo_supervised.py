@@ -217,6 +217,39 @@ def test_padim_probe_trains_on_defects_without_masks(textures):
     assert auroc(labels, probe.score_samples(test)) >= 0.85
 
 
+@pytest.mark.parametrize("weighting", ["images", "cells"])
+def test_padim_probe_weighs_each_defect_image_alike(textures, monkeypatch, weighting):
+    """`probe_weighting: images` (the default): a defect image's positive cells share one image's weight, so a
+    small defect counts as much as a large one; the positives' total weight stays their count. `cells`: all 1."""
+    from sklearn.linear_model import LogisticRegression
+
+    fit, defects, _, _ = textures
+    seen = {}
+    original = LogisticRegression.fit
+
+    def watched_fit(self, x, y, sample_weight=None):
+        seen.update(y=np.asarray(y), weight=np.asarray(sample_weight))
+        return original(self, x, y, sample_weight=sample_weight)
+
+    monkeypatch.setattr(LogisticRegression, "fit", watched_fit)
+    build_model("padim-resnet18-layer1-probe", _settings(), {"probe_weighting": weighting}).fit(fit, None, defects)
+    counts = [int(n) for n in _inside_cells(defects)]
+    positive = seen["weight"][seen["y"] == 1]
+    assert len(positive) == sum(counts) and len(set(counts)) > 1  # defects of different sizes
+    np.testing.assert_allclose(seen["weight"][seen["y"] == 0], 1.0)
+    np.testing.assert_allclose(positive.sum(), sum(counts))
+    per_image = np.add.reduceat(positive, np.cumsum([0, *counts[:-1]]))
+    expected = np.full(len(counts), sum(counts) / len(counts)) if weighting == "images" else np.array(counts, float)
+    np.testing.assert_allclose(per_image, expected, rtol=1e-6)
+
+
+def _inside_cells(defects) -> list[int]:
+    from competition.preprocess import Geometry
+    from competition.zoo.models.padim import mask_cells
+
+    return [int(mask_cells(mask, Geometry(image_size=SIZE), (16, 16)).sum()) for mask in defects.masks]
+
+
 def test_padim_probe_over_three_networks_reads_the_next_draws_and_reloads(textures, tmp_path):
     """`padim-resnet18-layer1-probe3`: the probe sees three random networks side by side, each with the PaDiM
     Gaussians its own draw's entry fits (draws 0, 1, 2: the networks of padim-resnet18-layer1, @1 and @2, so a run

@@ -73,6 +73,9 @@ class PaDiMParams(BackboneParams):
     probe_negatives: int = 256  # random normal cells per fit image (and per defect image, outside its mask)
     probe_margin: int = 1  # cells around a mask that are neither positive nor negative
     weak_cells: int = 16  # positives of a defect without a mask: its cells of largest PaDiM distance
+    # how the positive cells weigh: `images`, each defect image's cells together as much as any other image's (a
+    # speck of 4 cells counts as much as a 400-cell pit); `cells`, every cell alike, so large defects dominate
+    probe_weighting: Literal["images", "cells"] = "images"
     # random networks the probe reads side by side: this entry's draw and the next ones (draw + 1, ...), each with
     # its own PaDiM Gaussians; the probe sees every network's embedding and distance (module docstring)
     probe_draws: int = 1
@@ -309,7 +312,7 @@ class PaDiM(AnomalyModel):
             raise ValueError(f"{self.family}: defect_probe trains on labelled defects, and this fold has none; "
                              "use an entry without the probe (e.g. padim-resnet18-layer1)")
         generator = torch.Generator().manual_seed(self.settings.seed + 1)
-        negatives, positives = [], []
+        negatives, positives, images_of = [], [], []
 
         def sample(rows: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
             pool = torch.arange(len(rows)) if allowed is None else torch.nonzero(allowed).flatten()
@@ -327,16 +330,22 @@ class PaDiM(AnomalyModel):
                 weak += 1
                 top = rows[:, distance].topk(min(int(p.weak_cells), len(rows))).indices
                 positives.append(rows[top])
+                images_of.append(len(top))
                 continue
             positives.append(rows[cells.flatten()])
+            images_of.append(int(cells.sum()))
             margin = dilate_masks(cells[None, None].float(), int(p.probe_margin))[0, 0] > 0
             negatives.append(sample(rows, ~margin.flatten()))
         pos, neg = torch.cat(positives).float(), torch.cat(negatives).float()
         x = torch.cat([pos, neg])
         mean, scale = x.mean(0), x.std(0).clamp(min=1e-6)
         y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+        weight = np.ones(len(y))
+        if p.probe_weighting == "images":  # each image's cells share one image's weight; the positives' total stays
+            per_cell = np.concatenate([np.full(n, 1.0 / n) for n in images_of])
+            weight[:len(pos)] = per_cell * len(pos) / per_cell.sum()
         probe = LogisticRegression(C=float(p.probe_c), class_weight="balanced", max_iter=2000)
-        probe.fit(((x - mean) / scale).numpy(), y)
+        probe.fit(((x - mean) / scale).numpy(), y, sample_weight=weight)
         model.set_probe(torch.from_numpy(probe.coef_[0]), mean, scale, float(probe.intercept_[0]))
         self.fit_info.update({"probe_positive_cells": len(pos), "probe_negative_cells": len(neg),
                               "probe_defects": len(defects), "probe_weak_defects": weak,
