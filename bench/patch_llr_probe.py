@@ -113,6 +113,9 @@ def main() -> None:
                         help="rounds of hard-negative mining: each fit normal's --hard-cells cells of largest probe "
                              "logit join the negatives and the probe refits")
     parser.add_argument("--hard-cells", type=int, default=8)
+    parser.add_argument("--transplants", type=int, default=0,
+                        help="per training-fold defect, this many of its transplants onto random fit normals "
+                             "(competition.data.transplant) join the positives through their moved masks")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -129,12 +132,15 @@ def main() -> None:
     test_set = ImageSet.from_frame(test)
     stats = test_set if cfg.zoo.batchnorm_images == "test" else ImageSet.from_frame(train[train.label == 0])
 
-    def features(images: ImageSet) -> torch.Tensor:
-        """(N, d, h, w): layer1 of every asked draw, concatenated."""
+    def features(images: ImageSet, cache: bool = True) -> torch.Tensor:
+        """(N, d, h, w): layer1 of every asked draw, concatenated (read from and written to the run's feature cache
+        unless `cache` is off)."""
         per_draw = []
         for k in args.draws:
             padim = build_from_config(MODEL if k == 0 else f"{MODEL}@{k}", cfg)
             extractor = with_backbone_statistics(padim._extractor(), padim.build_model(), stats)
+            if not cache:
+                extractor.cache_dir = None
             out = [None] * len(images)
             with torch.no_grad():
                 for idx, maps in extractor.extract(images, desc=f"features (draw {k})"):
@@ -152,8 +158,9 @@ def main() -> None:
     _, d, h, w = train_feats.shape
     flat = lambda f: f.flatten(2).transpose(1, 2).contiguous()  # noqa: E731  (N, P, d)
     train_flat, test_flat = flat(train_feats), flat(test_feats)
+    masks_full = defect_masks(train)
     cell_masks = [None if m is None else mask_cells(m, Geometry(image_size=cfg.zoo.image_size, resize=cfg.zoo.resize),
-                                                    (h, w)).numpy() for m in defect_masks(train)]
+                                                    (h, w)).numpy() for m in masks_full]
     sigma = float(build_from_config(MODEL, cfg).params.blur_sigma)
 
     def smoothed_maxima(coarse: torch.Tensor) -> np.ndarray:
@@ -180,7 +187,7 @@ def main() -> None:
                 cells = np.zeros(h * w, bool)
                 cells[m2.topk(args.weak).indices.numpy()] = True
                 cell_masks[i] = cells.reshape(h, w)
-        pos, neg, pos_weight = [], [], []
+        pos, neg, pos_weight, transplant_rows = [], [], [], []
         for i in defects:
             if cell_masks[i] is None:
                 continue
@@ -190,6 +197,26 @@ def main() -> None:
             pos_weight.append(np.full(int(inside.sum()), max(int(inside.sum()), 1) ** -args.image_weight))
             neg.append(train_flat[i][~margin][::8])
         normal_patches = train_flat[fit][:, ::16].reshape(-1, d)
+        if args.transplants:
+            # the training folds' defects moved onto fit normals: their moved mask cells are more positives
+            from competition.data.transplant import DefectBank, transplant
+
+            train_set = ImageSet.from_frame(train)
+            rng = np.random.default_rng(1000 + k)
+            bank = DefectBank.from_pairs((str(i), train_set.read(int(i)), masks_full[i]) for i in defects
+                                         if masks_full[i] is not None)
+            made, made_masks = [], []
+            for _ in range(args.transplants * len(defects)):
+                image, mask = transplant(train_set.read(int(rng.choice(fit))), rng, bank)
+                made.append(image)
+                made_masks.append(mask)
+            made_feats = flat(features(ImageSet(made, [f"transplant{k}_{j}" for j in range(len(made))]), cache=False))
+            for f_img, m in zip(made_feats, made_masks):
+                cells = mask_cells(m, Geometry(image_size=cfg.zoo.image_size, resize=cfg.zoo.resize), (h, w)).numpy()
+                if cells.any():
+                    pos.append(f_img[cells.reshape(-1)])
+                    pos_weight.append(np.full(int(cells.sum()), max(int(cells.sum()), 1) ** -args.image_weight))
+                    transplant_rows.append((f_img, cells.reshape(-1)))
         pos = torch.cat(pos)
         d_mu, d_cov = lw_cov(pos[:, :lead])
         d_inv, d_logdet = torch.linalg.inv(d_cov).float(), torch.logdet(d_cov).float()
@@ -215,7 +242,8 @@ def main() -> None:
         # the probe's training patches: defect cells, normal cells of the fit normals and of the defect images
         neg_all = torch.cat([normal_patches, torch.cat(neg)])
         dist = train_maps["dist"]
-        dist_pos = torch.cat([dist[i][cell_masks[i].reshape(-1)] for i in defects if cell_masks[i] is not None])
+        dist_pos = torch.cat([dist[i][cell_masks[i].reshape(-1)] for i in defects if cell_masks[i] is not None]
+                             + [maps(f_img[None])["dist"][0][cells] for f_img, cells in transplant_rows])
         dist_neg = torch.cat([dist[fit][:, ::16].reshape(-1, dist.shape[-1])]
                              + [dist[i][~binary_dilation(cell_masks[i], iterations=args.dilate).reshape(-1)][::8]
                                 for i in defects if cell_masks[i] is not None])
