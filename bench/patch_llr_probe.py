@@ -187,16 +187,16 @@ def main() -> None:
                 cells = np.zeros(h * w, bool)
                 cells[m2.topk(args.weak).indices.numpy()] = True
                 cell_masks[i] = cells.reshape(h, w)
-        pos, neg, pos_weight, transplant_rows = [], [], [], []
+        pos, neg, transplant_rows = [], [], []
         for i in defects:
             if cell_masks[i] is None:
                 continue
             inside = cell_masks[i].reshape(-1)
             margin = binary_dilation(cell_masks[i], iterations=args.dilate).reshape(-1)
             pos.append(train_flat[i][inside])
-            pos_weight.append(np.full(int(inside.sum()), max(int(inside.sum()), 1) ** -args.image_weight))
             neg.append(train_flat[i][~margin][::8])
         normal_patches = train_flat[fit][:, ::16].reshape(-1, d)
+        cells_per_defect = [len(p) for p in pos]  # the real defects' positive cells, for the printout
         if args.transplants:
             # the training folds' defects moved onto fit normals: their moved mask cells are more positives
             from competition.data.transplant import DefectBank, transplant
@@ -215,8 +215,9 @@ def main() -> None:
                 cells = mask_cells(m, Geometry(image_size=cfg.zoo.image_size, resize=cfg.zoo.resize), (h, w)).numpy()
                 if cells.any():
                     pos.append(f_img[cells.reshape(-1)])
-                    pos_weight.append(np.full(int(cells.sum()), max(int(cells.sum()), 1) ** -args.image_weight))
                     transplant_rows.append((f_img, cells.reshape(-1)))
+        # each positive cell weighs n**-POWER, n the cell count of its image (real or transplanted)
+        pos_weight = np.concatenate([np.full(len(p), max(len(p), 1) ** -args.image_weight) for p in pos])
         pos = torch.cat(pos)
         d_mu, d_cov = lw_cov(pos[:, :lead])
         d_inv, d_logdet = torch.linalg.inv(d_cov).float(), torch.logdet(d_cov).float()
@@ -258,9 +259,7 @@ def main() -> None:
         else:
             clf = LogisticRegression(C=args.C, class_weight="balanced", max_iter=2000)
         weights = np.ones(len(ys))
-        if args.image_weight:
-            w_pos = np.concatenate(pos_weight)
-            weights[:len(pos)] = w_pos * len(pos) / w_pos.sum()
+        weights[:len(pos)] = pos_weight * len(pos) / pos_weight.sum()  # all 1 at POWER 0
         clf.fit(((xs - mean_x) / std_x).numpy(), ys, sample_weight=weights)
         x_fit = torch.cat([train_flat[fit], train_maps["dist"][fit] * (0 if args.no_distance else 1)], -1)
         for _ in range(args.hard_negatives):
@@ -298,13 +297,15 @@ def main() -> None:
             extra_pos = torch.cat([x_test[i][logits[i].topk(args.pseudo_cells).indices] for i in picked_d]) \
                 if n_def else x_test[:0, 0]
             extra_neg = x_test[picked_n][:, ::16].reshape(-1, x_test.shape[-1]) if n_nor else x_test[:0, 0]
-            xs_r = torch.cat([xs[:len(pos)], extra_pos, xs[len(pos):], extra_neg])
-            ys_r = np.r_[np.ones(len(pos) + len(extra_pos)), np.zeros(len(neg_all) + len(extra_neg))]
-            clf.fit(((xs_r - mean_x) / std_x).numpy(), ys_r)
+            xs_r = torch.cat([xs, extra_pos, extra_neg])
+            ys_r = np.r_[ys, np.ones(len(extra_pos)), np.zeros(len(extra_neg))]
+            clf.fit(((xs_r - mean_x) / std_x).numpy(), ys_r,
+                    sample_weight=np.r_[weights, np.ones(len(extra_pos) + len(extra_neg))])
             held_scores = image_scores(train_flat[held], {key: v[held] for key, v in train_maps.items()})
             test_scores = image_scores(test_flat, test_maps)
         y_held = labels[held]
-        row = {"fold": k, "pos_patches": len(pos), "neg_patches": len(neg_all), **row_extra}
+        row = {"fold": k, "pos_patches": len(pos), "neg_patches": len(neg_all),
+               "cells_per_defect": f"{min(cells_per_defect)}-{max(cells_per_defect)}", **row_extra}
         for key in ("padim", "llr", "probe"):
             row[f"{key}_held"] = roc_auc_score(y_held, held_scores[key])
             row[f"{key}_test"] = roc_auc_score(y_test, test_scores[key])
@@ -320,6 +321,9 @@ def main() -> None:
     print(pd.DataFrame(rows).round(3).to_string(index=False))
     mean = {key: np.mean(v, 0) for key, v in test_z.items()}
     print("fold-averaged test AUROC: " + ", ".join(f"{key} {roc_auc_score(y_test, v):.3f}" for key, v in mean.items()))
+    table = pd.DataFrame(rows)
+    print("mean held-out AUROC of the folds: " + ", ".join(f"{key} {table[f'{key}_held'].mean():.3f}"
+                                                          for key in ("padim", "llr", "probe")))
     for key in ("llr", "probe"):
         blend = rankdata(mean["padim"]) + rankdata(mean[key])
         print(f"rank blend padim+{key}: {roc_auc_score(y_test, blend):.3f}")

@@ -193,18 +193,20 @@ def test_padim_probe_separates_painted_defects_better_than_padim_and_reloads(tex
     np.testing.assert_allclose(scores, prediction.scores, rtol=1e-4, atol=1e-5)
 
 
-def _outside_cells(defects) -> list[int]:
-    """Per defect, the 16x16 cells of layer1 at 64 px outside its mask widened by one cell."""
-    import torch.nn.functional as F
-
+def _defect_cells(defects) -> list[torch.Tensor]:
+    """Per defect, its mask on the 16x16 cells of layer1 at 64 px (bool)."""
     from competition.preprocess import Geometry
     from competition.zoo.models.padim import mask_cells
 
-    counts = []
-    for mask in defects.masks:
-        cells = mask_cells(mask, Geometry(image_size=SIZE), (16, 16)).float()
-        counts.append(int((F.max_pool2d(cells[None, None], 3, 1, 1)[0, 0] == 0).sum()))
-    return counts
+    return [mask_cells(mask, Geometry(image_size=SIZE), (16, 16)) for mask in defects.masks]
+
+
+def _outside_cells(defects) -> list[int]:
+    """Per defect, the cells outside its mask widened by one cell."""
+    import torch.nn.functional as F
+
+    return [int((F.max_pool2d(cells.float()[None, None], 3, 1, 1)[0, 0] == 0).sum())
+            for cells in _defect_cells(defects)]
 
 
 def test_padim_probe_trains_on_defects_without_masks(textures):
@@ -233,7 +235,7 @@ def test_padim_probe_weighs_each_defect_image_alike(textures, monkeypatch, weigh
 
     monkeypatch.setattr(LogisticRegression, "fit", watched_fit)
     build_model("padim-resnet18-layer1-probe", _settings(), {"probe_weighting": weighting}).fit(fit, None, defects)
-    counts = [int(n) for n in _inside_cells(defects)]
+    counts = [int(cells.sum()) for cells in _defect_cells(defects)]
     positive = seen["weight"][seen["y"] == 1]
     assert len(positive) == sum(counts) and len(set(counts)) > 1  # defects of different sizes
     np.testing.assert_allclose(seen["weight"][seen["y"] == 0], 1.0)
@@ -241,13 +243,6 @@ def test_padim_probe_weighs_each_defect_image_alike(textures, monkeypatch, weigh
     per_image = np.add.reduceat(positive, np.cumsum([0, *counts[:-1]]))
     expected = np.full(len(counts), sum(counts) / len(counts)) if weighting == "images" else np.array(counts, float)
     np.testing.assert_allclose(per_image, expected, rtol=1e-6)
-
-
-def _inside_cells(defects) -> list[int]:
-    from competition.preprocess import Geometry
-    from competition.zoo.models.padim import mask_cells
-
-    return [int(mask_cells(mask, Geometry(image_size=SIZE), (16, 16)).sum()) for mask in defects.masks]
 
 
 def test_padim_probe_over_three_networks_reads_the_next_draws_and_reloads(textures, tmp_path):

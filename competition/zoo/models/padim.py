@@ -318,7 +318,7 @@ class PaDiM(AnomalyModel):
             raise ValueError(f"{self.family}: defect_probe trains on labelled defects, and this fold has none; "
                              "use an entry without the probe (e.g. padim-resnet18-layer1)")
         generator = torch.Generator().manual_seed(self.settings.seed + 1)
-        negatives, positives, images_of = [], [], []
+        negatives, positives = [], []
 
         def sample(rows: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
             pool = torch.arange(len(rows)) if allowed is None else torch.nonzero(allowed).flatten()
@@ -336,10 +336,8 @@ class PaDiM(AnomalyModel):
                 weak += 1
                 top = rows[:, distance].topk(min(int(p.weak_cells), len(rows))).indices
                 positives.append(rows[top])
-                images_of.append(len(top))
                 continue
             positives.append(rows[cells.flatten()])
-            images_of.append(int(cells.sum()))
             margin = dilate_masks(cells[None, None].float(), int(p.probe_margin))[0, 0] > 0
             negatives.append(sample(rows, ~margin.flatten()))
         pos, neg = torch.cat(positives).float(), torch.cat(negatives).float()
@@ -348,7 +346,7 @@ class PaDiM(AnomalyModel):
         y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
         weight = np.ones(len(y))
         if p.probe_weighting == "images":  # each image's cells share one image's weight; the positives' total stays
-            per_cell = np.concatenate([np.full(n, 1.0 / n) for n in images_of])
+            per_cell = np.concatenate([np.full(len(rows), 1.0 / len(rows)) for rows in positives])
             weight[:len(pos)] = per_cell * len(pos) / per_cell.sum()
         probe = LogisticRegression(C=float(p.probe_c), class_weight="balanced", max_iter=2000)
         probe.fit(((x - mean) / scale).numpy(), y, sample_weight=weight)
