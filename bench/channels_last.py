@@ -36,7 +36,10 @@ def images_per_second(model: torch.nn.Module, size: int, batch: int, train: bool
             return
         optimizer.zero_grad()
         with precision():
-            out = model(x)
+            # SegDecNet's decision reads its segmentation detached, so a loss on the decision alone would never
+            # step the segmentation sub-network: its training step is both outputs' loss, as segdec_losses' is
+            out = (lambda o: o.logit.float().mean() + o.mask_logits.float().mean())(model.forward_all(x)) \
+                if isinstance(model, SegDecNet) else model(x)
         out = out if isinstance(out, torch.Tensor) else sum(o.float().mean() for o in out)
         out.float().sum().backward()
         optimizer.step()

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import binary_dilation
+from scipy.ndimage import binary_dilation, gaussian_filter
 from scipy.stats import rankdata
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -116,6 +116,13 @@ def main() -> None:
     parser.add_argument("--transplants", type=int, default=0,
                         help="per training-fold defect, this many of its transplants onto random fit normals "
                              "(competition.data.transplant) join the positives through their moved masks")
+    parser.add_argument("--layer2", action="store_true",
+                        help="each draw's layer2, upsampled onto layer1's grid, as more probe features (PaDiM, llr "
+                             "and the probe's distances stay on layer1); needs --set "
+                             "zoo.params.padim-resnet18-layer1.layers=[1,2]")
+    parser.add_argument("--highpass", type=float, default=0.0, metavar="SIGMA",
+                        help="every image (BatchNorm statistics' too) minus its Gaussian blur of SIGMA pixels, "
+                             "re-centred on mid-grey: lighting and soiling gradients out, local contrast kept")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -129,35 +136,56 @@ def main() -> None:
     y_test = answers.loc[[Path(i).stem if i not in answers.index else i for i in test["image_id"]], "answer"]
     y_test = y_test.to_numpy()
 
-    test_set = ImageSet.from_frame(test)
-    stats = test_set if cfg.zoo.batchnorm_images == "test" else ImageSet.from_frame(train[train.label == 0])
+    def highpass(images: ImageSet) -> ImageSet:
+        if not args.highpass:
+            return images
+        out = []
+        for i in range(len(images)):
+            image = images.read(i).astype(np.float32)
+            background = gaussian_filter(image, (args.highpass, args.highpass, 0))
+            out.append(np.clip(image - background + 128.0, 0, 255).astype(np.uint8))
+        return ImageSet(out, [f"highpass{args.highpass}-{i}" for i in images.ids])
+
+    test_set = highpass(ImageSet.from_frame(test))
+    stats = test_set if cfg.zoo.batchnorm_images == "test" else highpass(ImageSet.from_frame(train[train.label == 0]))
+
+    layer1_columns = [0]
 
     def features(images: ImageSet, cache: bool = True) -> torch.Tensor:
-        """(N, d, h, w): layer1 of every asked draw, concatenated (read from and written to the run's feature cache
-        unless `cache` is off)."""
-        per_draw = []
+        """(N, d, h, w): layer1 of every asked draw, concatenated, then with --layer2 every draw's layer2 upsampled
+        to layer1's grid (read from and written to the run's feature cache unless `cache` is off)."""
+        per_draw, layer2 = [], []
         for k in args.draws:
             padim = build_from_config(MODEL if k == 0 else f"{MODEL}@{k}", cfg)
             extractor = with_backbone_statistics(padim._extractor(), padim.build_model(), stats)
             if not cache:
                 extractor.cache_dir = None
-            out = [None] * len(images)
+            out, deeper = [None] * len(images), [None] * len(images)
             with torch.no_grad():
                 for idx, maps in extractor.extract(images, desc=f"features (draw {k})"):
                     f = extractor.select(maps, [1])[0].float()
+                    g = F.interpolate(extractor.select(maps, [2])[0].float(), size=f.shape[-2:], mode="bilinear",
+                                      align_corners=False) if args.layer2 else None
                     for j, i in enumerate(idx):
                         out[int(i)] = f[j]
+                        deeper[int(i)] = None if g is None else g[j]
             per_draw.append(torch.stack(out))
-        return torch.cat(per_draw, 1)
+            if args.layer2:
+                layer2.append(torch.stack(deeper))
+        layer1_columns[0] = sum(f.shape[1] for f in per_draw)
+        return torch.cat(per_draw + layer2, 1)
 
-    train_feats = features(ImageSet.from_frame(train))
+    train_feats = features(highpass(ImageSet.from_frame(train)))
     test_feats = features(test_set)
     if args.context:
         train_feats = torch.cat([train_feats, F.avg_pool2d(train_feats, 3, 1, 1, count_include_pad=False)], 1)
         test_feats = torch.cat([test_feats, F.avg_pool2d(test_feats, 3, 1, 1, count_include_pad=False)], 1)
     _, d, h, w = train_feats.shape
+    # layer1's columns (every draw's, side by side) come first; PaDiM, llr and the distances read those alone
+    d1 = layer1_columns[0]
     flat = lambda f: f.flatten(2).transpose(1, 2).contiguous()  # noqa: E731  (N, P, d)
     train_flat, test_flat = flat(train_feats), flat(test_feats)
+    del train_feats, test_feats  # the (N, P, d) copies serve from here: one copy in memory, not two
     masks_full = defect_masks(train)
     cell_masks = [None if m is None else mask_cells(m, Geometry(image_size=cfg.zoo.image_size, resize=cfg.zoo.resize),
                                                     (h, w)).numpy() for m in masks_full]
@@ -176,10 +204,10 @@ def main() -> None:
         fit = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 0))
         held = np.flatnonzero((train["fold"] == k).to_numpy())
         defects = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 1))
-        width = d // len(args.draws)
+        width = d1 // len(args.draws)
         # PaDiM and llr over draw 0's features alone with --per-draw (the probe gets each draw's distance); over
         # the concatenation otherwise
-        lead = width if args.per_draw else d
+        lead = width if args.per_draw else d1
         mu, inv, logdet = position_gaussians(train_flat[fit][..., :lead])
         if args.weak:
             for i in defects:

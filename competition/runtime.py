@@ -55,6 +55,15 @@ def cpu_has_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
+def cpu_precision(mode: str = "off") -> str:
+    """What CPU work computes in under `train.cpu_amp` / `zoo.cpu_amp` = `mode`, for a stage's first line: `auto` on
+    a CPU without bfloat16 hardware says so, since there `configs/real.yaml` runs about 3x slower than its budget's
+    figures (README, "Real data")."""
+    if cpu_bf16(mode):
+        return "bfloat16 autocast"
+    return "float32, no bfloat16 hardware" if mode == "auto" else "float32"
+
+
 def autocast(device: torch.device, enabled: bool = True, cpu: str = "off"):
     """float16 autocast on CUDA when `enabled` (`amp`); bfloat16 autocast on the CPU when `cpu_bf16(cpu)`;
     otherwise a no-op context (full precision, exact)."""

@@ -219,6 +219,10 @@ def test_cpu_amp_auto_turns_on_with_either_bfloat16_hardware(monkeypatch):
         runtime.cpu_bf16.cache_clear()
         assert runtime.cpu_bf16("auto") == (amx or avx512_bf16)
         assert runtime.cpu_bf16("bf16") and not runtime.cpu_bf16("off")
+        # the stage's first line says which: `auto` without the hardware names the reason it runs float32
+        assert runtime.cpu_precision("auto") == ("bfloat16 autocast" if amx or avx512_bf16
+                                                 else "float32, no bfloat16 hardware")
+        assert runtime.cpu_precision("off") == "float32" and runtime.cpu_precision("bf16") == "bfloat16 autocast"
     runtime.cpu_bf16.cache_clear()
 
 

@@ -44,6 +44,7 @@ from competition.preprocess import canvas_to_image, cut_tiles, fit_to_canvas, st
 from competition.runtime import (
     autocast,
     configure_threads,
+    cpu_precision,
     seed_everything,
     select_device,
     to_channels_last,
@@ -406,7 +407,8 @@ def main(cfg: Config, fold: str, force: bool = False) -> None:
         store.preload(list(folds["path"].astype(str)) + list(test_rows["path"].astype(str)))
     shape = "" if geometry.is_square else " (" + ", ".join(f"{k} {v}" for k, v in geometry.describe().items()) + ")"
     print(f"classifier {cfg.model.name} at {cfg.model.image_size}px{shape} on {device}"
-          f"{f' ({threads} threads)' if device.type == 'cpu' else ''}; folds {fold_ids}")
+          f"{f' ({threads} threads, {cpu_precision(cfg.train.cpu_amp)})' if device.type == 'cpu' else ''}; "
+          f"folds {fold_ids}")
     started = time.perf_counter()
     results = [train_fold(cfg, k, folds, test_rows, store, device, force) for k in fold_ids]
     if len(results) > 1:
