@@ -37,8 +37,10 @@ def seed_everything(seed: int) -> None:
 @functools.cache
 def cpu_bf16(mode: str = "off") -> bool:
     """Whether CPU work runs under bfloat16 autocast (`train.cpu_amp`, `zoo.cpu_amp`): always for `bf16`; for
-    `auto` only where the CPU multiplies bfloat16 in hardware (`cpu_has_bf16`). There SegDecNet trains 2.2-2.4x
-    and scores 1.8-2.6x faster on 2 cores (bench/channels_last.py --precision). Elsewhere bfloat16 is emulated
+    `auto` only where the CPU multiplies bfloat16 in hardware (`cpu_has_bf16`). There SegDecNet's training pipeline
+    ran 1.7x faster on 2 cores (bench/train_speed.py) and its scoring 1.8-2.6x (bench/channels_last.py --precision;
+    that script's training figures before this version left SegDecNet's segmentation out of the backward pass, so
+    its 2.2-2.4x for training is not a measurement of the real step). Elsewhere bfloat16 is emulated
     and slower than float32, and depthwise-convolution networks (EfficientNet) train slower even with it, so the
     default is off."""
     if mode == "auto":
