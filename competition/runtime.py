@@ -59,8 +59,8 @@ def cpu_has_bf16() -> bool:
 
 def cpu_precision(mode: str = "off") -> str:
     """What CPU work computes in under `train.cpu_amp` / `zoo.cpu_amp` = `mode`, for a stage's first line: `auto` on
-    a CPU without bfloat16 hardware says so, since there `configs/real.yaml` runs about 3x slower than its budget's
-    figures (README, "Real data")."""
+    a CPU without bfloat16 hardware says so, since there `configs/real.yaml` runs far over its 40-minute budget
+    (README, "The 40-minute budget needs bfloat16 hardware")."""
     if cpu_bf16(mode):
         return "bfloat16 autocast"
     return "float32, no bfloat16 hardware" if mode == "auto" else "float32"
