@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--highpass", type=float, default=0.0, metavar="SIGMA",
                         help="every image (BatchNorm statistics' too) minus its Gaussian blur of SIGMA pixels, "
                              "re-centred on mid-grey: lighting and soiling gradients out, local contrast kept")
+    parser.add_argument("--save", default=None, metavar="CSV",
+                        help="write every image's scores: held-out ones by its fold's model, test ones by every fold "
+                             "model, z-scored on that fold's held-out normals (bench/probe_blend.py reads two)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -199,6 +202,7 @@ def main() -> None:
     labels = train["label"].to_numpy().astype(int)
     rows = []
     test_z = {k: [] for k in ("padim", "llr", "probe")}
+    saved = []  # --save's rows
 
     def fold_row(k: int) -> dict:
         fit = np.flatnonzero((train["fold"] != k).to_numpy() & (labels == 0))
@@ -334,6 +338,13 @@ def main() -> None:
         y_held = labels[held]
         row = {"fold": k, "pos_patches": len(pos), "neg_patches": len(neg_all),
                "cells_per_defect": f"{min(cells_per_defect)}-{max(cells_per_defect)}", **row_extra}
+        reference = {key: held_scores[key][y_held == 0] for key in ("padim", "probe")}
+        saved.append(pd.DataFrame({"split": "held", "fold": k, "image_id": train["image_id"].to_numpy()[held],
+                                   "label": y_held, **{key: zscore(held_scores[key], reference[key])
+                                                       for key in reference}}))
+        saved.append(pd.DataFrame({"split": "test", "fold": k, "image_id": test["image_id"].to_numpy(),
+                                   "label": y_test, **{key: zscore(test_scores[key], reference[key])
+                                                       for key in reference}}))
         for key in ("padim", "llr", "probe"):
             row[f"{key}_held"] = roc_auc_score(y_held, held_scores[key])
             row[f"{key}_test"] = roc_auc_score(y_test, test_scores[key])
@@ -355,6 +366,10 @@ def main() -> None:
     for key in ("llr", "probe"):
         blend = rankdata(mean["padim"]) + rankdata(mean[key])
         print(f"rank blend padim+{key}: {roc_auc_score(y_test, blend):.3f}")
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(saved).to_csv(args.save, index=False)
+        print(f"scores written to {args.save}")
 
 
 if __name__ == "__main__":
