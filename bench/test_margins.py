@@ -3,7 +3,7 @@ seed or one CPU's floating-point path clears by luck fails on another machine (D
 autoencoder-ocsvm's at 0.6 did, on an AMD EPYC). Fits the tests' own data and hyperparameters at one thread
 (as `tests/conftest.py` runs them) and prints the AUROC of each seed.
 
-    .venv/bin/python bench/test_margins.py --seeds 0 1 2
+    .venv/bin/python bench/test_margins.py --seeds 0 1 2      # DSR's rows also give each painted kind's AUROC
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from competition.zoo.api import ImageSet, ZooSettings  # noqa: E402
 from competition.zoo.registry import build_model  # noqa: E402
 from tests import test_zoo_dsr as dsr_test  # noqa: E402
 from tests import test_zoo_models as models_test  # noqa: E402
-from tests.zoo_textures import brushed_metal, painted_test_sets  # noqa: E402
+from tests.zoo_textures import PAINTED_KINDS, brushed_metal, painted_test_sets  # noqa: E402
 
 
 def main() -> None:
@@ -53,8 +53,13 @@ def main() -> None:
             settings = ZooSettings(image_size=dsr_test.SIZE, batch_size=16, progress=False, seed=seed,
                                    run_dir=tempfile.mkdtemp())
             model = build_model("dsr", settings, {**dsr_test.FIT, "epochs": epochs}).fit(dsr_fit)
-            print(f"  {epochs} epochs, seed {seed}: {auroc(dsr_labels, model.predict(dsr_test_set).scores):.3f}",
-                  flush=True)
+            scores = model.predict(dsr_test_set).scores
+            normals, painted = scores[:dsr_test.N_TEST], scores[dsr_test.N_TEST:]
+            kinds = [PAINTED_KINDS[i % len(PAINTED_KINDS)] for i in range(dsr_test.N_TEST)]  # painted_test_sets' order
+            per_kind = {kind: auroc([0] * len(normals) + [1] * kinds.count(kind),
+                                    np.r_[normals, painted[[k == kind for k in kinds]]]) for kind in PAINTED_KINDS}
+            print(f"  {epochs} epochs, seed {seed}: {auroc(dsr_labels, scores):.3f}  ("
+                  + ", ".join(f"{kind} {value:.2f}" for kind, value in per_kind.items()) + ")", flush=True)
 
 
 if __name__ == "__main__":

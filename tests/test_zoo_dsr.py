@@ -157,8 +157,8 @@ def test_dsr_separates_painted_defects_and_round_trips(fitted, textures, tmp_pat
     labels = [0] * N_TEST + [1] * N_TEST
     # 0.6, not 0.7: on an AMD EPYC with AVX2 alone the default seed reaches 0.649 (seeds 0-2: 0.649, 0.840, 0.882, also
     # at 32 detection epochs: 0.649, 0.778, 0.882; `bench/test_margins.py --dsr-epochs 16 32`), above chance but under
-    # the old bar that AVX-512 machines cleared. Per kind on that machine (seeds 0-2, 3 defects a kind): hole 0.74-1.0,
-    # stain 0.94-1.0, cut 0.56-0.94, missing pattern 0.36-0.58: the tiny fit misses the brushed lines' removal
+    # the old bar that AVX-512 machines cleared. Per kind there (seeds 0-2, 3 defects a kind; the same script):
+    # hole 0.74-1.0, stain 0.94-1.0, cut 0.56-0.94, missing pattern 0.36-0.58: the tiny fit misses the lines' removal
     assert auroc(labels, prediction.scores) > 0.6
 
     path = model.save(tmp_path / "dsr.pt")
