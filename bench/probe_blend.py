@@ -1,15 +1,17 @@
-"""Blend the probe's scores from two `bench/patch_llr_probe.py --save` runs (two canvases, say): is the pair better
-than either, on the folds' held-out images and on the test set?
+"""Blend the probe's scores from two or more `bench/patch_llr_probe.py --save` runs (canvases, say): is a blend
+better than its runs, on the folds' held-out images and on the test set?
 
 Each image's held-out score comes from its own fold's model and each test score is the mean over the fold models,
-all z-scored on the fold's held-out normals (as `--save` writes them), so a blend is a plain sum of z-scores. Prints
-the folds' mean held-out AUROC and the test AUROC of each run and of their blends, weight w on the second run.
+all z-scored on the fold's held-out normals (as `--save` writes them), so a blend is a weighted sum of z-scores.
+Prints the folds' mean held-out AUROC and the test AUROC of each run, of every pair's blends (weight w on the later
+run) and, for three runs or more, of all of them with equal weights.
 
-    python bench/probe_blend.py /tmp/probe256.csv /tmp/probe352.csv
+    python bench/probe_blend.py /tmp/probe256.csv /tmp/probe352.csv [/tmp/probe192.csv ...]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import numpy as np
 import pandas as pd
@@ -26,19 +28,28 @@ def aurocs(frame: pd.DataFrame, column: str) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("first")
-    parser.add_argument("second")
+    parser.add_argument("runs", nargs="+", help="two or more --save files of the same folds")
     parser.add_argument("--column", default="probe", choices=["probe", "padim"])
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     args = parser.parse_args()
+    if len(args.runs) < 2:
+        parser.error("give two --save files or more")
     keys = ["split", "fold", "image_id", "label"]
-    a, b = pd.read_csv(args.first), pd.read_csv(args.second)
-    both = a[keys + [args.column]].merge(b[keys + [args.column]], on=keys, suffixes=("_a", "_b"), validate="1:1")
-    if len(both) != len(a) or len(both) != len(b):
-        raise SystemExit(f"the two runs score different images or folds ({len(a)}, {len(b)}, {len(both)} in common)")
+    frames = [pd.read_csv(path) for path in args.runs]
+    both = frames[0][keys]
+    for j, frame in enumerate(frames):
+        both = both.merge(frame[keys + [args.column]].rename(columns={args.column: j}), on=keys, validate="1:1")
+    if any(len(frame) != len(both) for frame in frames):
+        raise SystemExit(f"the runs score different images or folds ({[len(f) for f in frames]}, {len(both)} in "
+                         "common)")
+    blends = [(path, {j: 1.0}) for j, path in enumerate(args.runs)]
+    for j, k in itertools.combinations(range(len(frames)), 2):
+        blends += [(f"{j}+{k}, w={w}", {j: 1 - w, k: w}) for w in args.weights]
+    if len(frames) > 2:
+        blends.append(("all, equal weights", {j: 1.0 for j in range(len(frames))}))
     rows = []
-    for name, w in [("first", 0.0), ("second", 1.0)] + [(f"blend w={w}", w) for w in args.weights]:
-        both["blend"] = (1 - w) * both[f"{args.column}_a"] + w * both[f"{args.column}_b"]
+    for name, weights in blends:
+        both["blend"] = sum(w * both[j] for j, w in weights.items())
         held, test = aurocs(both, "blend")
         rows.append({"scores": name, "held-out AUROC (fold mean)": held, "test AUROC": test})
     print(pd.DataFrame(rows).round(4).to_string(index=False))
