@@ -338,17 +338,17 @@ def main() -> None:
         y_held = labels[held]
         row = {"fold": k, "pos_patches": len(pos), "neg_patches": len(neg_all),
                "cells_per_defect": f"{min(cells_per_defect)}-{max(cells_per_defect)}", **row_extra}
-        reference = {key: held_scores[key][y_held == 0] for key in ("padim", "probe")}
+        # every score standardised on this fold's held-out normals: the fold-averaged test scores and --save's
+        z_held = {key: zscore(held_scores[key], held_scores[key][y_held == 0]) for key in ("padim", "probe")}
+        z_test = {key: zscore(test_scores[key], held_scores[key][y_held == 0]) for key in test_z}
         saved.append(pd.DataFrame({"split": "held", "fold": k, "image_id": train["image_id"].to_numpy()[held],
-                                   "label": y_held, **{key: zscore(held_scores[key], reference[key])
-                                                       for key in reference}}))
+                                   "label": y_held, **z_held}))
         saved.append(pd.DataFrame({"split": "test", "fold": k, "image_id": test["image_id"].to_numpy(),
-                                   "label": y_test, **{key: zscore(test_scores[key], reference[key])
-                                                       for key in reference}}))
+                                   "label": y_test, **{key: z_test[key] for key in ("padim", "probe")}}))
         for key in ("padim", "llr", "probe"):
             row[f"{key}_held"] = roc_auc_score(y_held, held_scores[key])
             row[f"{key}_test"] = roc_auc_score(y_test, test_scores[key])
-            test_z[key].append(zscore(test_scores[key], held_scores[key][y_held == 0]))
+            test_z[key].append(z_test[key])
         for key in ("llr", "probe"):
             blend = rankdata(test_scores["padim"]) + rankdata(test_scores[key])
             row[f"padim+{key}_test"] = roc_auc_score(y_test, blend)

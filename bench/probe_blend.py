@@ -15,15 +15,16 @@ import itertools
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
+
+from competition.metrics import auroc
 
 
 def aurocs(frame: pd.DataFrame, column: str) -> tuple[float, float]:
     """(mean over folds of the held-out AUROC, AUROC of the fold-averaged test scores)."""
     held = frame[frame["split"] == "held"]
-    per_fold = [roc_auc_score(g["label"], g[column]) for _, g in held.groupby("fold")]
+    per_fold = [auroc(g["label"], g[column]) for _, g in held.groupby("fold")]
     test = frame[frame["split"] == "test"].groupby("image_id").agg(label=("label", "first"), score=(column, "mean"))
-    return float(np.mean(per_fold)), float(roc_auc_score(test["label"], test["score"]))
+    return float(np.mean(per_fold)), auroc(test["label"], test["score"])
 
 
 def main() -> None:

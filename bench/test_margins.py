@@ -23,7 +23,7 @@ from competition.zoo.api import ImageSet, ZooSettings  # noqa: E402
 from competition.zoo.registry import build_model  # noqa: E402
 from tests import test_zoo_dsr as dsr_test  # noqa: E402
 from tests import test_zoo_models as models_test  # noqa: E402
-from tests.zoo_textures import PAINTED_KINDS, brushed_metal, painted_test_sets  # noqa: E402
+from tests.zoo_textures import PAINTED_KINDS, brushed_metal, painted_kind, painted_test_sets  # noqa: E402
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
             model = build_model("dsr", settings, {**dsr_test.FIT, "epochs": epochs}).fit(dsr_fit)
             scores = model.predict(dsr_test_set).scores
             normals, painted = scores[:dsr_test.N_TEST], scores[dsr_test.N_TEST:]
-            kinds = [PAINTED_KINDS[i % len(PAINTED_KINDS)] for i in range(dsr_test.N_TEST)]  # painted_test_sets' order
+            kinds = [painted_kind(i) for i in range(dsr_test.N_TEST)]
             per_kind = {kind: auroc([0] * len(normals) + [1] * kinds.count(kind),
                                     np.r_[normals, painted[[k == kind for k in kinds]]]) for kind in PAINTED_KINDS}
             print(f"  {epochs} epochs, seed {seed}: {auroc(dsr_labels, scores):.3f}  ("

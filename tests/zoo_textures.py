@@ -15,6 +15,11 @@ from competition.zoo.api import ImageSet
 PAINTED_KINDS = ("hole", "stain", "missing_pattern", "cut")
 
 
+def painted_kind(i: int) -> str:
+    """The kind of the i-th painted test image (the kinds in turn)."""
+    return PAINTED_KINDS[i % len(PAINTED_KINDS)]
+
+
 def brushed_metal(size: int, rng: np.random.Generator) -> np.ndarray:
     return make_texture("brushed_metal", (size, size), rng)
 
@@ -26,6 +31,6 @@ def painted_test_sets(size: int, n_fit: int = 40, n_test: int = 12,
     rng = np.random.default_rng(0) if rng is None else rng
     fit = ImageSet([brushed_metal(size, rng) for _ in range(n_fit)])
     normal = [brushed_metal(size, rng) for _ in range(n_test)]
-    painted = [paint_defect(brushed_metal(size, rng), PAINTED_KINDS[i % len(PAINTED_KINDS)], rng, severity=0.0)[0]
+    painted = [paint_defect(brushed_metal(size, rng), painted_kind(i), rng, severity=0.0)[0]
                for i in range(n_test)]
     return fit, ImageSet(normal + painted), np.array([0] * n_test + [1] * n_test)
