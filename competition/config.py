@@ -261,6 +261,9 @@ class ZooConfig:
     # unlabeled test images, one set for every fold, so the folds share one network and one feature cache)
     batchnorm_images: Literal["fit", "test"] = "fit"
     image_size: int = 128  # side of the square model input (canvas)
+    # per registry name, that entry's own canvas side instead of image_size (a draw NAME@K takes NAME's unless it
+    # is named itself): e.g. a defect probe on a finer canvas beside the rest, each canvas with its own features
+    image_sizes: dict[str, int] = field(default_factory=dict)
     resize: Literal["square", "letterbox"] = "square"  # stretch to the square, or keep the aspect and pad
     tiles: TilesConfig = field(default_factory=TilesConfig)
     batch_size: int = 32
@@ -290,6 +293,9 @@ class ZooConfig:
         for name, params in self.params.items():
             if not isinstance(params, dict):
                 raise ValueError(f"params: zoo.params.{name} must be a mapping of hyperparameters, got {params!r}")
+        for name, side in self.image_sizes.items():
+            if isinstance(side, bool) or not isinstance(side, int) or side < 16:
+                raise ValueError(f"image_sizes: zoo.image_sizes.{name} must be a canvas side >= 16, got {side!r}")
         if not 0.0 < self.validation_share < 1.0:
             raise ValueError(f"validation_share must be in (0, 1), got {self.validation_share}")
         if self.cache_max_gb < 0:

@@ -175,13 +175,23 @@ def run_shared_layers(cfg, names: list[str], extra: tuple[str, dict[str, Any]] |
     return {key: sorted(layers) for key, layers in sorted(wanted.items())}
 
 
+def entry_image_size(cfg, name: str) -> int:
+    """The canvas side of entry `name`: its `zoo.image_sizes` (a draw NAME@K takes NAME's unless named itself),
+    else `zoo.image_size`."""
+    sizes = cfg.zoo.image_sizes
+    return int(sizes.get(name, sizes.get(split_draw(name)[0], cfg.zoo.image_size)))
+
+
 def build_from_config(name: str, cfg, run_dir=None, draw: int | None = None) -> AnomalyModel:
-    """`build_model` with settings and `zoo.params[name]` taken from the config; its shared feature extractor
-    computes the layers that every model of `zoo.models` reads from its network (`run_shared_layers`).
+    """`build_model` with settings and `zoo.params[name]` taken from the config, on the entry's canvas
+    (`entry_image_size`); its shared feature extractor computes the layers that every model of `zoo.models` on
+    the same canvas reads from its network (`run_shared_layers`; another canvas is another cache entry).
     `draw` overrides the entry's random draw (a screened draw, `competition.zoo.draws`)."""
     overrides = config_params(cfg, name) if draw is None else {**config_params(cfg, name), "draw": int(draw)}
-    settings = dataclasses.replace(ZooSettings.from_config(cfg, run_dir=run_dir),
-                                   shared_layers=run_shared_layers(cfg, list(cfg.zoo.models), (name, overrides)))
+    size = entry_image_size(cfg, name)
+    same_canvas = [other for other in cfg.zoo.models if entry_image_size(cfg, other) == size]
+    settings = dataclasses.replace(ZooSettings.from_config(cfg, run_dir=run_dir), image_size=size,
+                                   shared_layers=run_shared_layers(cfg, same_canvas, (name, overrides)))
     return build_model(name, settings, overrides)
 
 

@@ -39,7 +39,7 @@ from competition.stage import RunFolder, config_differences, json_form, results_
 from competition.zoo.api import AnomalyModel, ImageSet
 from competition.zoo.draws import screened_draw
 from competition.zoo.evaluation import evaluate_scores
-from competition.zoo.registry import build_from_config, config_params, get_entry, resolved_params
+from competition.zoo.registry import build_from_config, config_params, entry_image_size, get_entry, resolved_params
 from competition.zoo.validation import defect_masks, painted_copies, split_defects, split_validation
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ def zoo_record(cfg: Config, name: str) -> dict[str, Any]:
     record = results_config(cfg, RESULTS_KEYS + (("pseudo",) if pseudo else ()))
     record["zoo"].pop("models")
     record["zoo"]["params"] = dataclasses.asdict(resolved_params(name, config_params(cfg, name)))
+    # this entry's canvas alone: another entry's zoo.image_sizes does not change what this one fits
+    record["zoo"].pop("image_sizes", None)
+    record["zoo"]["image_size"] = entry_image_size(cfg, name)
     if not record["zoo"]["params"].get("screen_draws", 1):
         del record["zoo"]["params"]["screen_draws"]  # off: folds fitted before the key existed stay valid
     record["inputs"] = fold_inputs(cfg, pseudo=pseudo)
@@ -257,6 +260,8 @@ def main(cfg: Config, model: str | None, fold: str, force: bool) -> None:
         get_entry(name, "zoo.models" if not model else "--model")  # unknown names stop before any work
     for name in cfg.zoo.params:  # a typo there would silently leave the intended model at its defaults
         get_entry(name, "zoo.params")
+    for name in cfg.zoo.image_sizes:  # the same for a canvas
+        get_entry(name, "zoo.image_sizes")
     configure_threads(cfg.train.threads)
     folds_to_run = parse_fold_arg(fold, cfg.folds.n_splits)
     index = load_index(cfg)
