@@ -123,6 +123,11 @@ def main() -> None:
     parser.add_argument("--highpass", type=float, default=0.0, metavar="SIGMA",
                         help="every image (BatchNorm statistics' too) minus its Gaussian blur of SIGMA pixels, "
                              "re-centred on mid-grey: lighting and soiling gradients out, local contrast kept")
+    parser.add_argument("--flips", type=int, choices=[1, 2, 4], default=1,
+                        help="each image also flipped (2: left-right; 4: and upside down, and both), its features "
+                             "flipped back onto the image's grid: the normals' Gaussians and the probe fit on every "
+                             "orientation, and held-out and test maps are averaged over them (--no-tta: not)")
+    parser.add_argument("--no-tta", action="store_true", help="with --flips: score the unflipped images alone")
     parser.add_argument("--save", default=None, metavar="CSV",
                         help="write every image's scores: held-out ones by its fold's model, test ones by every fold "
                              "model, z-scored on that fold's held-out normals (bench/probe_blend.py reads two)")
@@ -178,8 +183,26 @@ def main() -> None:
         layer1_columns[0] = sum(f.shape[1] for f in per_draw)
         return torch.cat(per_draw + layer2, 1)
 
-    train_feats = features(highpass(ImageSet.from_frame(train)))
-    test_feats = features(test_set)
+    orientations = [(), (1,), (0,), (0, 1)][:args.flips]  # flipped axes of an (H, W, 3) image
+    if args.flips > 1 and (args.self_train or args.hard_negatives or args.transplants or args.weak):
+        parser.error("--flips does not combine with --self-train, --hard-negatives, --transplants or --weak")
+
+    def oriented_features(images: ImageSet) -> torch.Tensor:
+        """(F * N, d, h, w): `features` of every orientation, flipped back onto the image's grid, orientation-major."""
+        out = []
+        for axes in orientations:
+            flipped = images if not axes else ImageSet(
+                [np.ascontiguousarray(np.flip(images.read(i), axes)) for i in range(len(images))],
+                [f"flip{''.join(map(str, axes))}-{i}" for i in images.ids])
+            f = features(flipped)
+            out.append(f.flip([a - 2 for a in axes]) if axes else f)  # image axis 0/1 -> map axis -2/-1
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    n_train = len(train)
+    n_views = len(orientations)
+    views = lambda idx: np.concatenate([np.asarray(idx) + v * n_train for v in range(n_views)])  # noqa: E731
+    train_feats = oriented_features(highpass(ImageSet.from_frame(train)))
+    test_feats = oriented_features(test_set)
     if args.context:
         train_feats = torch.cat([train_feats, F.avg_pool2d(train_feats, 3, 1, 1, count_include_pad=False)], 1)
         test_feats = torch.cat([test_feats, F.avg_pool2d(test_feats, 3, 1, 1, count_include_pad=False)], 1)
@@ -212,7 +235,7 @@ def main() -> None:
         # PaDiM and llr over draw 0's features alone with --per-draw (the probe gets each draw's distance); over
         # the concatenation otherwise
         lead = width if args.per_draw else d1
-        mu, inv, logdet = position_gaussians(train_flat[fit][..., :lead])
+        mu, inv, logdet = position_gaussians(train_flat[views(fit)][..., :lead])
         if args.weak:
             for i in defects:
                 m2 = mahalanobis2(train_flat[i][None][..., :lead], mu, inv)[0]
@@ -225,9 +248,10 @@ def main() -> None:
                 continue
             inside = cell_masks[i].reshape(-1)
             margin = binary_dilation(cell_masks[i], iterations=args.dilate).reshape(-1)
-            pos.append(train_flat[i][inside])
-            neg.append(train_flat[i][~margin][::8])
-        normal_patches = train_flat[fit][:, ::16].reshape(-1, d)
+            for v in views([i]):
+                pos.append(train_flat[v][inside])
+                neg.append(train_flat[v][~margin][::8])
+        normal_patches = train_flat[views(fit)][:, ::16].reshape(-1, d)
         cells_per_defect = [len(p) for p in pos]  # the real defects' positive cells, for the printout
         if args.transplants:
             # the training folds' defects moved onto fit normals: their moved mask cells are more positives
@@ -253,7 +277,7 @@ def main() -> None:
         pos = torch.cat(pos)
         d_mu, d_cov = lw_cov(pos[:, :lead])
         d_inv, d_logdet = torch.linalg.inv(d_cov).float(), torch.logdet(d_cov).float()
-        per_draw = [position_gaussians(train_flat[fit][..., j * width:(j + 1) * width])[:2]
+        per_draw = [position_gaussians(train_flat[views(fit)][..., j * width:(j + 1) * width])[:2]
                     for j in range(len(args.draws))] if args.per_draw else []
 
         def maps(feats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -275,11 +299,12 @@ def main() -> None:
         # the probe's training patches: defect cells, normal cells of the fit normals and of the defect images
         neg_all = torch.cat([normal_patches, torch.cat(neg)])
         dist = train_maps["dist"]
-        dist_pos = torch.cat([dist[i][cell_masks[i].reshape(-1)] for i in defects if cell_masks[i] is not None]
+        dist_pos = torch.cat([dist[v][cell_masks[i].reshape(-1)] for i in defects if cell_masks[i] is not None
+                              for v in views([i])]
                              + [maps(f_img[None])["dist"][0][cells] for f_img, cells in transplant_rows])
-        dist_neg = torch.cat([dist[fit][:, ::16].reshape(-1, dist.shape[-1])]
-                             + [dist[i][~binary_dilation(cell_masks[i], iterations=args.dilate).reshape(-1)][::8]
-                                for i in defects if cell_masks[i] is not None])
+        dist_neg = torch.cat([dist[views(fit)][:, ::16].reshape(-1, dist.shape[-1])]
+                             + [dist[v][~binary_dilation(cell_masks[i], iterations=args.dilate).reshape(-1)][::8]
+                                for i in defects if cell_masks[i] is not None for v in views([i])])
         xs = torch.cat([torch.cat([pos, dist_pos], 1), torch.cat([neg_all, dist_neg], 1)])
         if args.no_distance:
             xs[:, d:] = 0
@@ -306,12 +331,16 @@ def main() -> None:
             clf.fit(((xs - mean_x) / std_x).numpy(), ys, sample_weight=weights)
 
         def image_scores(feats: torch.Tensor, m: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+            """Orientation-major (F * n, P, d) -> each image's maps averaged over its orientations (the first alone
+            with --no-tta), smoothed and maxed."""
             x = torch.cat([feats, m["dist"] * (0 if args.no_distance else 1)], -1)
             z = ((x - mean_x) / std_x).reshape(-1, x.shape[-1]).numpy()
             m["probe"] = torch.from_numpy(clf.decision_function(z)).float().reshape(x.shape[:-1])
-            return {key: smoothed_maxima(m[key].reshape(-1, h, w)) for key in ("padim", "llr", "probe")}
+            kept = 1 if args.no_tta else n_views
+            return {key: smoothed_maxima(m[key].reshape(n_views, -1, h, w)[:kept].mean(0))
+                    for key in ("padim", "llr", "probe")}
 
-        held_scores = image_scores(train_flat[held], {key: v[held] for key, v in train_maps.items()})
+        held_scores = image_scores(train_flat[views(held)], {key: v[views(held)] for key, v in train_maps.items()})
         test_maps = maps(test_flat)
         test_scores = image_scores(test_flat, test_maps)
         row_extra = {}

@@ -1,0 +1,101 @@
+"""Probe: how far does a whole image's nearest training frame tell its label, without looking at any defect?
+
+bsdata_tiles' README names two residues of its conversion: consecutive frames of one spindle position fall in train and
+test alike, and soiling still correlates slightly with the label. A score that sees only the whole image's look
+measures how much of the label those carry: each image's standardised grey (or colour) thumbnail, and its distance to
+the nearest training normal minus its distance to the nearest training defect (nearest-neighbour rule, Cover and Hart
+1967). Out of fold, a held-out fold is compared with the other folds' images; the test set with each fold's training
+folds, the fold models' scores averaged. Prints OOF and test AUROC per thumbnail size; `--save` writes the
+`bench/patch_llr_probe.py --save` layout (z-scored on each fold's held-out normals), for `bench/probe_blend.py`.
+
+    python bench/frame_knn.py ../shared/datasets/bsdata_tiles runs/bench-real/bsdata_tiles-real/runs \
+        [--save /tmp/pb/knn.csv]
+
+Reads `answers.csv` beside `test/` (a bench script; the pipeline never does).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from competition.config import load_config
+from competition.data.images import read_image
+from competition.folds import load_index
+from competition.metrics import auroc
+
+SIZES = [(13, 16), (26, 32), (52, 64), (104, 128)]  # (height, width) of the thumbnail
+
+
+def thumbnails(images: list[np.ndarray], size: tuple[int, int], colour: bool) -> torch.Tensor:
+    """(N, D): each image area-resized to `size`, grey unless `colour`, standardised on its own values."""
+    x = torch.stack([torch.from_numpy(image if colour else image.mean(-1, keepdims=True)).permute(2, 0, 1)
+                     for image in images])
+    x = torch.cat([F.interpolate(x[i:i + 1], size=size, mode="area") for i in range(len(x))]).flatten(1)
+    return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-6)
+
+
+def nearest_rule(queries: torch.Tensor, reference: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Distance to the nearest reference normal minus distance to the nearest reference defect."""
+    distance = torch.cdist(queries, reference).numpy()
+    return distance[:, labels == 0].min(1) - distance[:, labels == 1].min(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data")
+    parser.add_argument("work", help="a run's paths.work: its folds.csv is used")
+    parser.add_argument("--config", default="configs/real.yaml")
+    parser.add_argument("--save", default=None, metavar="CSV", help="the 52x64 grey scores, for probe_blend.py")
+    args = parser.parse_args()
+    cfg = load_config(args.config, [f"paths.data={args.data}", f"paths.work={args.work}"])
+    index = load_index(cfg)
+    folds = pd.read_csv(Path(args.work) / "folds.csv")
+    train = index[index["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id").reset_index(drop=True)
+    test = index[index["split"] == "test"].reset_index(drop=True)
+    answers = pd.read_csv(Path(args.data) / "answers.csv").set_index("ImageId")
+    y_test = answers.loc[[Path(i).stem if i not in answers.index else i for i in test["image_id"]], "answer"]
+    y_test = y_test.to_numpy()
+    decoded = [np.asarray(read_image(p), np.float32) / 255.0 for p in list(train["path"]) + list(test["path"])]
+    labels, fold_of = train["label"].to_numpy().astype(int), train["fold"].to_numpy()
+    saved = []
+    for size in SIZES:
+        for colour in (False, True):
+            described = thumbnails(decoded, size, colour)
+            train_x, test_x = described[:len(train)], described[len(train):]
+            oof, test_scores = np.zeros(len(train)), []
+            for k in np.unique(fold_of):
+                held = fold_of == k
+                oof[held] = nearest_rule(train_x[held], train_x[~held], labels[~held])
+                test_scores.append(nearest_rule(test_x, train_x[~held], labels[~held]))
+                if args.save and size == (52, 64) and not colour:
+                    reference = oof[held][labels[held] == 0]
+
+                    def z(scores: np.ndarray, reference: np.ndarray = reference) -> np.ndarray:
+                        return (scores - reference.mean()) / (reference.std() + 1e-12)
+
+                    saved.append(pd.DataFrame({"split": "held", "fold": k, "image_id": train["image_id"][held],
+                                               "label": labels[held], "probe": z(oof[held]),
+                                               "padim": z(oof[held])}))
+                    saved.append(pd.DataFrame({"split": "test", "fold": k, "image_id": test["image_id"],
+                                               "label": y_test, "probe": z(test_scores[-1]),
+                                               "padim": z(test_scores[-1])}))
+            print(f"{size[0]}x{size[1]} {'colour' if colour else 'grey  '}  OOF AUROC {auroc(labels, oof):.3f}  "
+                  f"test AUROC {auroc(y_test, np.mean(test_scores, 0)):.3f}", flush=True)
+    grey = thumbnails(decoded, (52, 64), False)
+    nearest_is_defect = nearest_rule(grey[len(train):], grey[:len(train)], labels) > 0
+    print("a training defect is the nearest training frame (52x64 grey) of "
+          f"{nearest_is_defect[y_test == 1].mean():.0%} of the test defects and "
+          f"{nearest_is_defect[y_test == 0].mean():.0%} of the test normals")
+    if args.save:
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        pd.concat(saved).to_csv(args.save, index=False)
+        print(f"scores written to {args.save}")
+
+
+if __name__ == "__main__":
+    main()
