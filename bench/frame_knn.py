@@ -16,6 +16,7 @@ Reads `answers.csv` beside `test/` (a bench script; the pipeline never does).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,9 @@ from competition.config import load_config
 from competition.data.images import read_image
 from competition.folds import load_index
 from competition.metrics import auroc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from patch_llr_probe import test_labels, write_scores, zscore  # noqa: E402  (a sibling bench script)
 
 SIZES = [(13, 16), (26, 32), (52, 64), (104, 128)]  # (height, width) of the thumbnail
 
@@ -57,15 +61,15 @@ def main() -> None:
     folds = pd.read_csv(Path(args.work) / "folds.csv")
     train = index[index["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id").reset_index(drop=True)
     test = index[index["split"] == "test"].reset_index(drop=True)
-    answers = pd.read_csv(Path(args.data) / "answers.csv").set_index("ImageId")
-    y_test = answers.loc[[Path(i).stem if i not in answers.index else i for i in test["image_id"]], "answer"]
-    y_test = y_test.to_numpy()
+    y_test = test_labels(args.data, test)
     decoded = [np.asarray(read_image(p), np.float32) / 255.0 for p in list(train["path"]) + list(test["path"])]
     labels, fold_of = train["label"].to_numpy().astype(int), train["fold"].to_numpy()
     saved = []
     for size in SIZES:
         for colour in (False, True):
             described = thumbnails(decoded, size, colour)
+            if size == (52, 64) and not colour:
+                grey = described  # the nearest-frame count below reads these
             train_x, test_x = described[:len(train)], described[len(train):]
             oof, test_scores = np.zeros(len(train)), []
             for k in np.unique(fold_of):
@@ -74,27 +78,19 @@ def main() -> None:
                 test_scores.append(nearest_rule(test_x, train_x[~held], labels[~held]))
                 if args.save and size == (52, 64) and not colour:
                     reference = oof[held][labels[held] == 0]
-
-                    def z(scores: np.ndarray, reference: np.ndarray = reference) -> np.ndarray:
-                        return (scores - reference.mean()) / (reference.std() + 1e-12)
-
+                    held_z, test_z = zscore(oof[held], reference), zscore(test_scores[-1], reference)
                     saved.append(pd.DataFrame({"split": "held", "fold": k, "image_id": train["image_id"][held],
-                                               "label": labels[held], "probe": z(oof[held]),
-                                               "padim": z(oof[held])}))
+                                               "label": labels[held], "probe": held_z, "padim": held_z}))
                     saved.append(pd.DataFrame({"split": "test", "fold": k, "image_id": test["image_id"],
-                                               "label": y_test, "probe": z(test_scores[-1]),
-                                               "padim": z(test_scores[-1])}))
+                                               "label": y_test, "probe": test_z, "padim": test_z}))
             print(f"{size[0]}x{size[1]} {'colour' if colour else 'grey  '}  OOF AUROC {auroc(labels, oof):.3f}  "
                   f"test AUROC {auroc(y_test, np.mean(test_scores, 0)):.3f}", flush=True)
-    grey = thumbnails(decoded, (52, 64), False)
     nearest_is_defect = nearest_rule(grey[len(train):], grey[:len(train)], labels) > 0
     print("a training defect is the nearest training frame (52x64 grey) of "
           f"{nearest_is_defect[y_test == 1].mean():.0%} of the test defects and "
           f"{nearest_is_defect[y_test == 0].mean():.0%} of the test normals")
     if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        pd.concat(saved).to_csv(args.save, index=False)
-        print(f"scores written to {args.save}")
+        write_scores(saved, args.save)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
@@ -38,7 +37,7 @@ from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
 from competition.zoo.registry import build_from_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from patch_llr_probe import mahalanobis2, position_gaussians  # noqa: E402  (a sibling bench script)
+from patch_llr_probe import mahalanobis2, position_gaussians, test_labels  # noqa: E402  (a sibling bench script)
 
 MODEL = "padim-resnet18-layer1"
 
@@ -102,8 +101,7 @@ def main() -> None:
     index = load_index(cfg)
     normals = index[(index["split"] == "train") & (index["label"] == 0)].reset_index(drop=True)
     test = index[index["split"] == "test"].reset_index(drop=True)
-    answers = pd.read_csv(Path(args.data) / "answers.csv").set_index("ImageId")
-    y_test = answers.loc[list(test["image_id"]), "answer"].to_numpy()
+    y_test = test_labels(args.data, test)
 
     size = (141, 115)  # half of a 282x230 tile: the template's pixels
     scores = {"template": template_scores(np.stack([grey(p, size) for p in test["path"]]),

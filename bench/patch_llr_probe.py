@@ -32,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from competition.config import load_config
 from competition.folds import load_index
+from competition.leaderboard import read_answers
 from competition.preprocess import Geometry
 from competition.zoo.api import ImageSet
 from competition.zoo.components.features import with_backbone_statistics
@@ -77,6 +78,19 @@ def mahalanobis2(feats: torch.Tensor, mu: torch.Tensor, inv: torch.Tensor) -> to
 
 def zscore(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (scores - reference.mean()) / (reference.std() + 1e-12)
+
+
+def test_labels(data: str | Path, test: pd.DataFrame) -> np.ndarray:
+    """The answers of `test`'s images, in its order, from `answers.csv` beside `data`'s test/ (bench scripts only)."""
+    truth = read_answers(Path(data) / "answers.csv").set_index("ImageId")["answer"].astype(int)
+    return truth.loc[[Path(i).stem if i not in truth.index else i for i in test["image_id"]]].to_numpy()
+
+
+def write_scores(frames: list[pd.DataFrame], path: str | Path) -> None:
+    """`--save`'s file (split, fold, image_id, label and z-scored score columns), as bench/probe_blend.py reads it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames).to_csv(path, index=False)
+    print(f"scores written to {path}")
 
 
 def main() -> None:
@@ -140,9 +154,7 @@ def main() -> None:
     folds = pd.read_csv(Path(args.work) / "folds.csv")
     train = index[index["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id")
     test = index[index["split"] == "test"].reset_index(drop=True)
-    answers = pd.read_csv(Path(args.data) / "answers.csv").set_index("ImageId")
-    y_test = answers.loc[[Path(i).stem if i not in answers.index else i for i in test["image_id"]], "answer"]
-    y_test = y_test.to_numpy()
+    y_test = test_labels(args.data, test)
 
     def highpass(images: ImageSet) -> ImageSet:
         if not args.highpass:
@@ -396,9 +408,7 @@ def main() -> None:
         blend = rankdata(mean["padim"]) + rankdata(mean[key])
         print(f"rank blend padim+{key}: {roc_auc_score(y_test, blend):.3f}")
     if args.save:
-        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-        pd.concat(saved).to_csv(args.save, index=False)
-        print(f"scores written to {args.save}")
+        write_scores(saved, args.save)
 
 
 if __name__ == "__main__":
