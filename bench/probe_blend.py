@@ -30,7 +30,8 @@ def aurocs(frame: pd.DataFrame, column: str) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="two or more --save files of the same folds")
-    parser.add_argument("--column", default="probe", choices=["probe", "padim"])
+    parser.add_argument("--column", default="probe",
+                        help="the score column: probe or padim (patch_llr_probe.py), probe or lp (probe_finetune.py)")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     args = parser.parse_args()
     if len(args.runs) < 2:
