@@ -142,6 +142,10 @@ def main() -> None:
                              "flipped back onto the image's grid: the normals' Gaussians and the probe fit on every "
                              "orientation, and held-out and test maps are averaged over them (--no-tta: not)")
     parser.add_argument("--no-tta", action="store_true", help="with --flips: score the unflipped images alone")
+    parser.add_argument("--test-fit", action="store_true",
+                        help="PaDiM's per-position Gaussians fitted on the unlabeled test images as well, "
+                             "cross-fitted: each half of the test set is scored by the Gaussians of the fit normals "
+                             "and the other half, the training images by those of the first half")
     parser.add_argument("--save", default=None, metavar="CSV",
                         help="write every image's scores: held-out ones by its fold's model, test ones by every fold "
                              "model, z-scored on that fold's held-out normals (bench/probe_blend.py reads two)")
@@ -198,6 +202,8 @@ def main() -> None:
     orientations = [(), (1,), (0,), (0, 1)][:args.flips]  # flipped axes of an (H, W, 3) image
     if args.flips > 1 and (args.self_train or args.hard_negatives or args.transplants or args.weak):
         parser.error("--flips does not combine with --self-train, --hard-negatives, --transplants or --weak")
+    if args.test_fit and (args.flips > 1 or args.self_train):
+        parser.error("--test-fit does not combine with --flips or --self-train")
 
     def oriented_features(images: ImageSet) -> torch.Tensor:
         """(F * N, d, h, w): `features` of every orientation, flipped back onto the image's grid, orientation-major."""
@@ -247,7 +253,18 @@ def main() -> None:
         # PaDiM and llr over draw 0's features alone with --per-draw (the probe gets each draw's distance); over
         # the concatenation otherwise
         lead = width if args.per_draw else d1
-        mu, inv, logdet = position_gaussians(train_flat[views(fit)][..., :lead])
+        halves = np.array_split(np.random.default_rng(k).permutation(len(test_flat)), 2)  # --test-fit's halves
+
+        def gaussians(extra: np.ndarray | None):
+            """PaDiM's per-position Gaussians (lead features; each draw's with --per-draw) of the fit normals and
+            the test images `extra`."""
+            rows = train_flat[views(fit)] if extra is None else torch.cat([train_flat[views(fit)], test_flat[extra]])
+            lead_g = position_gaussians(rows[..., :lead])
+            return lead_g, [position_gaussians(rows[..., j * width:(j + 1) * width])[:2]
+                            for j in range(len(args.draws))] if args.per_draw else []
+
+        gaussian_sets = [gaussians(h_) for h_ in halves] if args.test_fit else [gaussians(None)]
+        (mu, inv, logdet), per_draw = gaussian_sets[0]
         if args.weak:
             for i in defects:
                 m2 = mahalanobis2(train_flat[i][None][..., :lead], mu, inv)[0]
@@ -289,10 +306,9 @@ def main() -> None:
         pos = torch.cat(pos)
         d_mu, d_cov = lw_cov(pos[:, :lead])
         d_inv, d_logdet = torch.linalg.inv(d_cov).float(), torch.logdet(d_cov).float()
-        per_draw = [position_gaussians(train_flat[views(fit)][..., j * width:(j + 1) * width])[:2]
-                    for j in range(len(args.draws))] if args.per_draw else []
 
-        def maps(feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        def maps(feats: torch.Tensor, gaussian_set: int = 0) -> dict[str, torch.Tensor]:
+            (mu, inv, logdet), per_draw = gaussian_sets[gaussian_set]
             out = {"padim": [], "llr": [], "probe": [], "m2": [], "dist": []}
             for b in range(0, len(feats), 32):
                 x = feats[b:b + 32]
@@ -353,7 +369,13 @@ def main() -> None:
                     for key in ("padim", "llr", "probe")}
 
         held_scores = image_scores(train_flat[views(held)], {key: v[views(held)] for key, v in train_maps.items()})
-        test_maps = maps(test_flat)
+        if args.test_fit:  # each half scored by the Gaussians fitted with the other half
+            test_maps = {}
+            for half, other in ((halves[0], 1), (halves[1], 0)):
+                for key, v in maps(test_flat[half], other).items():
+                    test_maps.setdefault(key, torch.zeros((len(test_flat),) + v.shape[1:]))[half] = v
+        else:
+            test_maps = maps(test_flat)
         test_scores = image_scores(test_flat, test_maps)
         row_extra = {}
         for r in range(args.self_train):
