@@ -20,17 +20,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from competition.config import load_config
 from competition.data.images import read_image
-from competition.folds import load_index
 from competition.metrics import auroc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from patch_llr_probe import test_labels, write_scores, zscore  # noqa: E402  (a sibling bench script)
+from patch_llr_probe import score_frames, split_frames, write_scores, zscored  # noqa: E402  (a sibling bench script)
 
 SIZES = [(13, 16), (26, 32), (52, 64), (104, 128)]  # (height, width) of the thumbnail
 
@@ -57,11 +55,7 @@ def main() -> None:
     parser.add_argument("--save", default=None, metavar="CSV", help="the 52x64 grey scores, for probe_blend.py")
     args = parser.parse_args()
     cfg = load_config(args.config, [f"paths.data={args.data}", f"paths.work={args.work}"])
-    index = load_index(cfg)
-    folds = pd.read_csv(Path(args.work) / "folds.csv")
-    train = index[index["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id").reset_index(drop=True)
-    test = index[index["split"] == "test"].reset_index(drop=True)
-    y_test = test_labels(args.data, test)
+    train, test, y_test = split_frames(cfg, args.data, args.work)
     decoded = [np.asarray(read_image(p), np.float32) / 255.0 for p in list(train["path"]) + list(test["path"])]
     labels, fold_of = train["label"].to_numpy().astype(int), train["fold"].to_numpy()
     saved = []
@@ -77,12 +71,11 @@ def main() -> None:
                 oof[held] = nearest_rule(train_x[held], train_x[~held], labels[~held])
                 test_scores.append(nearest_rule(test_x, train_x[~held], labels[~held]))
                 if args.save and size == (52, 64) and not colour:
-                    reference = oof[held][labels[held] == 0]
-                    held_z, test_z = zscore(oof[held], reference), zscore(test_scores[-1], reference)
-                    saved.append(pd.DataFrame({"split": "held", "fold": k, "image_id": train["image_id"][held],
-                                               "label": labels[held], "probe": held_z, "padim": held_z}))
-                    saved.append(pd.DataFrame({"split": "test", "fold": k, "image_id": test["image_id"],
-                                               "label": y_test, "probe": test_z, "padim": test_z}))
+                    # the same score under both of probe_blend.py's column names
+                    z_held, z_test = zscored({"probe": oof[held]}, {"probe": test_scores[-1]}, labels[held])
+                    saved.extend(score_frames(k, train["image_id"][held], labels[held],
+                                              {**z_held, "padim": z_held["probe"]}, test["image_id"], y_test,
+                                              {**z_test, "padim": z_test["probe"]}))
             print(f"{size[0]}x{size[1]} {'colour' if colour else 'grey  '}  OOF AUROC {auroc(labels, oof):.3f}  "
                   f"test AUROC {auroc(y_test, np.mean(test_scores, 0)):.3f}", flush=True)
     nearest_is_defect = nearest_rule(grey[len(train):], grey[:len(train)], labels) > 0

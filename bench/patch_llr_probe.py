@@ -86,6 +86,35 @@ def test_labels(data: str | Path, test: pd.DataFrame) -> np.ndarray:
     return truth.loc[[Path(i).stem if i not in truth.index else i for i in test["image_id"]]].to_numpy()
 
 
+def split_frames(cfg, data: str | Path, work: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """The training images with their fold (`work`'s folds.csv), the test images and their answers (bench only)."""
+    index = load_index(cfg)
+    folds = pd.read_csv(Path(work) / "folds.csv")
+    train = index[index["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id")
+    test = index[index["split"] == "test"].reset_index(drop=True)
+    return train, test, test_labels(data, test)
+
+
+def smoothed_maxima(coarse: torch.Tensor, size: int, sigma: float) -> np.ndarray:
+    """(N, h, w) maps -> (N,): upsampled to the `size` canvas, blurred and maxed, as PaDiM's head (SmoothedMaps)."""
+    return torch.cat([gaussian_blur_maps(upsample_maps(c, size), sigma).amax((1, 2)) for c in coarse.split(64)]).numpy()
+
+
+def zscored(held: dict[str, np.ndarray], test: dict[str, np.ndarray], y_held: np.ndarray
+            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each score of a fold's held-out and test images standardised on the fold's held-out normals."""
+    normals = {key: v[y_held == 0] for key, v in held.items()}
+    return ({key: zscore(v, normals[key]) for key, v in held.items()},
+            {key: zscore(v, normals[key]) for key, v in test.items()})
+
+
+def score_frames(fold: int, held_ids, y_held: np.ndarray, z_held: dict[str, np.ndarray], test_ids,
+                 y_test: np.ndarray, z_test: dict[str, np.ndarray]) -> list[pd.DataFrame]:
+    """One fold's rows of `--save`'s file: its held-out images, then the test images."""
+    return [pd.DataFrame({"split": "held", "fold": fold, "image_id": np.asarray(held_ids), "label": y_held, **z_held}),
+            pd.DataFrame({"split": "test", "fold": fold, "image_id": np.asarray(test_ids), "label": y_test, **z_test})]
+
+
 def write_scores(frames: list[pd.DataFrame], path: str | Path) -> None:
     """`--save`'s file (split, fold, image_id, label and z-scored score columns), as bench/probe_blend.py reads it."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -154,11 +183,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config, [f"paths.data={args.data}", f"paths.work={args.work}", *args.set])
-    index = load_index(cfg)
-    folds = pd.read_csv(Path(args.work) / "folds.csv")
-    train = index[index["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id")
-    test = index[index["split"] == "test"].reset_index(drop=True)
-    y_test = test_labels(args.data, test)
+    train, test, y_test = split_frames(cfg, args.data, args.work)
 
     def highpass(images: ImageSet) -> ImageSet:
         if not args.highpass:
@@ -234,11 +259,6 @@ def main() -> None:
     cell_masks = [None if m is None else mask_cells(m, Geometry(image_size=cfg.zoo.image_size, resize=cfg.zoo.resize),
                                                     (h, w)).numpy() for m in masks_full]
     sigma = float(build_from_config(MODEL, cfg).params.blur_sigma)
-
-    def smoothed_maxima(coarse: torch.Tensor) -> np.ndarray:
-        """(N, h, w) -> (N,): upsampled to the canvas, blurred and maxed, as PaDiM's head (SmoothedMaps)."""
-        return torch.cat([gaussian_blur_maps(upsample_maps(c, cfg.zoo.image_size), sigma).amax((1, 2))
-                          for c in coarse.split(64)]).numpy()
 
     labels = train["label"].to_numpy().astype(int)
     rows = []
@@ -365,7 +385,7 @@ def main() -> None:
             z = ((x - mean_x) / std_x).reshape(-1, x.shape[-1]).numpy()
             m["probe"] = torch.from_numpy(clf.decision_function(z)).float().reshape(x.shape[:-1])
             kept = 1 if args.no_tta else n_views
-            return {key: smoothed_maxima(m[key].reshape(n_views, -1, h, w)[:kept].mean(0))
+            return {key: smoothed_maxima(m[key].reshape(n_views, -1, h, w)[:kept].mean(0), cfg.zoo.image_size, sigma)
                     for key in ("padim", "llr", "probe")}
 
         held_scores = image_scores(train_flat[views(held)], {key: v[views(held)] for key, v in train_maps.items()})
@@ -402,12 +422,10 @@ def main() -> None:
         row = {"fold": k, "pos_patches": len(pos), "neg_patches": len(neg_all),
                "cells_per_defect": f"{min(cells_per_defect)}-{max(cells_per_defect)}", **row_extra}
         # every score standardised on this fold's held-out normals: the fold-averaged test scores and --save's
-        z_held = {key: zscore(held_scores[key], held_scores[key][y_held == 0]) for key in ("padim", "probe")}
-        z_test = {key: zscore(test_scores[key], held_scores[key][y_held == 0]) for key in test_z}
-        saved.append(pd.DataFrame({"split": "held", "fold": k, "image_id": train["image_id"].to_numpy()[held],
-                                   "label": y_held, **z_held}))
-        saved.append(pd.DataFrame({"split": "test", "fold": k, "image_id": test["image_id"].to_numpy(),
-                                   "label": y_test, **{key: z_test[key] for key in ("padim", "probe")}}))
+        z_held, z_test = zscored({key: held_scores[key] for key in test_z}, test_scores, y_held)
+        kept = ("padim", "probe")  # the columns of --save
+        saved.extend(score_frames(k, train["image_id"].to_numpy()[held], y_held, {key: z_held[key] for key in kept},
+                                  test["image_id"], y_test, {key: z_test[key] for key in kept}))
         for key in ("padim", "llr", "probe"):
             row[f"{key}_held"] = roc_auc_score(y_held, held_scores[key])
             row[f"{key}_test"] = roc_auc_score(y_test, test_scores[key])
@@ -417,7 +435,7 @@ def main() -> None:
             row[f"padim+{key}_test"] = roc_auc_score(y_test, blend)
         return row
 
-    for k in sorted(folds["fold"].unique()) if args.folds is None else args.folds:
+    for k in sorted(train["fold"].unique()) if args.folds is None else args.folds:
         rows.append(fold_row(k))
         print(pd.DataFrame([rows[-1]]).round(3).to_string(index=False), flush=True)
     print(pd.DataFrame(rows).round(3).to_string(index=False))

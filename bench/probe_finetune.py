@@ -38,12 +38,10 @@ from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
 from competition.config import load_config
-from competition.folds import load_index
 from competition.metrics import auroc
 from competition.preprocess import Geometry
 from competition.zoo.api import ImageSet
 from competition.zoo.components.features import with_backbone_statistics
-from competition.zoo.components.maps import gaussian_blur_maps, upsample_maps
 from competition.zoo.models.padim import mask_cells
 from competition.zoo.registry import build_from_config
 from competition.zoo.validation import defect_masks
@@ -53,9 +51,11 @@ from patch_llr_probe import (  # noqa: E402  (a sibling bench script)
     MODEL,
     mahalanobis2,
     position_gaussians,
-    test_labels,
+    score_frames,
+    smoothed_maxima,
+    split_frames,
     write_scores,
-    zscore,
+    zscored,
 )
 
 
@@ -107,11 +107,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(args.config, [f"paths.data={args.data}", f"paths.work={args.work}", *args.set])
-    index = load_index(cfg)
-    folds = pd.read_csv(Path(args.work) / "folds.csv")
-    train = index[index["split"] == "train"].merge(folds[["image_id", "fold"]], on="image_id")
-    test = index[index["split"] == "test"].reset_index(drop=True)
-    y_test = test_labels(args.data, test)
+    train, test, y_test = split_frames(cfg, args.data, args.work)
     labels = train["label"].to_numpy().astype(int)
 
     padim = build_from_config(MODEL if args.draw == 0 else f"{MODEL}@{args.draw}", cfg)
@@ -131,11 +127,6 @@ def main() -> None:
     margins = [None if c is None else binary_dilation(c, iterations=1) for c in cells]
     sigma = float(padim.params.blur_sigma)
     flat = lambda f: f.flatten(2).transpose(1, 2)  # noqa: E731  (N, P, d)
-
-    def image_scores(logits: torch.Tensor) -> np.ndarray:
-        """(N, h, w) -> (N,): upsampled to the canvas, blurred and maxed, as PaDiM's head."""
-        return torch.cat([gaussian_blur_maps(upsample_maps(c, cfg.zoo.image_size), sigma).amax((1, 2))
-                          for c in logits.split(64)]).numpy()
 
     rows, saved, test_z = [], [], {"lp": [], "probe": []}
 
@@ -177,10 +168,12 @@ def main() -> None:
         @torch.no_grad()
         def score(trunk: nn.Module, x: torch.Tensor, dist: torch.Tensor) -> np.ndarray:
             trunk.eval()
-            return image_scores(torch.cat([logits(trunk, xb, db) for xb, db in zip(x.split(32), dist.split(32))]))
+            return smoothed_maxima(torch.cat([logits(trunk, xb, db) for xb, db in zip(x.split(32), dist.split(32))]),
+                                   cfg.zoo.image_size, sigma)
 
-        lp = {"held": score(random_trunk, x_train[held], dist_train[held]),
-              "test": score(random_trunk, x_test, dist_test)}
+        with torch.no_grad():  # the linear probe reads the random network's maps, already computed
+            lp = {"held": smoothed_maxima(head(z_train[held])[:, 0], cfg.zoo.image_size, sigma),
+                  "test": smoothed_maxima(head(torch.cat([f_test, dist_test], 1))[:, 0], cfg.zoo.image_size, sigma)}
         # fine-tuning under the probe
         trunk = copy.deepcopy(random_trunk)
         anchor = [p.detach().clone() for p in trunk.parameters()]
@@ -221,20 +214,18 @@ def main() -> None:
         ft = {"held": score(trunk, x_train[held], dist_train[held]), "test": score(trunk, x_test, dist_test)}
         y_held = labels[held]
         row = {"fold": k, "defects": len(defects), "seconds": round(time.time() - started)}
-        z = {}
         for name, s in (("lp", lp), ("probe", ft)):
             row[f"{name}_held"] = auroc(y_held, s["held"])
             row[f"{name}_test"] = auroc(y_test, s["test"])
-            reference = s["held"][y_held == 0]
-            z[name] = (zscore(s["held"], reference), zscore(s["test"], reference))
-            test_z[name].append(z[name][1])
-        saved.append(pd.DataFrame({"split": "held", "fold": k, "image_id": train["image_id"].to_numpy()[held],
-                                   "label": y_held, **{name: v[0] for name, v in z.items()}}))
-        saved.append(pd.DataFrame({"split": "test", "fold": k, "image_id": test["image_id"].to_numpy(),
-                                   "label": y_test, **{name: v[1] for name, v in z.items()}}))
+        z_held, z_test = zscored({"lp": lp["held"], "probe": ft["held"]}, {"lp": lp["test"], "probe": ft["test"]},
+                                 y_held)
+        for name, v in z_test.items():
+            test_z[name].append(v)
+        saved.extend(score_frames(k, train["image_id"].to_numpy()[held], y_held, z_held, test["image_id"], y_test,
+                                  z_test))
         return row
 
-    for k in sorted(folds["fold"].unique()) if args.folds is None else args.folds:
+    for k in sorted(train["fold"].unique()) if args.folds is None else args.folds:
         rows.append(fold_row(k))
         print(pd.DataFrame([rows[-1]]).round(3).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
