@@ -175,6 +175,10 @@ def main() -> None:
                         help="PaDiM's per-position Gaussians fitted on the unlabeled test images as well, "
                              "cross-fitted: each half of the test set is scored by the Gaussians of the fit normals "
                              "and the other half, the training images by those of the first half")
+    parser.add_argument("--background", type=float, nargs="+", default=[], metavar="ALPHA",
+                        help="also score each image by a map's maximum less ALPHA times the map's median "
+                             "(probe_med{ALPHA}, padim_med{ALPHA}) or mean (probe_mean{ALPHA}, ...), on the blurred "
+                             "canvas")
     parser.add_argument("--save", default=None, metavar="CSV",
                         help="write every image's scores: held-out ones by its fold's model, test ones by every fold "
                              "model, z-scored on that fold's held-out normals (bench/probe_blend.py reads two)")
@@ -262,7 +266,9 @@ def main() -> None:
 
     labels = train["label"].to_numpy().astype(int)
     rows = []
-    test_z = {k: [] for k in ("padim", "llr", "probe")}
+    score_keys = ("padim", "llr", "probe") + tuple(f"{key}_{kind}{a:g}" for key in ("padim", "probe")
+                                                   for kind in ("med", "mean") for a in args.background)
+    test_z = {k: [] for k in score_keys}
     saved = []  # --save's rows
 
     def fold_row(k: int) -> dict:
@@ -385,8 +391,24 @@ def main() -> None:
             z = ((x - mean_x) / std_x).reshape(-1, x.shape[-1]).numpy()
             m["probe"] = torch.from_numpy(clf.decision_function(z)).float().reshape(x.shape[:-1])
             kept = 1 if args.no_tta else n_views
-            return {key: smoothed_maxima(m[key].reshape(n_views, -1, h, w)[:kept].mean(0), cfg.zoo.image_size, sigma)
-                    for key in ("padim", "llr", "probe")}
+            out = {key: smoothed_maxima(m[key].reshape(n_views, -1, h, w)[:kept].mean(0), cfg.zoo.image_size, sigma)
+                   for key in ("padim", "llr", "probe")}
+            for key in ("padim", "probe") if args.background else ():
+                out.update(less_background(m[key].reshape(n_views, -1, h, w)[:kept].mean(0), key))
+            return out
+
+        def less_background(coarse: torch.Tensor, key: str) -> dict[str, np.ndarray]:
+            """--background's image scores of (N, h, w) maps: the blurred canvas's maximum less ALPHA times its
+            median and its mean (a soiled image's map sits high everywhere, a pit is a peak)."""
+            peak, median, mean = [], [], []
+            for c in coarse.split(64):
+                fine = gaussian_blur_maps(upsample_maps(c, cfg.zoo.image_size), sigma).flatten(1)
+                peak.append(fine.amax(1))
+                median.append(fine.median(1).values)
+                mean.append(fine.mean(1))
+            peak, median, mean = (torch.cat(v).numpy() for v in (peak, median, mean))
+            return {**{f"{key}_med{a:g}": peak - a * median for a in args.background},
+                    **{f"{key}_mean{a:g}": peak - a * mean for a in args.background}}
 
         held_scores = image_scores(train_flat[views(held)], {key: v[views(held)] for key, v in train_maps.items()})
         if args.test_fit:  # each half scored by the Gaussians fitted with the other half
@@ -423,10 +445,10 @@ def main() -> None:
                "cells_per_defect": f"{min(cells_per_defect)}-{max(cells_per_defect)}", **row_extra}
         # every score standardised on this fold's held-out normals: the fold-averaged test scores and --save's
         z_held, z_test = zscored({key: held_scores[key] for key in test_z}, test_scores, y_held)
-        kept = ("padim", "probe")  # the columns of --save
+        kept = ("padim", "probe") + score_keys[3:]  # the columns of --save
         saved.extend(score_frames(k, train["image_id"].to_numpy()[held], y_held, {key: z_held[key] for key in kept},
                                   test["image_id"], y_test, {key: z_test[key] for key in kept}))
-        for key in ("padim", "llr", "probe"):
+        for key in score_keys:
             row[f"{key}_held"] = roc_auc_score(y_held, held_scores[key])
             row[f"{key}_test"] = roc_auc_score(y_test, test_scores[key])
             test_z[key].append(z_test[key])
@@ -443,7 +465,7 @@ def main() -> None:
     print("fold-averaged test AUROC: " + ", ".join(f"{key} {roc_auc_score(y_test, v):.3f}" for key, v in mean.items()))
     table = pd.DataFrame(rows)
     print("mean held-out AUROC of the folds: " + ", ".join(f"{key} {table[f'{key}_held'].mean():.3f}"
-                                                          for key in ("padim", "llr", "probe")))
+                                                          for key in score_keys))
     for key in ("llr", "probe"):
         blend = rankdata(mean["padim"]) + rankdata(mean[key])
         print(f"rank blend padim+{key}: {roc_auc_score(y_test, blend):.3f}")

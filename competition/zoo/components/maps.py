@@ -40,16 +40,22 @@ def mean_filter_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
 class SmoothedMaps(nn.Module):
     """A fitted head's coarse maps -> (scores (B,), maps (B, size, size)): upsampled and blurred as the papers
     do. A head returning (scores, maps) keeps its scores; one returning maps alone scores by the smoothed
-    map's maximum. The same module scores eagerly and inside an exported graph."""
+    map's maximum, less `background` times the map's mean when that is set (a peak over its own image's
+    level: a surface anomalous all over, soiled say, scores lower than one with a single spot). The same
+    module scores eagerly and inside an exported graph."""
 
-    def __init__(self, head: nn.Module, size: int, sigma: float):
+    def __init__(self, head: nn.Module, size: int, sigma: float, background: float = 0.0):
         super().__init__()
         self.head = head
         self.size = int(size)
         self.sigma = float(sigma)
+        self.background = float(background)
 
     def forward(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.head(maps)
         scores, coarse = out if isinstance(out, tuple) else (None, out)
         smooth = gaussian_blur_maps(upsample_maps(coarse, self.size), self.sigma)
-        return (smooth.flatten(1).amax(1) if scores is None else scores), smooth
+        if scores is None:
+            flat = smooth.flatten(1)
+            scores = flat.amax(1) - self.background * flat.mean(1) if self.background else flat.amax(1)
+        return scores, smooth
