@@ -268,6 +268,18 @@ def test_padim_probe_over_three_networks_reads_the_next_draws_and_reloads(textur
     np.testing.assert_allclose(scores, prediction.scores, rtol=1e-4, atol=1e-5)
 
 
+def test_padim_probe5_bg_scores_its_map_maximum_less_half_its_mean(textures):
+    """`padim-resnet18-layer1-probe5-bg`: probe5's networks and probe, the image score its smoothed map's maximum
+    less half the map's mean (`score_background: 0.5`), and it still separates the painted defects."""
+    fit, defects, test, labels = textures
+    model = build_model("padim-resnet18-layer1-probe5-bg", _settings()).fit(fit, None, defects)
+    assert model.params.score_background == 0.5 and model.fit_info["probe_networks"] == 5
+    prediction = model.predict(test)
+    flat = prediction.maps.reshape(len(test), -1)
+    np.testing.assert_allclose(prediction.scores, flat.max(1) - 0.5 * flat.mean(1), rtol=1e-4, atol=1e-4)
+    assert auroc(labels, prediction.scores) >= 0.9
+
+
 def test_padim_probe_draws_need_the_probe():
     with pytest.raises(ValueError, match="set defect_probe"):
         build_model("padim-resnet18-layer1", _settings(), {"probe_draws": 2})
