@@ -95,9 +95,16 @@ def split_frames(cfg, data: str | Path, work: str | Path) -> tuple[pd.DataFrame,
     return train, test, test_labels(data, test)
 
 
+def smoothed_reduce(coarse: torch.Tensor, size: int, sigma: float, reduce) -> np.ndarray:
+    """(N, h, w) maps -> `reduce` of each map upsampled to the `size` canvas and blurred, as PaDiM's head
+    (SmoothedMaps), flattened to (n, size * size)."""
+    return torch.cat([reduce(gaussian_blur_maps(upsample_maps(c, size), sigma).flatten(1))
+                      for c in coarse.split(64)]).numpy()
+
+
 def smoothed_maxima(coarse: torch.Tensor, size: int, sigma: float) -> np.ndarray:
     """(N, h, w) maps -> (N,): upsampled to the `size` canvas, blurred and maxed, as PaDiM's head (SmoothedMaps)."""
-    return torch.cat([gaussian_blur_maps(upsample_maps(c, size), sigma).amax((1, 2)) for c in coarse.split(64)]).numpy()
+    return smoothed_reduce(coarse, size, sigma, lambda fine: fine.amax(1))
 
 
 def zscored(held: dict[str, np.ndarray], test: dict[str, np.ndarray], y_held: np.ndarray
@@ -391,24 +398,20 @@ def main() -> None:
             z = ((x - mean_x) / std_x).reshape(-1, x.shape[-1]).numpy()
             m["probe"] = torch.from_numpy(clf.decision_function(z)).float().reshape(x.shape[:-1])
             kept = 1 if args.no_tta else n_views
-            out = {key: smoothed_maxima(m[key].reshape(n_views, -1, h, w)[:kept].mean(0), cfg.zoo.image_size, sigma)
-                   for key in ("padim", "llr", "probe")}
-            for key in ("padim", "probe") if args.background else ():
-                out.update(less_background(m[key].reshape(n_views, -1, h, w)[:kept].mean(0), key))
+            out = {}
+            for key in ("padim", "llr", "probe"):
+                coarse = m[key].reshape(n_views, -1, h, w)[:kept].mean(0)
+                if not args.background or key == "llr":
+                    out[key] = smoothed_maxima(coarse, cfg.zoo.image_size, sigma)
+                    continue
+                # --background: the blurred canvas's maximum less ALPHA times its median and its mean (a soiled
+                # image's map sits high everywhere, a pit is a peak), from one blur
+                peak, median, mean = smoothed_reduce(coarse, cfg.zoo.image_size, sigma, lambda fine: torch.stack(
+                    [fine.amax(1), fine.median(1).values, fine.mean(1)], 1)).T
+                out[key] = peak
+                out.update({f"{key}_med{a:g}": peak - a * median for a in args.background})
+                out.update({f"{key}_mean{a:g}": peak - a * mean for a in args.background})
             return out
-
-        def less_background(coarse: torch.Tensor, key: str) -> dict[str, np.ndarray]:
-            """--background's image scores of (N, h, w) maps: the blurred canvas's maximum less ALPHA times its
-            median and its mean (a soiled image's map sits high everywhere, a pit is a peak)."""
-            peak, median, mean = [], [], []
-            for c in coarse.split(64):
-                fine = gaussian_blur_maps(upsample_maps(c, cfg.zoo.image_size), sigma).flatten(1)
-                peak.append(fine.amax(1))
-                median.append(fine.median(1).values)
-                mean.append(fine.mean(1))
-            peak, median, mean = (torch.cat(v).numpy() for v in (peak, median, mean))
-            return {**{f"{key}_med{a:g}": peak - a * median for a in args.background},
-                    **{f"{key}_mean{a:g}": peak - a * mean for a in args.background}}
 
         held_scores = image_scores(train_flat[views(held)], {key: v[views(held)] for key, v in train_maps.items()})
         if args.test_fit:  # each half scored by the Gaussians fitted with the other half

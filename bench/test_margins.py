@@ -4,6 +4,8 @@ autoencoder-ocsvm's at 0.6 did, on an AMD EPYC). Fits the tests' own data and hy
 (as `tests/conftest.py` runs them) and prints the AUROC of each seed.
 
     .venv/bin/python bench/test_margins.py --seeds 0 1 2      # DSR's rows also give each painted kind's AUROC
+
+PaDiM's `score_background` rows vary the test images' seed instead (`--bg-image-seeds`; the test draws seed 1).
 """
 from __future__ import annotations
 
@@ -23,12 +25,20 @@ from competition.zoo.api import ImageSet, ZooSettings  # noqa: E402
 from competition.zoo.registry import build_model  # noqa: E402
 from tests import test_zoo_dsr as dsr_test  # noqa: E402
 from tests import test_zoo_models as models_test  # noqa: E402
-from tests.zoo_textures import PAINTED_KINDS, brushed_metal, painted_kind, painted_test_sets  # noqa: E402
+from tests.zoo_textures import (  # noqa: E402
+    PAINTED_KINDS,
+    brushed_metal,
+    darkened_and_cut_sets,
+    painted_kind,
+    painted_test_sets,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--bg-image-seeds", type=int, nargs="+", default=[0, 1, 2, 3],
+                        help="seeds of the darkened normals and painted cuts that PaDiM's score_background test ranks")
     parser.add_argument("--dsr-epochs", type=int, nargs="+", default=[8, dsr_test.FIT["epochs"]],
                         help="DSR detection epochs of 10 steps (the test's now, and 8 before)")
     args = parser.parse_args()
@@ -45,6 +55,14 @@ def main() -> None:
         model = build_model("autoencoder-ocsvm", settings, models_test.AE).fit(fit)
         print(f"  {seed}: {auroc(labels, model.predict(painted).scores):.3f}  "
               f"{auroc(labels, model.predict(shifted).scores):.3f}", flush=True)
+    print("padim-resnet18-layer1 (its maximum) and -bg (less the map's mean): image seed, darkened vs cut AUROC")
+    settings = ZooSettings(image_size=size, batch_size=16, cache_dir=tempfile.mkdtemp(), progress=False)
+    plain = build_model("padim-resnet18-layer1", settings).fit(fit)
+    background = build_model("padim-resnet18-layer1-bg", settings).fit(fit)
+    for seed in args.bg_image_seeds:
+        images = darkened_and_cut_sets(size, n, np.random.default_rng(seed))
+        print(f"  {seed}: {auroc(labels, plain.score_samples(images)):.3f}  "
+              f"{auroc(labels, background.score_samples(images)):.3f}", flush=True)
     dsr_fit, dsr_test_set = painted_test_sets(dsr_test.SIZE, n_test=dsr_test.N_TEST)[:2]
     dsr_labels = [0] * dsr_test.N_TEST + [1] * dsr_test.N_TEST
     print("dsr (painted-defect AUROC): detection epochs, seed")

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from competition.data.painters import paint_defect, perlin_anomaly
+from competition.data.painters import perlin_anomaly
 from competition.data.textures import make_texture
 from competition.metrics import auroc
 from competition.zoo.api import AnomalyModel, ImageSet, NotFittedError, ZooSettings
 from competition.zoo.components.coreset import coreset_indices, greedy_coreset, greedy_coreset_naive
 from competition.zoo.components.neighbours import nearest_neighbours
 from competition.zoo.registry import build_model, load_model
-from tests.zoo_textures import brushed_metal, painted_test_sets
+from tests.zoo_textures import brushed_metal, darkened_and_cut_sets, painted_test_sets
 
 SIZE = 64
 N_TEST = 12
@@ -91,15 +91,13 @@ def test_model_interface_persistence_and_separation(name, params, kind, least, t
 def test_padim_background_ranks_a_spot_above_an_image_anomalous_all_over(texture_sets):
     """`padim-resnet18-layer1-bg` (`score_background: 1`): the image score is the smoothed map's maximum less its
     mean, so a normal anomalous all over (darkened: every cell far from its Gaussian) ranks below a painted cut,
-    where the maximum alone ranks many of them first (seeds 0-3: AUROC 0.26-0.70 by the maximum, 0.93-1.0 less the
-    mean); eagerly and in the one-module scoring alike."""
+    where the maximum alone ranks many of them first (image seeds 0-3, `bench/test_margins.py`); eagerly and in the
+    one-module scoring alike."""
     settings = _settings(texture_sets["cache"])
     plain = build_model("padim-resnet18-layer1", settings).fit(texture_sets["fit"])
     background = build_model("padim-resnet18-layer1-bg", settings).fit(texture_sets["fit"])
-    rng = np.random.default_rng(1)
-    darkened = [brushed_metal(SIZE, rng) // 2 for _ in range(N_TEST)]
-    cuts = [paint_defect(brushed_metal(SIZE, rng), "cut", rng, severity=0.0)[0] for _ in range(N_TEST)]
-    images, labels = ImageSet(darkened + cuts), [0] * N_TEST + [1] * N_TEST
+    images = darkened_and_cut_sets(SIZE, N_TEST, np.random.default_rng(1))
+    labels = [0] * N_TEST + [1] * N_TEST
     prediction = background.predict(images)
     assert auroc(labels, prediction.scores) >= 0.9
     assert auroc(labels, prediction.scores) > auroc(labels, plain.score_samples(images)) + 0.2

@@ -34,3 +34,11 @@ def painted_test_sets(size: int, n_fit: int = 40, n_test: int = 12,
     painted = [paint_defect(brushed_metal(size, rng), painted_kind(i), rng, severity=0.0)[0]
                for i in range(n_test)]
     return fit, ImageSet(normal + painted), np.array([0] * n_test + [1] * n_test)
+
+
+def darkened_and_cut_sets(size: int, n: int, rng: np.random.Generator) -> ImageSet:
+    """n normals darkened to half (anomalous all over), then n with a painted cut (one spot): the test of PaDiM's
+    `score_background`."""
+    darkened = [brushed_metal(size, rng) // 2 for _ in range(n)]
+    cuts = [paint_defect(brushed_metal(size, rng), "cut", rng, severity=0.0)[0] for _ in range(n)]
+    return ImageSet(darkened + cuts)
