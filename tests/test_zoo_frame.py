@@ -319,3 +319,40 @@ def test_runner_validation_set_comes_from_training_folds_only(tiny_cfg, monkeypa
     assert not (set(seen["fit"]) | set(real) | set(normal)) & held
     assert not set(seen["fit"]) & set(normal)
     assert set(real) == set(folds[(folds["fold"] != 0) & (folds["label"] == 1)]["image_id"])
+
+
+def test_an_entry_that_only_scores_otherwise_takes_its_twins_fitted_fold(tiny_data, tmp_path):
+    """padim-resnet18-layer1-bg differs from padim-resnet18-layer1 in score_background alone (`scoring_params`):
+    beside it in zoo.models, the runner loads that entry's fitted fold instead of fitting again, and the scores
+    are exactly those of a fit of its own; a fit with other params is refused."""
+    from conftest import config_with_folds
+
+    from competition.artifacts import load_checkpoint, read_json, run_dir, save_checkpoint
+    from competition.zoo.registry import build_from_config
+    from competition.zoo.runner import main
+
+    base_name, bg_name = "padim-resnet18-layer1", "padim-resnet18-layer1-bg"
+    common = ("train.threads=1", "zoo.gallery_size=0", "zoo.backbone_init=healthy")
+    pair = config_with_folds(tiny_data, tmp_path / "pair", *common, f"zoo.models=[{base_name},{bg_name}]")
+    main(pair, model=None, fold="0", force=False)
+    base, bg = (run_dir(pair.paths.work, pair.experiment, name, 0) for name in (base_name, bg_name))
+    summary = read_json(bg / "summary.json")
+    assert summary["fitted_by"] == str(base) and summary["fit_seconds"] == 0.0
+    assert read_json(base / "summary.json")["fit_seconds"] > 0 and "fitted_by" not in read_json(base / "summary.json")
+    assert (bg / "fit_images.csv").read_text() == (base / "fit_images.csv").read_text()
+
+    alone = config_with_folds(tiny_data, tmp_path / "alone", *common, f"zoo.models=[{bg_name}]")
+    main(alone, model=None, fold="0", force=False)
+    own = run_dir(alone.paths.work, alone.experiment, bg_name, 0)
+    assert "fitted_by" not in read_json(own / "summary.json")  # no twin in its zoo.models: it fits
+    for name in ("oof.csv", "test.csv"):
+        pd.testing.assert_frame_equal(_read(bg / name), _read(own / name))
+    assert not np.allclose(_read(bg / "test.csv")["score"], _read(base / "test.csv")["score"])  # scored otherwise
+
+    other = build_from_config("padim-resnet18", pair)  # layers 1-3: another fit
+    with pytest.raises(ValueError, match=r"other params \(layers: \[1\] there, \[1, 2, 3\] here\)"):
+        other.adopt_fit(base / "model.pt")
+    checkpoint = load_checkpoint(base / "model.pt")
+    save_checkpoint({**checkpoint, "family": "fre"}, tmp_path / "fre.pt")
+    with pytest.raises(ValueError, match="holds a fre model"):
+        build_from_config(bg_name, pair).adopt_fit(tmp_path / "fre.pt")

@@ -522,6 +522,9 @@ class AnomalyModel:
     has_maps: ClassVar[bool] = True  # False: anomaly_maps are the image score spread uniformly
     # why `scoring_module` is None, for the export record; models with a scoring module never read it
     export_unsupported: ClassVar[str] = "its scoring is not written as one torch module"
+    # params that change only how a fitted model scores, never what it fits (PaDiM's score_background): an entry
+    # that differs from another only in these takes that entry's fitted fold (`adopt_fit`, zoo.runner.fitted_twin)
+    scoring_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: ZooSettings | None = None, **params: Any):
         self.settings = settings or ZooSettings()
@@ -696,6 +699,27 @@ class AnomalyModel:
             "settings": self.given_settings.to_dict(), "fit_info": _plain(self.fit_info),
             "state": {key: value.detach().cpu() for key, value in self.model.state_dict().items()},
         }, path)
+
+    def adopt_fit(self, path: str | Path) -> None:
+        """Take the fitted module that `save` wrote to `path` for a model whose fit is this one's, the same family
+        and params but for `scoring_params`, instead of fitting again; any other difference is refused. The caller
+        vouches for the rest of the fit's inputs (the zoo runner compares the folds' records)."""
+        checkpoint = load_checkpoint(path)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("family") != self.family:
+            raise ValueError(f"{path} holds a {checkpoint.get('family')} model of format "
+                             f"{checkpoint.get('format')!r}, not a {self.family} fit of format {CHECKPOINT_FORMAT}")
+        ours, theirs = _plain(self.get_params()), checkpoint["params"]
+        differing = sorted(k for k in set(ours) | set(theirs)
+                           if ours.get(k) != theirs.get(k) and k not in self.scoring_params)
+        if differing:
+            shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differing)
+            raise ValueError(f"{path} was fitted with other params ({shown}); a {self.family} fit is shared only "
+                             f"by params that differ in {list(self.scoring_params) or 'nothing'}")
+        self.model = self.build_model()
+        load_fitted_state(self.model, checkpoint["state"])
+        self.model.to(self.device).eval()
+        self.fit_info = dict(checkpoint.get("fit_info", {}))
+        self.fitted_ = True
 
     @classmethod
     def load(cls, path: str | Path, settings: ZooSettings | None = None) -> AnomalyModel:

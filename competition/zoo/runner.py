@@ -11,7 +11,10 @@ training folds' real defects with their masks (`fit_defects.csv`), never on fold
 `competition.stage` decides what a second call does: a finished fold is reused if its
 results-relevant config (`zoo_record`: the data, folds, `zoo.*` and this model's resolved
 `zoo.params`) is unchanged and refused, naming the changed keys, if not;
-`--force` clears the folder and fits again. A fold with fewer than `zoo.min_real_defects` real
+`--force` clears the folder and fits again. An entry that differs from another of `zoo.models` only
+in params that score (`AnomalyModel.scoring_params`: probe5-bg beside probe5) takes that entry's
+finished fold's fitted model instead of fitting it again (`fitted_twin`; summary.json's `fitted_by`
+names it). A fold with fewer than `zoo.min_real_defects` real
 defects is also judged on `zoo.painted_per_fold` defects painted onto its own normal images,
 reported separately (`results.json: painted`), never mixed into oof.csv.
 """
@@ -28,7 +31,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from competition.artifacts import run_dir, write_csv, write_json, write_predictions, write_yaml
+from competition.artifacts import read_json, run_dir, write_csv, write_json, write_predictions, write_yaml
 from competition.config import Config
 from competition.folds import check_stage_inputs, fold_inputs, load_index, parse_fold_arg, training_folds
 from competition.metrics import best_threshold, binary_metrics
@@ -97,6 +100,33 @@ def copy_source_fold(cfg: Config, name: str, fold: int, record: dict[str, Any], 
     log.info("%s fold %d: copied from experiment %r (pseudo.zoo is false: the same fit) -> %s",
              name, fold, cfg.pseudo.source, out)
     return True
+
+
+def fit_record(record: dict[str, Any], scoring_params: tuple[str, ...]) -> dict[str, Any]:
+    """A fold's record less the params that only score (`AnomalyModel.scoring_params`): what its fit depends on."""
+    zoo = dict(record["zoo"], params={k: v for k, v in record["zoo"]["params"].items() if k not in scoring_params})
+    return dict(record, zoo=zoo)
+
+
+def fitted_twin(cfg: Config, name: str, fold: int, record: dict[str, Any]) -> Path | None:
+    """A finished fold of another `zoo.models` entry whose fit is this one's: the same family and record but for
+    the model's `scoring_params`, its model.pt kept. probe5-bg is probe5 scored otherwise; taking probe5's fitted
+    fold gives it the module a fit of its own would give, bit for bit (checked on deeppcb's five folds), without
+    the minutes of that fit. None when there is none, or when a draw screen chose the draw (the screen scores)."""
+    model_class = get_entry(name).model_class
+    scoring = tuple(model_class.scoring_params)
+    if not scoring or record["zoo"]["params"].get("screen_draws", 1) > 1:
+        return None
+    wanted = fit_record(record, scoring)
+    for other in cfg.zoo.models:
+        if other == name or get_entry(other).model_class is not model_class:
+            continue
+        source = run_dir(cfg.paths.work, cfg.experiment, other, fold)
+        done = run_folder(source).finished()
+        if (done is not None and (source / "model.pt").exists()
+                and not config_differences(fit_record(done.get("config", {}), scoring), wanted)):
+            return source
+    return None
 
 
 def run_folder(out: Path) -> RunFolder:
@@ -176,7 +206,20 @@ def run_fold(cfg: Config, name: str, fold: int, index: pd.DataFrame, folds: pd.D
     write_yaml(cfg.to_dict(), out / "config.yaml")
     test_rows = index[index["split"] == "test"].reset_index(drop=True)
     test_images = ImageSet.from_frame(test_rows)
-    model, facts = fit_fold(cfg, name, fold, folds, out, test_images)
+    twin = None if force else fitted_twin(cfg, name, fold, record)
+    if twin is None:
+        model, facts = fit_fold(cfg, name, fold, folds, out, test_images)
+    else:
+        model = build_from_config(name, cfg, run_dir=out)
+        model.adopt_fit(twin / "model.pt")
+        for listed in ("fit_images.csv", "fit_defects.csv"):  # what the twin's fit read, so this one's
+            if (twin / listed).exists():
+                shutil.copyfile(twin / listed, out / listed)
+        facts = {key: value for key, value in read_json(twin / SUMMARY_FILE).items()
+                 if key in ("n_fit", "n_validation", "batchnorm_images", "n_fit_defects")}
+        facts.update(fit_seconds=0.0, fitted_by=str(twin))
+        log.info("%s fold %d: takes the fitted model of %s (the two differ at most in %s, which only score)",
+                 name, fold, twin, ", ".join(model.scoring_params))
 
     held_out = folds[folds["fold"] == fold].reset_index(drop=True)
     started = time.perf_counter()
@@ -272,8 +315,6 @@ def main(cfg: Config, model: str | None, fold: str, force: bool) -> None:
         out = run_fold(cfg, name, k, index, folds, force)
         summary_path = out / SUMMARY_FILE
         if summary_path.exists():
-            from competition.artifacts import read_json
-
             s = read_json(summary_path)
             auroc = s.get("auroc")  # null when the fold's labels are one class (strict JSON has no NaN)
             print(f"{name} fold {k}: AUROC {float('nan') if auroc is None else auroc:.4f}  "

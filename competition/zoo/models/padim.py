@@ -46,6 +46,8 @@ anomalous all over (soiled, lit differently) ranks below one spot. On bsdata_til
 0.904 -> 0.919 and 0.835 -> 0.852; the probe's gained on one and lost on the other, so the probe entries keep the
 maximum (README "The map less its own level"). `padim-resnet18-layer1-probe5-bg` (weight 0.5) is probe5 so scored,
 a stack member beside probe5: on both fold sets the stack's test AUROC rose 0.964 -> 0.970 and 0.953 -> 0.962.
+The weight and `blur_sigma` only score (`scoring_params`), so beside probe5 in `zoo.models` it takes probe5's fitted
+folds rather than fitting the same Gaussians and probe again (zoo.runner.fitted_twin).
 """
 from __future__ import annotations
 
@@ -224,6 +226,7 @@ def ledoit_wolf_shrinkage(emp_cov: torch.Tensor, fourth: torch.Tensor, n: int) -
 class PaDiM(AnomalyModel):
     family = "padim"
     params_class = PaDiMParams
+    scoring_params = ("blur_sigma", "score_background")  # the head's (`_head`); the Gaussians and probe never read them
     params: PaDiMParams
 
     @classmethod
