@@ -325,6 +325,8 @@ def test_an_entry_that_only_scores_otherwise_takes_its_twins_fitted_fold(tiny_da
     """padim-resnet18-layer1-bg differs from padim-resnet18-layer1 in score_background alone (`scoring_params`):
     beside it in zoo.models, the runner loads that entry's fitted fold instead of fitting again, and the scores
     are exactly those of a fit of its own; a fit with other params is refused."""
+    import shutil
+
     from conftest import config_with_folds
 
     from competition.artifacts import load_checkpoint, read_json, run_dir, save_checkpoint
@@ -348,6 +350,13 @@ def test_an_entry_that_only_scores_otherwise_takes_its_twins_fitted_fold(tiny_da
     for name in ("oof.csv", "test.csv"):
         pd.testing.assert_frame_equal(_read(bg / name), _read(own / name))
     assert not np.allclose(_read(bg / "test.csv")["score"], _read(base / "test.csv")["score"])  # scored otherwise
+
+    # a twin fitted under another record (here: another canvas for this entry) is not taken
+    other_canvas = config_with_folds(tiny_data, tmp_path / "pair", *common, f"zoo.models=[{base_name},{bg_name}]",
+                                     f"zoo.image_sizes={{{bg_name}: 48}}")
+    shutil.rmtree(bg)  # not --force, which fits anew anyway
+    main(other_canvas, model=bg_name, fold="0", force=False)
+    assert "fitted_by" not in read_json(bg / "summary.json")
 
     other = build_from_config("padim-resnet18", pair)  # layers 1-3: another fit
     with pytest.raises(ValueError, match=r"other params \(layers: \[1\] there, \[1, 2, 3\] here\)"):

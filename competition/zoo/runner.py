@@ -122,9 +122,9 @@ def fitted_twin(cfg: Config, name: str, fold: int, record: dict[str, Any]) -> Pa
         if other == name or get_entry(other).model_class is not model_class:
             continue
         source = run_dir(cfg.paths.work, cfg.experiment, other, fold)
-        done = run_folder(source).finished()
-        if (done is not None and (source / "model.pt").exists()
-                and not config_differences(fit_record(done.get("config", {}), scoring), wanted)):
+        done = run_folder(source).finished() or {}
+        if ("zoo" in done.get("config", {}) and (source / "model.pt").exists()
+                and not config_differences(fit_record(done["config"], scoring), wanted)):
             return source
     return None
 
