@@ -704,10 +704,7 @@ class AnomalyModel:
         """Take the fitted module that `save` wrote to `path` for a model whose fit is this one's, the same family
         and params but for `scoring_params`, instead of fitting again; any other difference is refused. The caller
         vouches for the rest of the fit's inputs (the zoo runner compares the folds' records)."""
-        checkpoint = load_checkpoint(path)
-        if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("family") != self.family:
-            raise ValueError(f"{path} holds a {checkpoint.get('family')} model of format "
-                             f"{checkpoint.get('format')!r}, not a {self.family} fit of format {CHECKPOINT_FORMAT}")
+        checkpoint = self._checked(load_checkpoint(path), path)
         ours, theirs = _plain(self.get_params()), checkpoint["params"]
         differing = sorted(k for k in set(ours) | set(theirs)
                            if ours.get(k) != theirs.get(k) and k not in self.scoring_params)
@@ -715,6 +712,10 @@ class AnomalyModel:
             shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differing)
             raise ValueError(f"{path} was fitted with other params ({shown}); a {self.family} fit is shared only "
                              f"by params that differ in {list(self.scoring_params) or 'nothing'}")
+        self._restore(checkpoint)
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        """Build the module and load the fitted state of a checked `save` checkpoint into it."""
         self.model = self.build_model()
         load_fitted_state(self.model, checkpoint["state"])
         self.model.to(self.device).eval()
@@ -730,6 +731,15 @@ class AnomalyModel:
     @classmethod
     def from_checkpoint(cls, checkpoint: dict[str, Any], path: str | Path,
                         settings: ZooSettings | None = None) -> AnomalyModel:
+        checkpoint = cls._checked(checkpoint, path)
+        settings = settings or ZooSettings.from_dict(checkpoint["settings"])
+        model = cls(settings, **checkpoint["params"])
+        model._restore(checkpoint)
+        return model
+
+    @classmethod
+    def _checked(cls, checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+        """`checkpoint`, once it is known to be a fit of this class's family in this version's format."""
         if not cls.family:
             raise TypeError(f"{path}: load it with its model's class (e.g. PatchCore.load), or let "
                             "competition.zoo.registry.load_model find the class from the file")
@@ -738,14 +748,7 @@ class AnomalyModel:
                              f"format {CHECKPOINT_FORMAT}; refit the model (zoo --force)")
         if checkpoint.get("family") != cls.family:
             raise ValueError(f"{path} holds a {checkpoint.get('family')} model, not a {cls.family or cls.__name__}")
-        settings = settings or ZooSettings.from_dict(checkpoint["settings"])
-        model = cls(settings, **checkpoint["params"])
-        model.model = model.build_model()
-        load_fitted_state(model.model, checkpoint["state"])
-        model.model.to(model.device).eval()
-        model.fit_info = dict(checkpoint.get("fit_info", {}))
-        model.fitted_ = True
-        return model
+        return checkpoint
 
     def _check_fitted(self) -> None:
         if not self.fitted_:
