@@ -16,6 +16,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.preprocessing import StandardScaler
 
 
 class NonNegativeLogistic(ClassifierMixin, BaseEstimator):
@@ -27,8 +28,8 @@ class NonNegativeLogistic(ClassifierMixin, BaseEstimator):
     def fit(self, X, y):
         X, y = np.asarray(X, float), np.asarray(y, float)
         self.classes_ = np.array([0, 1])
-        self.mean_, self.scale_ = X.mean(0), X.std(0) + 1e-12
-        Z = (X - self.mean_) / self.scale_
+        self.scaler_ = StandardScaler().fit(X)  # the package's logistic stacker standardises the same way
+        Z = self.scaler_.transform(X)
         d = Z.shape[1]
 
         def loss_and_grad(theta):
@@ -44,7 +45,7 @@ class NonNegativeLogistic(ClassifierMixin, BaseEstimator):
         return self
 
     def decision_function(self, X):
-        return ((np.asarray(X, float) - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
+        return self.scaler_.transform(np.asarray(X, float)) @ self.coef_ + self.intercept_
 
     def predict_proba(self, X):
         p = expit(self.decision_function(X))
